@@ -1,0 +1,188 @@
+"""A minimal diffusers sampling loop for a PixArt transformer, with optional hooks.
+
+This is what the tests, benchmarks and the headless pipeline call: it samples a
+``PixArtTransformer2DModel`` with a diffusers scheduler and classifier-free guidance from given
+caption embeddings and seeds, opening a steering or capture context per model call with the exact
+row layout (``[uncond, cond]`` with CFG), so no step counting or guessing is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hooks import CallInfo, GateRecord, SteeringPlan, attach_capture, attach_steering
+from .sites import find_sites
+
+__all__ = ["SamplingSpec", "initial_latents", "sample"]
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample.
+
+    Attributes:
+        steps: number of denoising steps.
+        cfg: classifier-free guidance scale (1 = no unconditional pass).
+        height / width: latent size in latent pixels.
+        channels: latent channels (4 for PixArt's VAE).
+    """
+
+    steps: int = 20
+    cfg: float = 4.5
+    height: int = 64
+    width: int = 64
+    channels: int = 4
+
+
+def initial_latents(seeds: Sequence[int], spec: SamplingSpec, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """``[len(seeds), C, H, W]`` starting noise, one CPU generator per seed.
+
+    Each image depends only on its own seed, so batching seeds differently gives the same noise.
+    """
+    noise = [
+        torch.randn(
+            (spec.channels, spec.height, spec.width),
+            generator=torch.Generator("cpu").manual_seed(int(s)),
+            dtype=torch.float32,
+        )
+        for s in seeds
+    ]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(
+    transformer: nn.Module,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    seeds: Sequence[int],
+    spec: SamplingSpec,
+    *,
+    negative_embeds: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    plans: Sequence[SteeringPlan] = (),
+    record: GateRecord | None = None,
+    estimator=None,
+    label: str = "with",
+    latents: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample latents from a PixArt transformer, optionally steering or capturing.
+
+    Args:
+        transformer: a diffusers ``PixArtTransformer2DModel`` (or peft-wrapped).
+        scheduler: a diffusers scheduler; ``set_timesteps(spec.steps)`` is called on it.
+        prompt_embeds: ``[1 or B, T, C]`` caption embeddings of the prompt.
+        seeds: one seed per image.
+        spec: steps, cfg and latent size.
+        negative_embeds: ``[1 or B, T', C]`` unconditional embeddings; required when ``cfg != 1``.
+        prompt_mask / negative_mask: ``[1 or B, T]`` attention masks of the embeddings.
+        plans: steering plans (empty: unsteered).
+        record: a ``GateRecord`` for the gates of the steered runs.
+        estimator: a ``VectorEstimator`` to feed with the conditional rows (``label`` names the class).
+        latents: starting noise ``[B, C, H, W]`` (default: ``initial_latents(seeds, spec)``).
+        progress: called with ``(step, steps)`` after every step.
+
+    Returns:
+        ``[B, C, H, W]`` final latents (float32, CPU).
+    """
+    sites = find_sites(transformer)
+    device = next(transformer.parameters()).device
+    dtype = next(transformer.parameters()).dtype
+    batch = len(seeds)
+    if latents is None:
+        latents = initial_latents(seeds, spec, torch.float32, device)
+    latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+    guided = spec.cfg != 1
+    if guided and negative_embeds is None:
+        raise ValueError("cfg != 1 needs negative_embeds (the unconditional caption embeddings)")
+
+    def expand(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x = x.to(device)
+        return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
+
+    cond, uncond = expand(prompt_embeds).to(dtype), expand(negative_embeds)
+    cond_mask, uncond_mask = expand(prompt_mask), expand(negative_mask)
+    if guided:
+        context = _pad_cat(uncond.to(dtype), cond)
+        mask = None
+        if cond_mask is not None or uncond_mask is not None:
+            cond_mask = cond_mask if cond_mask is not None else torch.ones(cond.shape[:2], device=device)
+            uncond_mask = uncond_mask if uncond_mask is not None else torch.ones(uncond.shape[:2], device=device)
+            mask = _pad_cat(uncond_mask[..., None], cond_mask[..., None])[..., 0]
+        conditional = (False,) * batch + (True,) * batch
+    else:
+        context, mask = cond, cond_mask
+        conditional = (True,) * batch
+    rows = len(conditional)
+    grid = (spec.height // sites.patch_size, spec.width // sites.patch_size)
+    added = {"resolution": None, "aspect_ratio": None}
+    if getattr(transformer, "use_additional_conditions", False):
+        added = {
+            "resolution": torch.tensor([[spec.height * 8, spec.width * 8]], device=device, dtype=dtype).repeat(rows, 1),
+            "aspect_ratio": torch.tensor([[spec.height / spec.width]], device=device, dtype=dtype).repeat(rows, 1),
+        }
+
+    scheduler.set_timesteps(spec.steps, device=device)
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = torch.cat([latents, latents]) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        t_rows = t.to(device).reshape(1).expand(rows)
+        call = CallInfo(t_rows, conditional, grid)
+        with _hooks(transformer, plans, record, estimator, label, call):
+            out = transformer(
+                model_in.to(dtype),
+                encoder_hidden_states=context,
+                encoder_attention_mask=mask,
+                timestep=t_rows,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0].float()
+        if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise prediction
+            out = out[:, : latents.shape[1]]
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + spec.cfg * (out_cond - out_uncond)
+        latents = scheduler.step(out, t, latents, return_dict=False)[0]
+        if progress is not None:
+            progress(i + 1, spec.steps)
+    return latents.cpu()
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate on the batch axis, zero-padding the token axis to the longer of the two."""
+    n = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1])) if x.shape[1] < n else x  # noqa: E731
+    return torch.cat([pad(a), pad(b.to(a.dtype))])
+
+
+class _Handles(AbstractContextManager):
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def __exit__(self, *exc) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+
+
+def _hooks(transformer, plans, record, estimator, label, call) -> AbstractContextManager:
+    if not plans and estimator is None:
+        return nullcontext()
+    handles: list = []
+    try:
+        if estimator is not None:
+            handles.append(attach_capture(transformer, estimator, label, call_info=call))
+        if plans:
+            handles.append(attach_steering(transformer, list(plans), call_info=call, record=record))
+    except BaseException:
+        _Handles(handles).__exit__(None, None, None)
+        raise
+    return _Handles(handles)

@@ -1,0 +1,135 @@
+"""Streaming estimation of a pathology vector from captured cross-attention outputs.
+
+For every (timestep, site) the estimator keeps, per class, the sum over images of the image's mean
+token activation, and the number of images. That is all the vector needs (method.md: average over
+all Z seeds and all spatial tokens, then normalise the difference), so memory is O(K * L * D) and
+does not grow with the number of seeds. Sums stay on the model's device during sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import MedSteerError
+from .sites import Sites, find_sites
+from .vector import PathologyVector
+
+__all__ = ["LABELS", "VectorEstimator"]
+
+#: The two classes of a concept pair: images of the prompt with the concept, and without.
+LABELS = ("with", "without")
+_KEY_DECIMALS = 3
+
+
+class VectorEstimator:
+    """Accumulates per-(timestep, site) token means of the conditional rows of both classes.
+
+    Args:
+        depth: number of sites (transformer blocks).
+        hidden_size: width ``D`` of the cross-attention output.
+        accumulate_dtype: dtype of the running sums (float64 by default; use float32 on devices
+            without float64 support).
+
+    Example:
+        >>> est = VectorEstimator.for_model(transformer)               # doctest: +SKIP
+        >>> with capture(transformer, est, "with"): ...                 # doctest: +SKIP
+        >>> with capture(transformer, est, "without"): ...              # doctest: +SKIP
+        >>> vector = est.result({"concept_with": "dyed lifted polyps"})  # doctest: +SKIP
+    """
+
+    def __init__(self, depth: int, hidden_size: int, accumulate_dtype: torch.dtype = torch.float64) -> None:
+        if depth <= 0 or hidden_size <= 0:
+            raise ValueError(f"depth and hidden_size must be positive, got {depth} and {hidden_size}")
+        self.depth = depth
+        self.hidden_size = hidden_size
+        self.accumulate_dtype = accumulate_dtype
+        # label -> timestep key -> [L, D] sum of per-image token means
+        self._sums: dict[str, dict[float, torch.Tensor]] = {label: {} for label in LABELS}
+        self._counts: dict[str, dict[float, int]] = {label: {} for label in LABELS}
+        self._call_keys: list[float] = []
+
+    @classmethod
+    def for_model(cls, model: nn.Module, accumulate_dtype: torch.dtype = torch.float64) -> VectorEstimator:
+        """An estimator sized for ``model``'s sites."""
+        sites = find_sites(model)
+        return cls(sites.depth, sites.hidden_size, accumulate_dtype)
+
+    def check_sites(self, sites: Sites) -> None:
+        if (sites.depth, sites.hidden_size) != (self.depth, self.hidden_size):
+            raise MedSteerError(
+                f"this estimator collects {self.depth} layers of width {self.hidden_size}; the model "
+                f"has {sites.depth} layers of width {sites.hidden_size}. Use one estimator per model."
+            )
+
+    # Called by capture hooks ------------------------------------------------------------------
+    def _begin_call(self, label: str, call) -> None:
+        cond = [i for i, c in enumerate(call.conditional) if c]
+        # One small host read of the timesteps per model call (not per site): the keys of the sums.
+        t = call.timesteps.detach().reshape(-1).tolist()
+        self._call_keys = [round(float(t[i]), _KEY_DECIMALS) for i in cond]
+        counts = self._counts[label]
+        for key in self._call_keys:
+            counts[key] = counts.get(key, 0) + 1
+
+    def _observe(self, label: str, site: int, h: torch.Tensor, cond_rows: list[int]) -> None:
+        rows = h.index_select(0, torch.tensor(cond_rows, device=h.device)) if len(cond_rows) < h.shape[0] else h
+        means = rows.to(self.accumulate_dtype).mean(dim=1)  # [b, D]
+        sums = self._sums[label]
+        keys = self._call_keys
+        if len(set(keys)) == 1:
+            self._sum_for(sums, keys[0], h.device)[site].add_(means.sum(dim=0))
+            return
+        for key in dict.fromkeys(keys):
+            picked = [i for i, k in enumerate(keys) if k == key]
+            self._sum_for(sums, key, h.device)[site].add_(means[picked].sum(dim=0))
+
+    def _sum_for(self, sums: dict[float, torch.Tensor], key: float, device: torch.device) -> torch.Tensor:
+        buffer = sums.get(key)
+        if buffer is None:
+            buffer = torch.zeros(self.depth, self.hidden_size, dtype=self.accumulate_dtype, device=device)
+            sums[key] = buffer
+        return buffer
+
+    # Results ------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running sums (independent of the number of seeds)."""
+        return sum(t.numel() * t.element_size() for per in self._sums.values() for t in per.values())
+
+    def images(self, label: str) -> int:
+        """Largest number of images seen at any timestep for ``label``."""
+        return max(self._counts[label].values(), default=0)
+
+    def result(self, metadata: Mapping[str, str] | None = None) -> PathologyVector:
+        """Build the pathology vector from everything captured so far.
+
+        Args:
+            metadata: provenance strings to store (concepts, prompts, seeds, sampler, ...).
+
+        Raises:
+            MedSteerError: one of the classes was never captured.
+        """
+        for label in LABELS:
+            if not self._counts[label]:
+                raise MedSteerError(
+                    f"no images captured for the {label!r} class: sample with capture(..., {label!r}) "
+                    "before calling result()"
+                )
+        keys = sorted(set(self._counts["with"]) | set(self._counts["without"]))
+        zeros = torch.zeros(self.depth, self.hidden_size, dtype=torch.float64)
+
+        def stacked(label: str) -> tuple[torch.Tensor, torch.Tensor]:
+            sums = [self._sums[label].get(k, zeros).detach().double().cpu() for k in keys]
+            counts = [self._counts[label].get(k, 0) for k in keys]
+            return torch.stack(sums), torch.tensor(counts, dtype=torch.int64)
+
+        sum_with, count_with = stacked("with")
+        sum_without, count_without = stacked("without")
+        meta = {"hidden_size": str(self.hidden_size), "depth": str(self.depth)}
+        meta.update(metadata or {})
+        return PathologyVector.from_sums(
+            torch.tensor(keys, dtype=torch.float64), sum_with, sum_without, count_with, count_without, meta
+        )

@@ -1,0 +1,542 @@
+"""Capture and steer hooks on the cross-attention sites of a PixArt transformer.
+
+Both hook kinds are forward hooks on the site's output (before the residual add). They need, per
+model call, the timestep of every batch row and which rows are conditional; a ``CallInfo`` carries
+that. Hosts either pass one explicitly for each call (ComfyUI's APPLY_MODEL wrapper opens a context
+per call) or let the context read it from the transformer's own arguments (``layout=``).
+
+Hooks live only as long as their handle: ``with steering(...)`` / ``with capture(...)`` remove them
+in ``finally``, so an unsteered model sharing the same weights is never affected, and nested
+contexts remove only their own hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MedSteerError
+from .sites import Sites, find_sites
+from .ssps import ssps
+from .vector import INTERPOLATIONS, PathologyVector
+
+__all__ = [
+    "CallInfo",
+    "GateMaps",
+    "GateRecord",
+    "HookHandle",
+    "LAYOUTS",
+    "ROWS",
+    "SteeringPlan",
+    "attach_capture",
+    "attach_steering",
+    "capture",
+    "steering",
+]
+
+#: Which batch rows a plan steers: both halves of a CFG batch (as the authors' code does) or the
+#: conditional rows only.
+ROWS = ("all", "cond")
+#: How a context reads the row layout from the transformer call when no ``CallInfo`` is given:
+#: ``uncond_cond`` - diffusers pipelines with CFG, first half unconditional; ``cond`` - every row is
+#: conditional (no CFG); ``comfyui`` - ``transformer_options["cond_or_uncond"]`` of the call.
+LAYOUTS = ("uncond_cond", "cond", "comfyui")
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the hooks need to know about one model call.
+
+    Attributes:
+        timesteps: ``[B]`` model timestep of each batch row (0-999 scale; any device).
+        conditional: ``B`` booleans, True where the row is conditional (host-side, no sync).
+        grid: token grid ``(rows, columns)`` of the latent, for gate maps; ``None`` if unknown.
+    """
+
+    timesteps: torch.Tensor
+    conditional: tuple[bool, ...]
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        t = torch.as_tensor(self.timesteps).reshape(-1)
+        object.__setattr__(self, "timesteps", t)
+        object.__setattr__(self, "conditional", tuple(bool(c) for c in self.conditional))
+        if len(self.conditional) != t.numel():
+            raise MedSteerError(
+                f"CallInfo has {t.numel()} timesteps but {len(self.conditional)} conditional flags; "
+                "give one of each per batch row"
+            )
+
+    @classmethod
+    def from_layout(
+        cls, timesteps: torch.Tensor, batch: int, layout: str, grid: tuple[int, int] | None = None, cond_or_uncond=None
+    ) -> CallInfo:
+        """Build the call info of a batch laid out as ``layout`` (see ``LAYOUTS``).
+
+        Args:
+            timesteps: a scalar or ``[B]`` timesteps.
+            batch: the batch size ``B``.
+            layout: one of ``LAYOUTS``.
+            grid: the token grid.
+            cond_or_uncond: for ``comfyui``: the list of 0 (cond) / 1 (uncond) per batch chunk.
+        """
+        t = torch.as_tensor(timesteps).reshape(-1)
+        if t.numel() == 1 and batch > 1:
+            t = t.expand(batch)
+        if layout == "cond":
+            conditional = (True,) * batch
+        elif layout == "uncond_cond":
+            if batch % 2:
+                raise MedSteerError(
+                    f"layout 'uncond_cond' needs an even batch ([uncond, cond]) but the model got {batch} "
+                    "rows; use layout='cond' when sampling without classifier-free guidance"
+                )
+            conditional = (False,) * (batch // 2) + (True,) * (batch // 2)
+        elif layout == "comfyui":
+            chunks = list(cond_or_uncond or [0])
+            if batch % len(chunks):
+                raise MedSteerError(f"batch of {batch} rows does not split into cond_or_uncond={chunks}")
+            per = batch // len(chunks)
+            conditional = tuple(c == 0 for c in chunks for _ in range(per))
+        else:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        return cls(t, conditional, grid)
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """One edit: a vector applied with SSPS at a strength, on a window of layers and timesteps.
+
+    Attributes:
+        vector: the pathology vector.
+        strength: the paper's alpha (2.5 in the paper; 0 = no change; negative amplifies).
+        layer_start: first steered block (the paper: 8).
+        layer_end: one past the last steered block (exclusive; the paper: 16).
+        timestep_max / timestep_min: steer rows whose model timestep t satisfies
+            ``timestep_min <= t <= timestep_max`` (default: all, 0-1000).
+        rows: ``"all"`` (both halves of a CFG batch, as the authors' code) or ``"cond"``.
+        preserve_norm: rescale each steered token to its original norm (the authors' code).
+        interpolation: ``"nearest"`` timestep key or ``"linear"`` between keys.
+    """
+
+    vector: PathologyVector
+    strength: float = 2.5
+    layer_start: int = 8
+    layer_end: int = 16
+    timestep_max: float = 1000.0
+    timestep_min: float = 0.0
+    rows: str = "all"
+    preserve_norm: bool = False
+    interpolation: str = "nearest"
+
+    @property
+    def effective_strength(self) -> float:
+        """``strength * vector.gain``: what the update actually uses."""
+        return float(self.strength) * float(self.vector.gain)
+
+    def validate(self, sites: Sites) -> None:
+        """Raise a clear error unless this plan can run on ``sites``."""
+        if not isinstance(self.vector, PathologyVector):
+            raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
+        self.vector.check_compatible(sites.depth, sites.hidden_size)
+        sites.check_window(self.layer_start, self.layer_end)
+        if not math.isfinite(self.effective_strength):
+            raise ValueError(f"strength must be finite, got {self.strength!r} (vector gain {self.vector.gain!r})")
+        if self.rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS}, got {self.rows!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if not self.timestep_min <= self.timestep_max:
+            raise ValueError(
+                f"empty timestep window: timestep_min {self.timestep_min} > timestep_max {self.timestep_max}"
+            )
+
+    def covers(self, site: int) -> bool:
+        return self.layer_start <= site < self.layer_end
+
+
+@dataclass(frozen=True)
+class GateMaps:
+    """Gate maps of one sampling run: ``maps[s, l, b]`` is the gate of image ``b`` at step ``s``,
+    layer ``layers[l]``, on the token grid.
+
+    Attributes:
+        timesteps: ``[S]`` model timestep of each step (in sampling order).
+        layers: the site indices of axis 1.
+        maps: ``[S, L, B, H, W]`` float32 on the CPU (zero where a site was not steered at a step).
+    """
+
+    timesteps: torch.Tensor
+    layers: tuple[int, ...]
+    maps: torch.Tensor
+
+
+@dataclass
+class GateRecord:
+    """The gates ``sigma = max(<h, v>, 0)`` of the conditional rows, per call, site and plan.
+
+    Entries stay on the model's device while sampling (no host sync); ``maps()`` moves them to the
+    CPU. Every model call with conditional rows counts as one step, so multi-evaluation samplers
+    (Heun, DPM-2) record each evaluation. A new run starts where the timestep goes back up.
+
+    Example:
+        >>> record = GateRecord()
+        >>> with steering(transformer, [plan], record=record): ...   # doctest: +SKIP
+        >>> record.maps().maps.shape    # [steps, layers, images, H, W]   # doctest: +SKIP
+    """
+
+    entries: list[tuple[int, int, int, torch.Tensor, torch.Tensor, tuple[int, int] | None]] = field(
+        default_factory=list
+    )
+    _calls: int = 0
+
+    def _begin_call(self) -> int:
+        self._calls += 1
+        return self._calls
+
+    def add(self, call: int, site: int, plan: int, timesteps: torch.Tensor, gate: torch.Tensor, grid) -> None:
+        self.entries.append((call, site, plan, timesteps.detach(), gate.detach(), grid))
+
+    def clear(self) -> None:
+        """Forget everything recorded so far."""
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def runs(self, plan: int = 0) -> int:
+        """How many sampling runs the record holds for ``plan``."""
+        return len(self._split_runs(plan))
+
+    def _split_runs(self, plan: int) -> list[list[tuple]]:
+        calls: dict[int, list[tuple]] = {}
+        for entry in self.entries:
+            if entry[2] == plan:
+                calls.setdefault(entry[0], []).append(entry)
+        runs: list[list[tuple]] = []
+        last_t = math.inf
+        for call in sorted(calls):
+            t = float(calls[call][0][3].reshape(-1)[0])
+            if t > last_t + 1e-6 or not runs:
+                runs.append([])
+            runs[-1].append(calls[call])
+            last_t = t
+        return runs
+
+    def maps(self, plan: int = 0, run: int = -1) -> GateMaps:
+        """Stack the recorded gates of one run into ``[S, L, B, H, W]`` (see ``GateMaps``).
+
+        Args:
+            plan: which steering plan (index in the list given to ``steering``).
+            run: which sampling run (default: the last).
+
+        Raises:
+            MedSteerError: nothing was recorded for this plan, or the grid is unknown.
+        """
+        runs = self._split_runs(plan)
+        if not runs:
+            raise MedSteerError(
+                f"no gates recorded for plan {plan}: sample with the steered model first (with "
+                "record= set) and make sure the plan's window covers the sampled timesteps"
+            )
+        try:
+            calls = runs[run]
+        except IndexError:
+            raise MedSteerError(f"run {run} not recorded; the record holds {len(runs)} run(s)") from None
+        layers = tuple(sorted({e[1] for call in calls for e in call}))
+        first = calls[0][0]
+        grid = first[5]
+        batch, tokens = first[4].shape
+        if grid is None:
+            side = int(round(math.sqrt(tokens)))
+            if side * side != tokens:
+                raise MedSteerError(f"unknown token grid for {tokens} tokens; pass CallInfo.grid")
+            grid = (side, side)
+        out = torch.zeros(len(calls), len(layers), batch, grid[0], grid[1])
+        timesteps = torch.zeros(len(calls))
+        for s, call in enumerate(calls):
+            timesteps[s] = float(call[0][3].reshape(-1)[0])
+            for _, site, _, _, gate, _ in call:
+                if gate.shape[0] == batch:
+                    out[s, layers.index(site)] = gate.float().cpu().reshape(batch, grid[0], grid[1])
+        return GateMaps(timesteps, layers, out)
+
+
+class HookHandle:
+    """Registered hooks of one ``attach_*`` call; ``remove()`` takes off exactly these hooks."""
+
+    def __init__(self) -> None:
+        self._handles: list = []
+        self._state: _CallState | None = None
+
+    def _add(self, handle) -> None:
+        self._handles.append(handle)
+
+    def set_call(self, call: CallInfo) -> None:
+        """Tell the hooks about the next model call (hosts that pass explicit call info)."""
+        if self._state is None:
+            raise MedSteerError("this handle was not created by attach_steering / attach_capture")
+        self._state.set(call)
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+
+class _CallState:
+    """The current call's info and the per-plan row tensors derived from it (once per call)."""
+
+    def __init__(self, sites: Sites, plans: Sequence[SteeringPlan] = (), record: GateRecord | None = None) -> None:
+        self.sites = sites
+        self.plans = list(plans)
+        self.record = record
+        self.call: CallInfo | None = None
+        self.call_id = 0
+        self.plan_rows: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.cond_index: torch.Tensor | None = None
+        self.cond_list: list[int] = []
+        self._prepared_for: tuple[torch.device, torch.dtype] | None = None
+
+    def set(self, call: CallInfo) -> None:
+        self.call = call
+        self.call_id = self.record._begin_call() if self.record is not None else self.call_id + 1
+        self.plan_rows = []
+        self._prepared_for: tuple[torch.device, torch.dtype] | None = None
+        cond = [i for i, c in enumerate(call.conditional) if c]
+        self.cond_list = cond
+        self.cond_index = None
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Per-plan ``(directions [B, L, D], strength [B, 1, 1])`` on the activations' device."""
+        if self._prepared_for == (device, dtype):
+            return
+        call = self.call
+        t = call.timesteps.to(device)
+        selected_cond = torch.tensor(call.conditional, device=device)
+        self.plan_rows = []
+        for plan in self.plans:
+            strength = plan.effective_strength
+            if strength == 0 and self.record is None:
+                self.plan_rows.append(None)
+                continue
+            in_window = (t >= plan.timestep_min) & (t <= plan.timestep_max)
+            if plan.rows == "cond":
+                in_window = in_window & selected_cond
+            row_strength = torch.where(in_window, strength, 0.0).to(dtype)[:, None, None]
+            directions = plan.vector.lookup(t, plan.interpolation, dtype=dtype)
+            self.plan_rows.append((directions, row_strength))
+        self.cond_index = torch.tensor(self.cond_list, device=device, dtype=torch.long)
+        self._prepared_for = (device, dtype)
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0], output[1:]
+    raise MedSteerError(f"cross-attention returned {type(output).__name__}; expected a tensor")
+
+
+def _call_from_arguments(sites: Sites, layout: str, args: tuple, kwargs: dict) -> CallInfo:
+    """Read timesteps, batch and grid from the transformer's own arguments (both hosts)."""
+    if sites.host == "diffusers":
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        timesteps = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+    else:
+        latents = kwargs.get("x", args[0] if args else None)
+        timesteps = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+    if latents is None or timesteps is None:
+        raise MedSteerError("cannot read the latents and timesteps of this transformer call; pass call_info=")
+    batch = latents.shape[0]
+    grid = (latents.shape[-2] // sites.patch_size, latents.shape[-1] // sites.patch_size)
+    options = kwargs.get("transformer_options") or {}
+    return CallInfo.from_layout(timesteps, batch, layout, grid, options.get("cond_or_uncond"))
+
+
+def _attach(
+    sites: Sites,
+    state: _CallState,
+    site_hook,
+    site_indices: Sequence[int],
+    call_info: CallInfo | None,
+    layout: str,
+) -> HookHandle:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    handle = HookHandle()
+    handle._state = state
+    try:
+        if call_info is not None:
+            state.set(call_info)
+        else:
+
+            def read_call(module, args, kwargs):
+                state.set(_call_from_arguments(sites, layout, args, kwargs))
+
+            handle._add(sites.transformer.register_forward_pre_hook(read_call, with_kwargs=True))
+        for index in site_indices:
+            handle._add(sites.modules[index].register_forward_hook(site_hook(index)))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def attach_steering(
+    model: nn.Module,
+    plans: SteeringPlan | Sequence[SteeringPlan],
+    *,
+    call_info: CallInfo | None = None,
+    layout: str = "uncond_cond",
+    record: GateRecord | None = None,
+) -> HookHandle:
+    """Register SSPS hooks on the model's cross-attention sites; see ``steering``.
+
+    Returns:
+        A ``HookHandle``; call ``.remove()`` when done.
+    """
+    sites = find_sites(model)
+    plans = [plans] if isinstance(plans, SteeringPlan) else list(plans)
+    if not plans:
+        raise ValueError("steering needs at least one SteeringPlan")
+    for plan in plans:
+        plan.validate(sites)
+    state = _CallState(sites, plans, record)
+    covered = sorted({i for plan in plans for i in range(plan.layer_start, plan.layer_end)})
+
+    def site_hook(index: int):
+        plan_ids = [j for j, plan in enumerate(plans) if plan.covers(index)]
+
+        def hook(module, args, output):
+            h, rest = _first_tensor(output)
+            state.prepare(h.device, h.dtype)
+            for j in plan_ids:
+                rows = state.plan_rows[j]
+                if rows is None:
+                    continue
+                directions, row_strength = rows
+                plan = plans[j]
+                h, gate = ssps(h, directions[:, index, None, :], row_strength, plan.preserve_norm)
+                if record is not None and state.cond_list:
+                    record.add(
+                        state.call_id,
+                        index,
+                        j,
+                        state.call.timesteps.to(h.device).index_select(0, state.cond_index),
+                        gate.index_select(0, state.cond_index),
+                        state.call.grid,
+                    )
+            return h if rest is None else (h, *rest)
+
+        return hook
+
+    return _attach(sites, state, site_hook, covered, call_info, layout)
+
+
+@contextmanager
+def steering(
+    model: nn.Module,
+    plans: SteeringPlan | Sequence[SteeringPlan],
+    *,
+    call_info: CallInfo | None = None,
+    layout: str = "uncond_cond",
+    record: GateRecord | None = None,
+) -> Iterator[HookHandle]:
+    """Steer the model's cross-attention with one or more plans while the context is open.
+
+    Plans compose in order at every site they share (plan 2 sees plan 1's output), which is how
+    the paper chains vectors for compositional edits.
+
+    Args:
+        model: a PixArt transformer (see ``find_sites``).
+        plans: one ``SteeringPlan`` or a list of them.
+        call_info: the row layout of every call made inside the context (hosts that open one
+            context per model call). If ``None``, each call's timesteps and grid are read from the
+            transformer's arguments and its rows are laid out as ``layout``.
+        layout: see ``LAYOUTS``; the default matches diffusers pipelines with CFG.
+        record: a ``GateRecord`` to append the gates of the conditional rows to.
+
+    Example:
+        >>> plan = SteeringPlan(vector, strength=2.5, layer_start=8, layer_end=16)   # doctest: +SKIP
+        >>> with steering(pipe.transformer, plan):                                   # doctest: +SKIP
+        ...     image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]
+    """
+    handle = attach_steering(model, plans, call_info=call_info, layout=layout, record=record)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def attach_capture(
+    model: nn.Module,
+    estimator,
+    label: str,
+    *,
+    call_info: CallInfo | None = None,
+    layout: str = "uncond_cond",
+) -> HookHandle:
+    """Register hooks that feed the conditional rows' token means to ``estimator``; see ``capture``."""
+    from .estimate import LABELS
+
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+    sites = find_sites(model)
+    estimator.check_sites(sites)
+    state = _CallState(sites)
+    original_set = state.set
+
+    def set_and_count(call: CallInfo) -> None:
+        original_set(call)
+        estimator._begin_call(label, call)
+
+    state.set = set_and_count  # type: ignore[method-assign]
+
+    def site_hook(index: int):
+        def hook(module, args, output):
+            h, _ = _first_tensor(output)
+            if state.cond_list:
+                estimator._observe(label, index, h, state.cond_list)
+
+        return hook
+
+    return _attach(sites, state, site_hook, range(sites.depth), call_info, layout)
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    estimator,
+    label: str,
+    *,
+    call_info: CallInfo | None = None,
+    layout: str = "uncond_cond",
+) -> Iterator[HookHandle]:
+    """Record the conditional rows' cross-attention outputs into a ``VectorEstimator``.
+
+    Args:
+        model: a PixArt transformer.
+        estimator: the ``VectorEstimator`` to feed.
+        label: ``"with"`` (prompt with the concept) or ``"without"``.
+        call_info / layout: as in ``steering``.
+
+    Example:
+        >>> est = VectorEstimator.for_model(transformer)               # doctest: +SKIP
+        >>> with capture(transformer, est, "with"): sample(...)      # doctest: +SKIP
+        >>> vector = est.result()                                     # doctest: +SKIP
+    """
+    handle = attach_capture(model, estimator, label, call_info=call_info, layout=layout)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,1 @@
+"""ComfyUI nodes of MedSteer (V3 schema). Imported only inside ComfyUI."""

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random-weight diffusers PixArt transformer and caption embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CAPTION_CHANNELS = 32
+
+
+def make_transformer(num_layers: int = 4, heads: int = 2, head_dim: int = 8, seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=num_layers,
+        patch_size=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        caption_channels=CAPTION_CHANNELS,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=heads * head_dim,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return model.eval()
+
+
+def make_embeds(tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, CAPTION_CHANNELS, generator=g)
+
+
+@pytest.fixture(scope="session")
+def transformer():
+    return make_transformer()
+
+
+@pytest.fixture()
+def scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler()
+
+
+@pytest.fixture(scope="session")
+def embeds():
+    """Caption embeddings: with the concept, without it, and the unconditional one."""
+    return {"with": make_embeds(6, 1), "without": make_embeds(6, 2), "uncond": make_embeds(6, 3)}
