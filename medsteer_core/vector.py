@@ -507,26 +507,37 @@ def _fail(source: str, problem: str, fix: str = "") -> VectorFileError:
     return VectorFileError(f"{source}: {problem}; {fix}")
 
 
+def _looks_like_pickle(data: bytes) -> bool:
+    # torch.save writes a zip archive ("PK"); plain pickles start with PROTO (0x80) + version.
+    return data[:2] == b"PK" or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
+
+
 def _read_header(data: bytes, source: str) -> tuple[dict, dict[str, str]]:
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise _fail(
-            source,
-            "this is a pickle / torch.save file, which medsteer refuses to load because "
-            "unpickling can run arbitrary code",
-            "use a .safetensors pathology vector (rebuild it, or convert it in a trusted session)",
-        )
-    if len(data) < 8:
-        raise _fail(source, f"not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > len(data):
-        raise _fail(
-            source,
-            f"not a safetensors file or truncated (header length {n}, file length {len(data)})",
-        )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail(source, "the safetensors header is not valid JSON (corrupt file)") from None
+    header = None
+    if len(data) >= 8:
+        (n,) = struct.unpack("<Q", data[:8])
+        if 0 < n <= _MAX_HEADER_BYTES and 8 + n <= len(data):
+            try:
+                header = json.loads(data[8 : 8 + n].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                header = None
+    if header is None:
+        if _looks_like_pickle(data):
+            raise _fail(
+                source,
+                "this is a pickle / torch.save file, which medsteer refuses to load because "
+                "unpickling can run arbitrary code",
+                "use a .safetensors pathology vector (rebuild it, or convert it in a trusted session)",
+            )
+        if len(data) < 8:
+            raise _fail(source, f"not a safetensors file (only {len(data)} bytes)")
+        (n,) = struct.unpack("<Q", data[:8])
+        if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > len(data):
+            raise _fail(
+                source,
+                f"not a safetensors file or truncated (header length {n}, file length {len(data)})",
+            )
+        raise _fail(source, "the safetensors header is not valid JSON (corrupt file)")
     if not isinstance(header, dict):
         raise _fail(source, "the safetensors header is not a JSON object (corrupt file)")
     metadata = header.get("__metadata__", {})

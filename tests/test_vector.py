@@ -1,0 +1,246 @@
+"""PathologyVector: lookup, arithmetic, merge, and the safetensors file format."""
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from medsteer_core import PathologyVector, VectorFileError, VectorMismatchError, load_vector, save_vector
+from medsteer_core.vector import FORMAT_NAME, vector_from_bytes
+
+
+def make_vector(k=3, layers=4, d=6, seed=0, seeds=(0, 1, 2), timesteps=None) -> PathologyVector:
+    g = torch.Generator().manual_seed(seed)
+    ts = torch.tensor(timesteps if timesteps is not None else [100.0 * (i + 1) for i in range(k)])
+    sum_with = torch.randn(k, layers, d, generator=g, dtype=torch.float64)
+    sum_without = torch.randn(k, layers, d, generator=g, dtype=torch.float64)
+    count = torch.full((k,), len(seeds), dtype=torch.int64)
+    meta = {"concept_with": "dyed lifted polyps", "concept_without": "polyps", "seeds": json.dumps(list(seeds))}
+    return PathologyVector.from_sums(ts, sum_with, sum_without, count, count.clone(), meta)
+
+
+# ---------------------------------------------------------------------------------- lookup
+def test_directions_are_unit_and_follow_the_means():
+    v = make_vector()
+    assert torch.allclose(v.directions.norm(dim=-1), torch.ones(3, 4))
+    diff = v.sum_with.double() / 3 - v.sum_without.double() / 3
+    assert torch.allclose(v.directions.double(), diff / diff.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_lookup_is_exact_at_the_keys_for_both_interpolations():
+    v = make_vector(k=4)
+    for k, t in enumerate(v.timesteps.tolist()):
+        for mode in ("nearest", "linear"):
+            assert torch.equal(v.at(t, mode), v.directions[k])
+
+
+def test_nearest_lookup_and_clamping():
+    v = make_vector(k=3)  # keys 100, 200, 300
+    assert torch.equal(v.at(140.0), v.directions[0])
+    assert torch.equal(v.at(160.0), v.directions[1])
+    assert torch.equal(v.at(0.0), v.directions[0])
+    assert torch.equal(v.at(999.0), v.directions[2])
+    assert torch.equal(v.at(999.0, "linear"), v.directions[2])
+
+
+def test_linear_interpolation_is_renormalised_blend():
+    v = make_vector(k=3)
+    got = v.at(125.0, "linear")
+    blend = 0.75 * v.directions[0] + 0.25 * v.directions[1]
+    assert torch.allclose(got, blend / blend.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(4))
+
+
+def test_batched_lookup_matches_at():
+    v = make_vector(k=3)
+    ts = torch.tensor([90.0, 150.0, 260.0, 400.0])
+    for mode in ("nearest", "linear"):
+        batch = v.lookup(ts, mode)
+        for i, t in enumerate(ts.tolist()):
+            assert torch.equal(batch[i], v.at(t, mode))
+
+
+# ---------------------------------------------------------------------------------- arithmetic
+def test_negation_is_the_reverse_edit():
+    v = make_vector()
+    n = -v
+    assert torch.equal(n.directions, -v.directions)
+    assert n.concept_with == "polyps" and n.concept_without == "dyed lifted polyps"
+    assert torch.equal(n.sum_with, v.sum_without) and torch.equal(n.count_without, v.count_with)
+    assert -n == v
+
+
+def test_scalar_multiplication_scales_gain_keeps_unit_directions():
+    v = make_vector()
+    w = 3 * v * 0.5
+    assert w.gain == 1.5 and torch.equal(w.directions, v.directions)
+
+
+def test_sum_is_renormalised_per_row_and_unmergeable():
+    a, b = make_vector(seed=1), make_vector(seed=2)
+    s = a + b
+    expected = a.directions.double() + b.directions.double()
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert torch.allclose(s.directions.double(), expected, atol=1e-6)
+    assert torch.allclose(s.directions.norm(dim=-1), torch.ones(3, 4))
+    assert s.metadata["origin"] == "composed"
+    with pytest.raises(VectorMismatchError, match="arithmetic"):
+        s.merge(a)
+    d = a - b
+    assert torch.allclose(
+        (d.directions.double()),
+        ((a.directions - b.directions).double() / (a.directions - b.directions).double().norm(dim=-1, keepdim=True)),
+        atol=1e-6,
+    )
+
+
+def test_sum_refuses_different_keys_or_geometry():
+    with pytest.raises(VectorMismatchError, match="timestep keys"):
+        make_vector(k=3) + make_vector(k=2)
+    with pytest.raises(
+        VectorMismatchError, match="hidden size 5 with 4 layers; the other vector has hidden size 6 and 4 layers"
+    ):
+        make_vector() + make_vector(d=5)
+
+
+# ---------------------------------------------------------------------------------- merge
+def test_merge_equals_union_of_seeds():
+    g = torch.Generator().manual_seed(3)
+    means_with = torch.randn(5, 2, 4, 3, generator=g, dtype=torch.float64)  # [seed, K, L, D]
+    means_without = torch.randn(5, 2, 4, 3, generator=g, dtype=torch.float64)
+    ts = torch.tensor([250.0, 750.0])
+
+    def build(idx):
+        n = torch.full((2,), len(idx), dtype=torch.int64)
+        meta = {"concept_with": "a", "concept_without": "b", "seeds": json.dumps(idx)}
+        return PathologyVector.from_sums(ts, means_with[idx].sum(0), means_without[idx].sum(0), n, n.clone(), meta)
+
+    merged = build([0, 1]).merge(build([2, 3, 4]))
+    union = build([0, 1, 2, 3, 4])
+    assert torch.allclose(merged.directions, union.directions, atol=1e-6)
+    assert torch.allclose(merged.sum_with, union.sum_with, atol=1e-6)
+    assert torch.equal(merged.count_with, union.count_with)
+    assert json.loads(merged.metadata["seeds"]) == [0, 1, 2, 3, 4]
+
+
+def test_merge_refuses_overlapping_seeds_and_other_concepts():
+    a = make_vector(seeds=(0, 1))
+    with pytest.raises(VectorMismatchError, match=r"share seeds \[1\]"):
+        a.merge(make_vector(seeds=(1, 2)))
+    other = make_vector(seeds=(5,))
+    other.metadata["concept_with"] = "ulcer"
+    with pytest.raises(VectorMismatchError, match="concept_with"):
+        a.merge(other)
+
+
+def test_merge_keeps_keys_present_in_one_vector_only():
+    a = make_vector(k=2, seeds=(0,), timesteps=[100.0, 200.0])
+    b = make_vector(k=2, seeds=(1,), timesteps=[200.0, 300.0])
+    m = a.merge(b)
+    assert m.timesteps.tolist() == [100.0, 200.0, 300.0]
+    assert m.count_with.tolist() == [1, 2, 1]
+
+
+def test_mismatch_names_both_numbers():
+    v = make_vector(layers=4, d=6)
+    with pytest.raises(VectorMismatchError, match="hidden size 6 with 4 layers; the model has hidden size 1152 and 28"):
+        v.check_compatible(28, 1152)
+
+
+# ---------------------------------------------------------------------------------- files
+def test_save_load_round_trips_exactly(tmp_path):
+    v = make_vector() * 1.25
+    path = save_vector(v, tmp_path / "dye")
+    assert path.name == "dye.safetensors"
+    w = load_vector(path)
+    assert w == v
+    for name in ("directions", "timesteps", "sum_with", "sum_without", "count_with", "count_without"):
+        assert torch.equal(getattr(w, name), getattr(v, name))
+    assert w.gain == 1.25
+
+
+def _tensors(v):
+    return {
+        n: getattr(v, n).contiguous()
+        for n in ("directions", "timesteps", "sum_with", "sum_without", "count_with", "count_without")
+    }
+
+
+def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
+    p = tmp_path / name
+    p.write_bytes(st_save(tensors, metadata=metadata))
+    return p
+
+
+def _meta(v):
+    m = dict(v.metadata)
+    m.update(format=FORMAT_NAME, format_version="1", hidden_size=str(v.hidden_size), depth=str(v.depth))
+    return m
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t, m: t.pop("sum_with"), r"missing tensor\(s\) \['sum_with'\]"),
+        (lambda t, m: t.__setitem__("timesteps", torch.zeros(2)), r"'timesteps' has shape \(2,\), expected \(3,\)"),
+        (lambda t, m: t.__setitem__("sum_without", torch.zeros(3, 4, 5)), "'sum_without' has shape"),
+        (lambda t, m: t["directions"].__setitem__((0, 0, 0), float("nan")), "'directions' contains NaN"),
+        (lambda t, m: t["sum_with"].__setitem__((1, 1, 1), float("inf")), "'sum_with' contains NaN or infinite"),
+        (lambda t, m: t["directions"].mul_(2.0), "norm 2, not 1 or 0"),
+        (
+            lambda t, m: t.__setitem__("directions", t["directions"].double()),
+            "dtype torch.float64, expected torch.float32",
+        ),
+        (lambda t, m: m.__setitem__("format_version", "7"), "unknown format_version '7'"),
+        (lambda t, m: m.__setitem__("format", "something.else"), "not a medsteer pathology vector"),
+        (lambda t, m: m.pop("concept_with"), r"missing metadata field\(s\) \['concept_with'\]"),
+        (lambda t, m: m.__setitem__("depth", "9"), "metadata depth='9' disagrees"),
+        (lambda t, m: t.__setitem__("timesteps", torch.tensor([300.0, 200.0, 100.0])), "not strictly increasing"),
+        (lambda t, m: m.__setitem__("gain", "lots"), "gain='lots' is not a number"),
+    ],
+)
+def test_each_kind_of_corrupt_file_gets_its_own_error(tmp_path, mutate, message):
+    v = make_vector()
+    tensors, meta = _tensors(v), _meta(v)
+    tensors = {k: t.clone() for k, t in tensors.items()}
+    mutate(tensors, meta)
+    path = _write(tmp_path, tensors, meta)
+    with pytest.raises(VectorFileError, match=message):
+        load_vector(path)
+
+
+def test_pickles_are_refused_without_being_unpickled(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(VectorFileError, match="pickle"):
+        load_vector(p)
+    torch.save({"directions": torch.zeros(1)}, tmp_path / "torch.pt")
+    with pytest.raises(VectorFileError, match="pickle"):
+        load_vector(tmp_path / "torch.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_truncated_and_non_safetensors_files(tmp_path):
+    with pytest.raises(VectorFileError, match="no pathology vector file"):
+        load_vector(tmp_path / "nope.safetensors")
+    good = save_vector(make_vector(), tmp_path / "good").read_bytes()
+    with pytest.raises(VectorFileError, match="truncated"):
+        vector_from_bytes(good[: len(good) // 3])
+    with pytest.raises(VectorFileError, match="corrupt safetensors data"):
+        vector_from_bytes(good[:-10])
+    with pytest.raises(VectorFileError, match="not valid JSON"):
+        vector_from_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(VectorFileError, match="not a safetensors file"):
+        vector_from_bytes(b"hello")
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    save_vector(make_vector(), tmp_path / "v.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
