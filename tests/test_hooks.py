@@ -92,9 +92,11 @@ def test_leaving_the_context_removes_hooks_and_restores_outputs(transformer, emb
 
 def test_failure_while_attaching_leaves_nothing_behind(transformer, vector):
     bad = SteeringPlan(vector, 2.5, 2, 9)
-    with pytest.raises(ValueError, match="outside this model's 4 layers"):
-        with steering(transformer, [SteeringPlan(vector, 1.0, 0, 2), bad]):
-            pass
+    with (
+        pytest.raises(ValueError, match="outside this model's 4 layers"),
+        steering(transformer, [SteeringPlan(vector, 1.0, 0, 2), bad]),
+    ):
+        pass
     assert no_hooks_left(transformer)
 
 
@@ -286,11 +288,13 @@ def test_gate_record_splits_runs_and_counts_steps(transformer, embeds, vector):
 
 def test_vector_from_another_model_is_refused_with_both_numbers(vector):
     other = make_transformer(num_layers=3, heads=3, head_dim=8)
-    with pytest.raises(
-        VectorMismatchError, match="hidden size 16 with 4 layers; the model has hidden size 24 and 3 layers"
+    with (
+        pytest.raises(
+            VectorMismatchError, match="hidden size 16 with 4 layers; the model has hidden size 24 and 3 layers"
+        ),
+        steering(other, SteeringPlan(vector, 2.5, 0, 2)),
     ):
-        with steering(other, SteeringPlan(vector, 2.5, 0, 2)):
-            pass
+        pass
     assert no_hooks_left(other)
 
 
