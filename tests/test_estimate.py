@@ -1,0 +1,145 @@
+"""VectorEstimator: equals a brute-force average, uses conditional rows only, constant memory."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from medsteer_core import CallInfo, MedSteerError, SamplingSpec, VectorEstimator, capture, find_sites, sample
+
+SPEC = SamplingSpec(steps=3, cfg=4.0, height=8, width=8)
+
+
+def _brute_force(transformer, embeds, seeds):
+    """Record every conditional-row CA output with plain hooks, then average (the definition)."""
+    sites = find_sites(transformer)
+    records = {label: {} for label in ("with", "without")}
+    current = {}
+
+    def pre(module, args, kwargs):
+        current["t"] = float(kwargs["timestep"][0])
+
+    def make(i, label):
+        def hook(module, args, out):
+            cond = out[out.shape[0] // 2 :]  # [uncond, cond]: the second half is conditional
+            records[label].setdefault((current["t"], i), []).extend(cond.double().mean(dim=1).unbind(0))
+
+        return hook
+
+    for label in ("with", "without"):
+        handles = [transformer.register_forward_pre_hook(pre, with_kwargs=True)]
+        handles += [m.register_forward_hook(make(i, label)) for i, m in enumerate(sites.modules)]
+        try:
+            sample(
+                transformer, DPMSolverMultistepScheduler(), embeds[label], seeds, SPEC, negative_embeds=embeds["uncond"]
+            )
+        finally:
+            for h in handles:
+                h.remove()
+    keys = sorted({t for t, _ in records["with"]})
+    directions = torch.zeros(len(keys), sites.depth, sites.hidden_size, dtype=torch.float64)
+    for k, t in enumerate(keys):
+        for i in range(sites.depth):
+            diff = torch.stack(records["with"][(t, i)]).mean(0) - torch.stack(records["without"][(t, i)]).mean(0)
+            directions[k, i] = diff / diff.norm()
+    return torch.tensor(keys), directions, len(records["with"][(keys[0], 0)])
+
+
+def _estimate(transformer, embeds, seeds, batch=None):
+    est = VectorEstimator.for_model(transformer)
+    batch = batch or len(seeds)
+    for label in ("with", "without"):
+        for i in range(0, len(seeds), batch):
+            sample(
+                transformer,
+                DPMSolverMultistepScheduler(),
+                embeds[label],
+                seeds[i : i + batch],
+                SPEC,
+                negative_embeds=embeds["uncond"],
+                estimator=est,
+                label=label,
+            )
+    return est
+
+
+def test_estimator_equals_brute_force(transformer, embeds):
+    seeds = [0, 1, 2, 3]
+    keys, expected, n = _brute_force(transformer, embeds, seeds)
+    vector = _estimate(transformer, embeds, seeds, batch=3).result()
+    assert n == len(seeds)
+    assert torch.allclose(vector.timesteps, keys.float())
+    assert torch.allclose(vector.directions.double(), expected, atol=1e-5)
+    assert vector.count_with.tolist() == [4] * len(keys)
+
+
+def test_only_conditional_rows_are_used(transformer, embeds):
+    """Garbage in the unconditional rows of a CFG batch does not change what is captured."""
+
+    def call(uncond_latent):
+        est = VectorEstimator.for_model(transformer)
+        g = torch.Generator().manual_seed(0)
+        cond_latent = torch.randn(1, 4, 8, 8, generator=g)
+        x = torch.cat([uncond_latent, cond_latent])
+        ctx = torch.cat([embeds["uncond"], embeds["with"]])
+        for label in ("with", "without"):
+            with capture(
+                transformer, est, label, call_info=CallInfo(torch.tensor([500.0, 500.0]), (False, True), (4, 4))
+            ):
+                transformer(
+                    x,
+                    encoder_hidden_states=ctx,
+                    timestep=torch.tensor([500.0, 500.0]),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                )
+        return est
+
+    a = call(torch.zeros(1, 4, 8, 8))
+    b = call(torch.full((1, 4, 8, 8), 37.0))
+    assert torch.equal(a._sums["with"][500.0], b._sums["with"][500.0])
+    assert a.images("with") == 1
+
+
+def test_memory_does_not_grow_with_the_number_of_seeds(transformer, embeds):
+    small = _estimate(transformer, embeds, [0, 1])
+    large = _estimate(transformer, embeds, [0, 1, 2, 3, 4, 5], batch=2)
+    assert small.nbytes == large.nbytes > 0
+    assert small.nbytes == 2 * SPEC.steps * 4 * 16 * 8  # 2 classes x K x L x D float64
+    assert large.images("with") == 6
+
+
+def test_comfyui_split_calls_equal_one_cfg_batch(transformer, embeds):
+    """ComfyUI often runs cond and uncond as separate batch-1 calls: same sums as one [uncond, cond] batch."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    t2 = torch.tensor([300.0, 300.0])
+    one = VectorEstimator.for_model(transformer)
+    with capture(transformer, one, "with", call_info=CallInfo.from_layout(t2, 2, "comfyui", cond_or_uncond=[1, 0])):
+        transformer(
+            torch.cat([x, x]), encoder_hidden_states=torch.cat([embeds["uncond"], embeds["with"]]), timestep=t2, **extra
+        )
+    split = VectorEstimator.for_model(transformer)
+    for flag, ctx in ((1, embeds["uncond"]), (0, embeds["with"])):
+        info = CallInfo.from_layout(t2[:1], 1, "comfyui", cond_or_uncond=[flag])
+        with capture(transformer, split, "with", call_info=info):
+            transformer(x, encoder_hidden_states=ctx, timestep=t2[:1], **extra)
+    assert torch.allclose(one._sums["with"][300.0], split._sums["with"][300.0], atol=1e-6)
+    assert one.images("with") == split.images("with") == 1
+
+
+def test_result_needs_both_classes(transformer):
+    with pytest.raises(MedSteerError, match="no images captured for the 'with' class"):
+        VectorEstimator.for_model(transformer).result()
+
+
+def test_capture_refuses_unknown_label_and_wrong_model(transformer):
+    with (
+        pytest.raises(ValueError, match="label must be one of"),
+        capture(transformer, VectorEstimator.for_model(transformer), "maybe"),
+    ):
+        pass
+    with (
+        pytest.raises(MedSteerError, match="collects 3 layers of width 16"),
+        capture(transformer, VectorEstimator(3, 16), "with"),
+    ):
+        pass

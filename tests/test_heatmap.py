@@ -1,0 +1,88 @@
+"""Heatmap rendering: colormaps, grids, overlays, masks, and step/layer selection."""
+
+import pytest
+import torch
+
+from medsteer_core import GateMaps
+from medsteer_core.heatmap import (
+    COLORMAPS,
+    apply_colormap,
+    gate_grid,
+    normalise,
+    overlay,
+    parse_layers,
+    parse_steps,
+    select_maps,
+    to_mask,
+)
+
+
+def _gates(steps=20, layers=(8, 9, 10), batch=1, side=4):
+    maps = torch.zeros(steps, len(layers), batch, side, side)
+    for s in range(steps):
+        maps[s, :, :, s % side, (s // side) % side] = s + 1.0  # one hot token per step
+    return GateMaps(torch.linspace(999, 0, steps), tuple(layers), maps)
+
+
+@pytest.mark.parametrize("name", ["viridis", "magma", "cividis"])
+def test_perceptual_colormaps_increase_monotonically_in_lightness(name):
+    colours = apply_colormap(torch.linspace(0, 1, 64), name)
+    luminance = colours @ torch.tensor([0.2126, 0.7152, 0.0722])
+    assert (luminance[1:] >= luminance[:-1] - 1e-3).all()
+    assert colours.shape == (64, 3) and colours.min() >= 0 and colours.max() <= 1
+
+
+def test_unknown_colormap_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_colormap(torch.zeros(2, 2), "jet")
+    assert "gray" in COLORMAPS
+
+
+def test_normalise_and_mask():
+    maps = torch.tensor([[[0.0, 2.0], [1.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    n = normalise(maps)
+    assert torch.equal(n[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert torch.equal(n[1], torch.zeros(2, 2))
+    mask = to_mask(maps[0], (8, 8))
+    assert mask.shape == (8, 8) and float(mask.max()) == 1.0 and float(mask.min()) >= 0
+    assert mask[-1, -1] > mask[0, 0]
+
+
+def test_overlay_blends_only_where_the_model_steered():
+    image = torch.full((16, 16, 3), 0.5)
+    gate = torch.zeros(4, 4)
+    gate[0, 0] = 3.0
+    out = overlay(image, gate, opacity=1.0, colormap="gray")
+    assert torch.allclose(out[-1, -1], image[-1, -1])  # no gate there: the image shows through
+    assert not torch.allclose(out[0, 0], image[0, 0])
+    assert torch.equal(overlay(image, gate, opacity=0.0), image)
+    with pytest.raises(ValueError, match="opacity"):
+        overlay(image, gate, opacity=2.0)
+
+
+def test_step_and_layer_parsing():
+    assert parse_steps("all", 5) == [0, 1, 2, 3, 4]
+    assert parse_steps("8,12,14,19", 20) == [8, 12, 14, 19]
+    assert parse_steps("-1", 20) == [19] and parse_steps("last", 20) == [19]
+    with pytest.raises(ValueError, match="step 20 is out of range: this run has 20 steps"):
+        parse_steps("8,20", 20)
+    with pytest.raises(ValueError, match="cannot read step 'x'"):
+        parse_steps("8,x", 20)
+    assert parse_layers("mean", (8, 9)) == "mean"
+    assert parse_layers("8-10", (8, 9, 10)) == [8, 9]
+    with pytest.raises(ValueError, match=r"layer\(s\) \[3\] were not steered"):
+        parse_layers("3", (8, 9))
+
+
+def test_paper_figure_three_selection_and_grid():
+    gates = _gates()
+    maps, rows, cols = select_maps(gates, "8,12,14,19", "8")
+    assert maps.shape == (4, 1, 4, 4)
+    assert torch.equal(maps[0, 0], gates.maps[8, 0, 0])
+    assert rows[0].startswith("step 8") and cols == ["layer 8"]
+    image = gate_grid(maps, rows, cols, cell=32)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.min() >= 0 and image.max() <= 1
+    assert image.shape[0] >= 4 * 32 and image.shape[1] >= 32
+    mean, _, labels = select_maps(gates, "all", "mean")
+    assert mean.shape == (20, 1, 4, 4) and "mean" in labels[0]
+    assert torch.allclose(mean[:, 0], gates.maps[:, :, 0].mean(1))
