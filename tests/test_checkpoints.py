@@ -1,0 +1,417 @@
+"""medsteer_core.checkpoints without ComfyUI: key layouts, geometry, files, PEFT LoRA scales and mapping.
+
+References are independent of the code under test: diffusers' own model (for layouts and
+geometry) and PEFT's own ``merge_and_unload`` (for LoRA updates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medsteer_core import MedSteerError
+from medsteer_core import checkpoints as ck
+from tests.checkpoint_factories import (
+    PIXART_XL_2_512_CONFIG,
+    T5_TARGETS,
+    make_medsteer_lora,
+    merged_state_dict,
+    save_adapter,
+    tiny_pixart,
+    tiny_t5,
+)
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return tiny_pixart()
+
+
+@pytest.fixture(scope="module")
+def t5():
+    return tiny_t5()
+
+
+def random_original_state_dict(geometry: ck.PixArtGeometry, seed: int = 0, pos_embed: bool = True):
+    """What a released PixArt .pth holds: the original key layout (plus the pos_embed buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in ck.expected_pixart_shapes(geometry).items()}
+    if pos_embed:
+        side = geometry.sample_size // geometry.patch_size
+        sd["pos_embed"] = torch.randn(1, side * side, geometry.hidden_size, generator=g)
+    return sd
+
+
+TINY_512 = ck.PixArtGeometry(
+    hidden_size=144,
+    depth=2,
+    num_heads=2,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    caption_channels=32,
+    model_max_length=120,
+    mlp_ratio=4.0,
+    micro_condition=False,
+    sample_size=64,
+    pe_interpolation=1,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# layouts and geometry
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("micro", [False, True])
+def test_diffusers_layout_converts_to_the_original_and_back(micro):
+    model = tiny_pixart(micro_condition=micro)
+    sd = model.state_dict()
+    original, geometry = ck.to_pixart_layout(sd, dict(model.config))
+    assert geometry.micro_condition is micro
+    assert {k: tuple(v.shape) for k, v in original.items()} == ck.expected_pixart_shapes(geometry)
+    h = geometry.hidden_size
+    qkv = original["blocks.1.attn.qkv.weight"]
+    assert torch.equal(qkv[:h], sd["transformer_blocks.1.attn1.to_q.weight"])
+    assert torch.equal(qkv[h : 2 * h], sd["transformer_blocks.1.attn1.to_k.weight"])
+    assert torch.equal(qkv[2 * h :], sd["transformer_blocks.1.attn1.to_v.weight"])
+    kv = original["blocks.0.cross_attn.kv_linear.bias"]
+    assert torch.equal(kv[h:], sd["transformer_blocks.0.attn2.to_v.bias"])
+    assert torch.equal(original["final_layer.scale_shift_table"], sd["scale_shift_table"])
+    back = ck.pixart_to_diffusers(original)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # and diffusers itself accepts the round trip
+    model.load_state_dict(back, strict=True)
+
+
+def test_geometry_of_the_tiny_model(pixart):
+    _, geometry = ck.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
+    assert geometry == TINY_512
+
+
+def test_full_size_pixart_xl_2_512_geometry_without_allocating():
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.device("meta"):
+        model = PixArtTransformer2DModel.from_config(PIXART_XL_2_512_CONFIG)
+    original, geometry = ck.to_pixart_layout(model.state_dict(), PIXART_XL_2_512_CONFIG)
+    assert all(t.is_meta for t in original.values())
+    assert (geometry.hidden_size, geometry.depth, geometry.num_heads) == (1152, 28, 16)
+    assert (geometry.caption_channels, geometry.model_max_length, geometry.sample_size) == (4096, 120, 64)
+    assert geometry.micro_condition is False  # no size / aspect embedders: what makes ComfyUI say "Sigma"
+    config = geometry.comfy_unet_config()
+    assert config["image_model"] == "pixart_alpha" and config["micro_condition"] is False
+    assert config["pe_interpolation"] == 1
+    params = sum(math.prod(s) for s in ck.expected_pixart_shapes(geometry).values())
+    # 610.9M parameters as published, less the 120 x 4096 null caption embedding diffusers does not store
+    assert params - 120 * 4096 == sum(p.numel() for p in model.parameters())
+    assert 600e6 < params < 620e6
+
+
+def test_original_checkpoint_without_heads_infers_pixart_head_width():
+    sd = random_original_state_dict(TINY_512)
+    geometry = ck.pixart_geometry(sd)
+    assert geometry == TINY_512  # heads from 72-wide heads, sample size from pos_embed
+
+
+def test_original_checkpoint_without_pos_embed_leaves_interpolation_dynamic():
+    sd = random_original_state_dict(TINY_512, pos_embed=False)
+    geometry = ck.pixart_geometry(sd)
+    assert geometry.sample_size is None and geometry.pe_interpolation is None
+    assert "pe_interpolation" not in geometry.comfy_unet_config()
+
+
+def test_prefixed_full_checkpoint_is_unwrapped():
+    sd = random_original_state_dict(TINY_512)
+    wrapped = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+    wrapped["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)
+    out, geometry = ck.to_pixart_layout(wrapped)
+    assert geometry == TINY_512
+    assert torch.equal(out["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
+
+
+def test_to_pixart_layout_refuses_other_models_and_broken_checkpoints():
+    with pytest.raises(ck.CheckpointError, match="not a PixArt transformer checkpoint"):
+        ck.to_pixart_layout({"input_blocks.0.0.weight": torch.zeros(1)})
+    sd = random_original_state_dict(TINY_512)
+    del sd["blocks.1.cross_attn.proj.bias"]
+    with pytest.raises(ck.CheckpointError, match=r"missing 1 key\(s\) \['blocks.1.cross_attn.proj.bias'\]"):
+        ck.to_pixart_layout(sd)
+    sd = random_original_state_dict(TINY_512)
+    sd["blocks.0.attn.proj.weight"] = torch.zeros(144, 100)
+    with pytest.raises(ck.CheckpointError, match=r"'blocks.0.attn.proj.weight'.*\[144, 100\].*\[144, 144\]"):
+        ck.to_pixart_layout(sd)
+    sd = random_original_state_dict(TINY_512)
+    del sd["x_embedder.proj.weight"]
+    with pytest.raises(ck.CheckpointError, match="x_embedder.proj.weight"):
+        ck.pixart_geometry(sd)
+
+
+def test_diffusers_conversion_names_foreign_keys_and_missing_parts(pixart):
+    sd = dict(pixart.state_dict())
+    sd["text_encoder.shared.weight"] = torch.zeros(1)
+    with pytest.raises(ck.CheckpointError, match="text_encoder.shared.weight"):
+        ck.diffusers_to_pixart(sd)
+    sd = dict(pixart.state_dict())
+    del sd["transformer_blocks.0.attn1.to_k.weight"]
+    with pytest.raises(ck.CheckpointError, match=r"blocks.0.attn.qkv.weight.*\[1\]"):
+        ck.diffusers_to_pixart(sd)
+
+
+def test_heads_cannot_be_guessed_for_non_pixart_widths():
+    geometry = ck.PixArtGeometry(**{**TINY_512.__dict__, "hidden_size": 96, "num_heads": 2})
+    sd = random_original_state_dict(geometry)
+    with pytest.raises(ck.CheckpointError, match="cannot tell the number of attention heads of hidden size 96"):
+        ck.pixart_geometry(sd)
+    assert ck.pixart_geometry(sd, num_heads=2).num_heads == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+def test_load_original_pth_and_safetensors(tmp_path):
+    sd = random_original_state_dict(TINY_512)
+    torch.save({"state_dict": sd}, tmp_path / "PixArt-XL-2-512x512.pth")
+    save_file(sd, str(tmp_path / "pixart.safetensors"))
+    for name in ("PixArt-XL-2-512x512.pth", "pixart.safetensors"):
+        out, geometry = ck.load_pixart_checkpoint(tmp_path / name)
+        assert geometry == TINY_512
+        assert "pos_embed" not in out
+        assert torch.equal(out["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
+
+
+class Payload:
+    """Stands for any pickled object: loading it would run its class's code."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"state_dict": {"x": Payload()}}, tmp_path / "evil.pth")
+    with pytest.raises(ck.CheckpointError, match="weights-only"):
+        ck.load_state_dict_file(tmp_path / "evil.pth")
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ck.CheckpointError, match="corrupt"):
+        ck.load_state_dict_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_pixart_checkpoint(tmp_path / "nope.pth")
+    assert issubclass(ck.CheckpointError, MedSteerError) and issubclass(ck.CheckpointError, ValueError)
+
+
+def test_diffusers_folder_pipeline_folder_and_listing(tmp_path, pixart):
+    pixart.save_pretrained(tmp_path / "models" / "PixArt-tiny" / "transformer")
+    (tmp_path / "models" / "PixArt-tiny" / "model_index.json").write_text("{}")
+    for folder in (tmp_path / "models" / "PixArt-tiny", tmp_path / "models" / "PixArt-tiny" / "transformer"):
+        out, geometry = ck.load_pixart_checkpoint(folder)
+        assert geometry == TINY_512
+    # the weight file alone, next to its config.json, uses that config
+    _, geometry = ck.load_pixart_checkpoint(
+        tmp_path / "models" / "PixArt-tiny" / "transformer" / "diffusion_pytorch_model.safetensors"
+    )
+    assert geometry == TINY_512
+    assert ck.list_diffusers_folders([tmp_path / "models", tmp_path / "absent"]) == ["PixArt-tiny/transformer/"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ck.CheckpointError, match="not a diffusers transformer folder"):
+        ck.load_pixart_checkpoint(tmp_path / "empty")
+
+
+def test_diffusers_folder_of_another_model_is_refused(tmp_path, pixart):
+    pixart.save_pretrained(tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ck.CheckpointError, match="UNet2DConditionModel"):
+        ck.load_pixart_checkpoint(tmp_path / "t")
+
+
+def test_sharded_diffusers_folder(tmp_path, pixart):
+    sd = {k: v.contiguous() for k, v in pixart.state_dict().items()}
+    keys = sorted(sd)
+    half = len(keys) // 2
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(pixart.config)))
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[:half],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[half:],
+    }
+    weight_map = {}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _, geometry = ck.load_pixart_checkpoint(folder)
+    assert geometry == TINY_512
+    (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ck.CheckpointError, match="00002-of-00002.*missing"):
+        ck.load_pixart_checkpoint(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT LoRA
+# ------------------------------------------------------------------------------------------------
+def apply_patches(state_dict, patches, strength=1.0):
+    out = {k: v.clone() for k, v in state_dict.items()}
+    for patch in patches:
+        weight = out[patch.target]
+        if patch.offset is not None:
+            dim, start, length = patch.offset
+            weight = weight.narrow(dim, start, length)
+        weight += strength * patch.delta()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, pixart, t5):
+    folder = tmp_path_factory.mktemp("loras") / "medsteer"
+    peft_transformer, peft_t5 = make_medsteer_lora(folder, pixart, t5)
+    return folder, peft_transformer, peft_t5
+
+
+def test_config_scale_is_alpha_over_r(lora):
+    folder, _, _ = lora
+    adapter = ck.load_peft_adapter(folder / "transformer_lora")
+    assert adapter.config.r == 4 and adapter.config.lora_alpha == 8
+    assert {m.scale for m in adapter.modules} == {2.0}
+    t5_adapter = ck.load_peft_adapter(folder / "text_encoder_lora")
+    assert {m.scale for m in t5_adapter.modules} == {3.0}
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6, -1.5])
+def test_transformer_patches_equal_peft_merge(lora, pixart, strength):
+    folder, peft_transformer, _ = lora
+    base, _ = ck.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
+    merged, _ = ck.to_pixart_layout(merged_state_dict(peft_transformer), dict(pixart.config))
+    adapter = ck.load_peft_adapter(folder / "transformer_lora")
+    patches = ck.transformer_lora_patches(adapter, base, prefix="")
+    # 2 blocks x (q, k, v, out of both attentions + 2 MLP) + proj_out + pos_embed.proj
+    assert len(patches) == 2 * 10 + 2
+    assert {p.offset for p in patches if p.target == "blocks.0.attn.qkv.weight"} == {
+        (0, 0, 144),
+        (0, 144, 144),
+        (0, 288, 144),
+    }
+    patched = apply_patches(base, patches, strength)
+    changed = 0
+    for key in base:
+        expected = base[key] + strength * (merged[key] - base[key])
+        torch.testing.assert_close(patched[key], expected, rtol=0, atol=1e-5)
+        changed += not torch.equal(merged[key], base[key])
+    assert changed == 2 * 7 + 2  # per block: qkv, attn.proj, q_linear, kv_linear, cross_attn.proj, fc1, fc2
+
+
+def test_t5_patches_equal_peft_merge(lora, t5):
+    folder, _, peft_t5 = lora
+    base = dict(t5.state_dict())
+    merged = merged_state_dict(peft_t5)
+    adapter = ck.load_peft_adapter(folder / "text_encoder_lora")
+    prefixed = {f"t5xxl.transformer.{k}": v for k, v in base.items()}
+    assert ck.find_t5_prefix(prefixed) == "t5xxl.transformer."
+    patches = ck.t5_lora_patches(adapter, prefixed)
+    assert len(patches) == 2 * len(T5_TARGETS)
+    patched = apply_patches(prefixed, patches, 0.5)
+    for key in base:
+        torch.testing.assert_close(
+            patched[f"t5xxl.transformer.{key}"], base[key] + 0.5 * (merged[key] - base[key]), rtol=0, atol=1e-6
+        )
+
+
+def test_rank_and_alpha_patterns_and_rslora_match_peft(tmp_path, pixart):
+    from peft.tuners.lora import LoraLayer
+
+    for kwargs in ({"rank_pattern": {"to_q": 2}, "alpha_pattern": {"ff.net.2": 3.0}}, {"use_rslora": True}):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        peft_model = save_adapter(pixart, folder, 4, 8.0, ["to_q", "to_v", "ff.net.2"], **kwargs)
+        adapter = ck.load_peft_adapter(folder)
+        ours = {m.name: m.scale for m in adapter.modules}
+        theirs = {
+            name.removeprefix("base_model.model."): module.scaling["default"]
+            for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer)
+        }
+        assert ours == pytest.approx(theirs)
+        assert len(set(ours.values())) > 1 or kwargs.get("use_rslora")
+
+
+def test_adapter_for_another_model_size_names_key_and_both_shapes(tmp_path, t5):
+    small = tiny_pixart(heads=1)
+    save_adapter(small, tmp_path / "a", 4, 8.0, ["to_q"])
+    base, _ = ck.to_pixart_layout(tiny_pixart().state_dict())
+    adapter = ck.load_peft_adapter(tmp_path / "a")
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.transformer_lora_patches(adapter, {f"diffusion_model.{k}": v for k, v in base.items()})
+    message = str(info.value)
+    assert "transformer_blocks.0.attn1.to_q" in message and "diffusion_model.blocks.0.attn.qkv.weight" in message
+    assert "[72, 72]" in message and "[144, 144]" in message and "rows 0:144 of [432, 144]" in message
+
+
+def test_t5_adapter_on_the_transformer_and_vice_versa(tmp_path, lora, pixart, t5):
+    folder, _, _ = lora
+    base, _ = ck.to_pixart_layout(pixart.state_dict())
+    with pytest.raises(
+        ck.CheckpointError, match="'encoder.block.0.layer.0.SelfAttention.k' .* not a module of a diffusers PixArt"
+    ):
+        ck.transformer_lora_patches(ck.load_peft_adapter(folder / "text_encoder_lora"), base, prefix="")
+    with pytest.raises(ck.CheckpointError, match="no T5 encoder"):
+        ck.t5_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), base)
+    with pytest.raises(ck.CheckpointError, match="which the T5 text encoder does not have"):
+        ck.t5_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
+    with pytest.raises(ck.CheckpointError, match="not a PixArt transformer"):
+        ck.transformer_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
+
+
+def test_missing_halves_and_files(tmp_path, lora):
+    folder, _, _ = lora
+    only_transformer = tmp_path / "only"
+    only_transformer.mkdir()
+    (only_transformer / "transformer_lora").symlink_to(folder / "transformer_lora")
+    with pytest.raises(ck.CheckpointError, match="no text_encoder_lora/ folder.*set strength_clip to 0"):
+        ck.load_medsteer_lora(only_transformer)
+    loaded = ck.load_medsteer_lora(only_transformer, text_encoder=False)
+    assert loaded.text_encoder is None and loaded.transformer is not None
+    assert ck.list_lora_folders([tmp_path, folder.parent]) == ["medsteer/", "only/"]
+
+    broken = tmp_path / "broken" / "transformer_lora"
+    broken.mkdir(parents=True)
+    (broken / "adapter_config.json").write_text((folder / "transformer_lora" / "adapter_config.json").read_text())
+    with pytest.raises(ck.CheckpointError, match="adapter_model.safetensors' is missing"):
+        ck.load_medsteer_lora(broken.parent, text_encoder=False)
+    (broken / "adapter_config.json").unlink()
+    with pytest.raises(ck.CheckpointError, match="adapter_config.json' is missing"):
+        ck.load_medsteer_lora(broken.parent, text_encoder=False)
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_medsteer_lora(tmp_path / "nothing")
+
+
+def _write_adapter(folder, tensors, **config):
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config}))
+
+
+def test_unsupported_adapter_variants_are_refused(tmp_path):
+    a, b = torch.zeros(2, 8), torch.zeros(8, 2)
+    _write_adapter(tmp_path / "dora", {"m.lora_A.weight": a, "m.lora_B.weight": b}, use_dora=True)
+    with pytest.raises(ck.CheckpointError, match="use_dora=true"):
+        ck.load_peft_adapter(tmp_path / "dora")
+    _write_adapter(tmp_path / "emb", {"base_model.model.shared.lora_embedding_A": a})
+    with pytest.raises(ck.CheckpointError, match="embedding layers"):
+        ck.load_peft_adapter(tmp_path / "emb")
+    _write_adapter(tmp_path / "half", {"m.lora_A.weight": a})
+    with pytest.raises(ck.CheckpointError, match="'m' has \\['lora_A'\\] but needs both"):
+        ck.load_peft_adapter(tmp_path / "half")
+    _write_adapter(tmp_path / "rank", {"m.lora_A.weight": torch.zeros(3, 8), "m.lora_B.weight": torch.zeros(8, 3)})
+    with pytest.raises(ck.CheckpointError, match="rank 3 but adapter_config.json says r=2"):
+        ck.load_peft_adapter(tmp_path / "rank")
+    _write_adapter(tmp_path / "ia3", {"m.lora_A.weight": a, "m.lora_B.weight": b}, peft_type="IA3")
+    with pytest.raises(ck.CheckpointError, match="IA3 adapter"):
+        ck.load_peft_adapter(tmp_path / "ia3")
+    _write_adapter(tmp_path / "full", {"m.weight": a})
+    with pytest.raises(ck.CheckpointError, match="'m.weight'.*only lora_A / lora_B"):
+        ck.load_peft_adapter(tmp_path / "full")
+    _write_adapter(tmp_path / "adapter_named", {"m.lora_A.default.weight": a, "m.lora_B.default.weight": b})
+    assert ck.load_peft_adapter(tmp_path / "adapter_named").modules[0].name == "m"
