@@ -1,0 +1,674 @@
+"""Speed and memory of the MedSteer hooks on the PixArt-XL-2 architecture (random weights, CPU).
+
+Two measurements, one command each (``python benchmarks/bench_engine.py --help``):
+
+``steps``
+    Time of one denoising step (one transformer call on the CFG batch ``[uncond, cond]``, with
+    its hooks attached and removed around the call exactly as ``medsteer_core.driver.sample``
+    does) for these variants, interleaved round by round in one process:
+
+    - ``plain``          no hooks (also the "plain run" of the capture comparison)
+    - ``steered``        ``steering(...)``, paper window 8-16, strength 2.5
+    - ``recorded``       the same plus a ``GateRecord``
+    - ``capture``        ``capture(...)`` feeding a ``VectorEstimator``
+    - ``authors_window`` / ``authors_all``  a baseline hook in the style of the authors' public
+      code (see ``AuthorsStyleSteering``), steering the window or all 28 blocks
+
+    Each round runs every variant once, starting at a different variant each round (a rotation,
+    so no variant always runs first); a second, cheap loop then times each variant's hooks alone
+    (attach, run at all 28 sites with the attention replaced by a pass-through, detach), which
+    measures their absolute cost in milliseconds with far less noise than a whole step. Medians,
+    inter-quartile ranges and the ratios to ``plain``
+    are printed and written as JSON.
+
+``memory``
+    Peak memory of a ``VectorEstimator`` while capturing 10 and 100 seeds (each in a fresh
+    subprocess): its ``nbytes``, the Python-heap growth seen by ``tracemalloc`` and the process's
+    resident-set growth (peak while sampling, and retained after).
+
+``all``
+    Both, then a Markdown report (``--markdown``).
+
+Run from the repository root, e.g. ``python benchmarks/bench_engine.py all --budget 600``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import medsteer_core as ms  # noqa: E402
+
+VARIANTS = ("plain", "steered", "recorded", "capture", "authors_window", "authors_all")
+#: Which variant each ratio compares against ``plain`` and the target it must meet (issue 2).
+TARGETS = {"steered": 1.03, "capture": 1.03}
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class Geometry:
+    """Transformer shape. The default is PixArt-XL-2-512x512 (diffusers config)."""
+
+    num_layers: int = 28
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    caption_channels: int = 4096
+    sample_size: int = 64
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+TINY = Geometry(num_layers=4, num_attention_heads=2, attention_head_dim=8, caption_channels=32, sample_size=8)
+
+
+def build_transformer(geometry: Geometry, seed: int = 0):
+    """A random-weight ``PixArtTransformer2DModel`` in eval mode, float32, CPU."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        sample_size=geometry.sample_size,
+        num_layers=geometry.num_layers,
+        patch_size=2,
+        attention_head_dim=geometry.attention_head_dim,
+        num_attention_heads=geometry.num_attention_heads,
+        caption_channels=geometry.caption_channels,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=geometry.hidden_size,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return model.eval()
+
+
+def random_vector(timesteps: torch.Tensor, depth: int, hidden: int, seed: int = 1) -> ms.PathologyVector:
+    """A pathology vector with random unit directions keyed at ``timesteps`` (speed does not
+    depend on the directions' values: every operation in the hooks is dense)."""
+    g = torch.Generator().manual_seed(seed)
+    k = timesteps.numel()
+    return ms.PathologyVector.from_sums(
+        timesteps.double(),
+        torch.randn(k, depth, hidden, generator=g, dtype=torch.float64),
+        torch.randn(k, depth, hidden, generator=g, dtype=torch.float64),
+        torch.ones(k, dtype=torch.int64),
+        torch.ones(k, dtype=torch.int64),
+        {"concept_with": "benchmark", "concept_without": "random"},
+    )
+
+
+# ------------------------------------------------------------------------- the baseline hook
+class AuthorsStyleSteering:
+    """Baseline for comparison, written from the behaviour described in method.md ("Facts about the
+    authors' public code"), not from their code.
+
+    The behaviour reproduced: forward hooks on the cross-attention of every block (all 28), the
+    step found by counting transformer calls (clamped to the last stored step), one host-side
+    vector per step and layer copied to the activations' device inside the hook on every call,
+    every activation pulled to the host on every call (its conditional half kept, as their
+    recording does), and the gated update applied to both halves of the CFG batch on the steered
+    blocks. ``preserve_norm`` is left off so the update is the same arithmetic as ours and the
+    comparison isolates the hooking pattern.
+
+    On a CPU-only machine host and device are the same, where ``.cpu()`` and ``.to(device)`` return
+    their input without copying, so the copies are forced (``copy=True``) to stand in for the
+    transfers; the device synchronisation they cause on a GPU is not measured here.
+    """
+
+    def __init__(self, transformer, step_vectors: list[torch.Tensor], strength: float, steered: range) -> None:
+        self.sites = ms.find_sites(transformer)
+        self.step_vectors = [v.detach().cpu() for v in step_vectors]  # host-side, [L, D] per step
+        self.strength = strength
+        self.steered = set(steered)
+        self.calls = 0
+        self.conditional_rows: list[int] = []
+        self.pulled: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    @contextmanager
+    def attached(self, conditional_rows: list[int]):
+        self.conditional_rows = conditional_rows
+        self._handles = [self.sites.transformer.register_forward_pre_hook(self._count)]
+        self._handles += [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.modules)]
+        try:
+            yield self
+        finally:
+            while self._handles:
+                self._handles.pop().remove()
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            h = output
+            step = min(max(self.calls - 1, 0), len(self.step_vectors) - 1)
+            v = self.step_vectors[step][index].to(device=h.device, dtype=h.dtype, copy=True)
+            host = h.detach().to("cpu", copy=True)
+            self.pulled[index] = host[self.conditional_rows]
+            if index not in self.steered:
+                return None
+            gate = (h * v).sum(dim=-1, keepdim=True).clamp_min(0)
+            return h - self.strength * gate * v
+
+        return hook
+
+
+@contextmanager
+def pass_through(modules):
+    """Make each module's call return its first argument, hooks included (an instance attribute
+    shadows the class's ``forward``), so timing a call times only its hooks."""
+    for module in modules:
+        module.forward = _first_argument
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def _first_argument(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+# ---------------------------------------------------------------------------------- statistics
+def summary(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    median = statistics.median(values)
+    return {
+        "n": len(values),
+        "median": median,
+        "q1": q[0],
+        "q3": q[2],
+        "iqr": q[2] - q[0],
+        "iqr_pct": 100.0 * (q[2] - q[0]) / median if median else float("nan"),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def paired_ratio(numerator: list[float], denominator: list[float], resamples: int = 2000) -> dict:
+    """Median over rounds of ``numerator[r] / denominator[r]`` with a bootstrap 95% interval."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    rng = random.Random(0)
+    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {
+        "median": statistics.median(ratios),
+        "ci95": [boots[int(0.025 * resamples)], boots[int(0.975 * resamples) - 1]],
+    }
+
+
+def environment(threads: int) -> dict:
+    import diffusers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "medsteer": ms.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ------------------------------------------------------------------------------- step timing
+def bench_steps(args) -> dict:
+    from diffusers import DPMSolverMultistepScheduler
+
+    torch.set_num_threads(args.threads)
+    geometry = TINY if args.tiny else Geometry()
+    env = environment(torch.get_num_threads())
+    t0 = time.perf_counter()
+    model = build_transformer(geometry)
+    build_s = time.perf_counter() - t0
+    sites = ms.find_sites(model)
+    depth, hidden = sites.depth, sites.hidden_size
+    layer_start, layer_end = (8, 16) if depth >= 16 else (depth // 4, depth // 2)
+
+    scheduler = DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(args.steps)
+    schedule = scheduler.timesteps  # int64, like the driver's
+    vector = random_vector(schedule.double(), depth, hidden)
+    plan = ms.SteeringPlan(vector, strength=args.strength, layer_start=layer_start, layer_end=layer_end)
+    # The baseline keys the same directions by step index (the authors key by step, not timestep).
+    step_vectors = [vector.at(float(t)) for t in schedule]
+    authors = {
+        "authors_window": AuthorsStyleSteering(model, step_vectors, args.strength, range(layer_start, layer_end)),
+        "authors_all": AuthorsStyleSteering(model, step_vectors, args.strength, range(depth)),
+    }
+    estimator = ms.VectorEstimator.for_model(model)
+    records: dict[str, ms.GateRecord] = {"current": ms.GateRecord()}
+
+    g = torch.Generator().manual_seed(0)
+    side = args.size
+    latents = torch.randn(2, 4, side, side, generator=g)
+    context = torch.randn(2, args.tokens, geometry.caption_channels, generator=g)  # [uncond, cond]
+    site_input = torch.randn(2, (side // 2) ** 2, hidden, generator=g)  # a CA output's shape
+    conditional = (False, True)
+    grid = (side // 2, side // 2)
+    added = {"resolution": None, "aspect_ratio": None}
+
+    def hooks(variant: str, call: ms.CallInfo, step: int):
+        if variant == "plain":
+            return nullcontext()
+        if variant == "steered":
+            return ms.steering(model, plan, call_info=call)
+        if variant == "recorded":
+            if step == 0:
+                records["current"] = ms.GateRecord()  # one record per sampling run
+            return ms.steering(model, plan, call_info=call, record=records["current"])
+        if variant == "capture":
+            return ms.capture(model, estimator, "with", call_info=call)
+        authors[variant].calls = step  # the pre-hook counts this call
+        return authors[variant].attached([1])
+
+    @torch.no_grad()
+    def full_step(variant: str, step: int) -> float:
+        t = schedule[step]
+        start = time.perf_counter()
+        t_rows = t.reshape(1).expand(2)
+        call = ms.CallInfo(t_rows, conditional, grid)
+        with hooks(variant, call, step):
+            out = model(
+                latents,
+                encoder_hidden_states=context,
+                encoder_attention_mask=None,
+                timestep=t_rows,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0].float()
+        out_uncond, out_cond = out[:, :4].chunk(2)
+        _ = out_uncond + 4.5 * (out_cond - out_uncond)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def hooks_only(variant: str, step: int) -> float:
+        """Attach the variant's hooks, run them at every site on a ``[2, N, D]`` activation with
+        the attention itself replaced by a pass-through, detach: the hooks' whole cost per step."""
+        t = schedule[step]
+        start = time.perf_counter()
+        t_rows = t.reshape(1).expand(2)
+        call = ms.CallInfo(t_rows, conditional, grid)
+        with hooks(variant, call, step):
+            if variant.startswith("authors"):
+                authors[variant].calls = step + 1  # no transformer call here to count
+            for module in sites.modules:
+                module(site_input)
+        return time.perf_counter() - start
+
+    def run_round(r: int, record_to: dict | None) -> None:
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        step = r % len(schedule)
+        for variant in order:
+            seconds = full_step(variant, step)
+            if record_to is not None:
+                record_to["full"][variant].append(seconds)
+        with pass_through(sites.modules):
+            for _ in range(args.hook_repeats):
+                for variant in order:
+                    seconds = hooks_only(variant, step)
+                    if record_to is not None:
+                        record_to["hooks_only"][variant].append(seconds)
+
+    log(f"model built in {build_s:.1f} s: {depth} layers x {hidden}, {args.threads} threads")
+    for r in range(args.warmup):
+        run_round(r, None)
+    log(f"warm-up done ({args.warmup} round(s))")
+    timings = {"full": {v: [] for v in VARIANTS}, "hooks_only": {v: [] for v in VARIANTS}}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < args.max_rounds:
+        run_round(rounds, timings)
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        plain = statistics.median(timings["full"]["plain"])
+        log(f"round {rounds}: {elapsed:.0f} s elapsed, plain step median {plain * 1e3:.0f} ms")
+        if elapsed > args.budget and rounds >= args.min_rounds:
+            break
+
+    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result = {
+        "kind": "steps",
+        "env": env,
+        "config": {
+            "geometry": asdict(geometry),
+            "latent": [4, side, side],
+            "cfg_batch": 2,
+            "caption_tokens": args.tokens,
+            "layer_window": [layer_start, layer_end],
+            "strength": args.strength,
+            "schedule_steps": args.steps,
+            "warmup_rounds": args.warmup,
+            "hooks_only_repeats": args.hook_repeats,
+            "build_s": build_s,
+        },
+        "rounds": rounds,
+        "timings_s": timings,
+        "stats": {},
+    }
+    for part, per_variant in timings.items():
+        plain = per_variant["plain"]
+        result["stats"][part] = {}
+        for variant, values in per_variant.items():
+            entry = summary(values)
+            if variant != "plain":
+                entry["ratio_of_medians"] = entry["median"] / statistics.median(plain)
+                entry["paired_ratio"] = paired_ratio(values, plain)
+                entry["overhead_ms"] = 1e3 * (entry["median"] - statistics.median(plain))
+            result["stats"][part][variant] = entry
+    full_plain = statistics.median(timings["full"]["plain"])
+    for variant in VARIANTS[1:]:
+        ca = result["stats"]["hooks_only"][variant]
+        # The hooks' cost measured where it is least drowned in noise, relative to a whole step.
+        ca["overhead_pct_of_full_step"] = 100.0 * ca["overhead_ms"] / 1e3 / full_plain
+    return result
+
+
+# ------------------------------------------------------------------------------------- memory
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _PeakRss:
+    """Polls the resident set size in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss_bytes()
+            if rss is not None and (self.peak is None or rss > self.peak):
+                self.peak = rss
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_memory_once(args) -> dict:
+    """One subprocess: capture ``args.seeds`` seeds of both classes into a fresh estimator."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    torch.set_num_threads(args.threads)
+    geometry = TINY if args.tiny else Geometry()
+    model = build_transformer(geometry)
+    scheduler = DPMSolverMultistepScheduler()
+    spec = ms.SamplingSpec(steps=args.steps, cfg=4.5, height=args.size, width=args.size)
+    g = torch.Generator().manual_seed(0)
+    embeds = {
+        k: torch.randn(1, args.tokens, geometry.caption_channels, generator=g) for k in ("with", "without", "neg")
+    }
+    seeds = list(range(args.seeds))
+    chunks = [seeds[i : i + args.batch] for i in range(0, len(seeds), args.batch)]
+
+    # Warm-up without hooks at the same batch size, so the allocator's pools exist before the
+    # baseline is taken and the growth below belongs to the capture.
+    ms.sample(model, scheduler, embeds["with"], chunks[0], spec, negative_embeds=embeds["neg"])
+    gc.collect()
+    rss_before = _rss_bytes()
+    tracemalloc.start()
+    estimator = ms.VectorEstimator.for_model(model)
+    start = time.perf_counter()
+    with _PeakRss() as peak:
+        for chunk in chunks:
+            for label in ("with", "without"):
+                ms.sample(
+                    model,
+                    scheduler,
+                    embeds[label],
+                    chunk,
+                    spec,
+                    negative_embeds=embeds["neg"],
+                    estimator=estimator,
+                    label=label,
+                )
+    seconds = time.perf_counter() - start
+    gc.collect()
+    traced_current, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss_after = _rss_bytes()
+    vector = estimator.result()
+    keys = len(vector.timesteps)
+    return {
+        "kind": "memory",
+        "seeds": args.seeds,
+        "batch": args.batch,
+        "steps": args.steps,
+        "latent": [4, args.size, args.size],
+        "caption_tokens": args.tokens,
+        "geometry": asdict(geometry),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "images_per_class": estimator.images("with"),
+        "timestep_keys": keys,
+        "estimator_nbytes": estimator.nbytes,
+        "estimator_nbytes_formula": 2 * keys * geometry.num_layers * geometry.hidden_size * 8,
+        "tracemalloc_current_bytes": traced_current,
+        "tracemalloc_peak_bytes": traced_peak,
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "rss_retained_bytes": None if rss_before is None else rss_after - rss_before,
+        "rss_peak_growth_bytes": None if rss_before is None or peak.peak is None else peak.peak - rss_before,
+    }
+
+
+def bench_memory(args) -> list[dict]:
+    results = []
+    for seeds in args.seed_counts:
+        command = [sys.executable, __file__, "memory-once", "--seeds", str(seeds)]
+        command += ["--batch", str(args.batch), "--steps", str(args.memory_steps), "--size", str(args.memory_size)]
+        command += ["--tokens", str(args.memory_tokens), "--threads", str(args.threads)]
+        command += ["--tiny"] if args.tiny else []
+        log(f"memory: {seeds} seeds in a subprocess")
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        log(f"  estimator {results[-1]['estimator_nbytes']} bytes, {results[-1]['seconds']:.0f} s")
+    return results
+
+
+# ------------------------------------------------------------------------------------- report
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def markdown(steps: dict | None, memory: list[dict] | None, command: str) -> str:
+    lines = ["# Engine benchmark results", "", f"Command: `{command}`", ""]
+    if steps:
+        env, cfg = steps["env"], steps["config"]
+        geo = cfg["geometry"]
+        lines += [
+            f"Date {env['date']}; torch {env['torch']}, diffusers {env['diffusers']}, medsteer {env['medsteer']}, "
+            f"Python {env['python']}; CPU: {env['cpu']} ({env['cpu_count']} logical cores), "
+            f"torch threads {env['torch_threads']} (interop {env['torch_interop_threads']}); "
+            f"load average at start {fmt_load(env['loadavg_start'])}, at end {fmt_load(env['loadavg_end'])}.",
+            "",
+            f"Model: random-weight PixArtTransformer2DModel, {geo['num_layers']} layers, "
+            f"{geo['num_attention_heads']} heads x {geo['attention_head_dim']}, caption channels "
+            f"{geo['caption_channels']}, float32, CPU (built in {cfg['build_s']:.0f} s). "
+            f"Latent {cfg['latent']} with CFG (batch 2 = [uncond, cond]), {cfg['caption_tokens']} caption tokens; "
+            f"steering window [{cfg['layer_window'][0]}, {cfg['layer_window'][1]}), strength {cfg['strength']}. "
+            f"{steps['rounds']} timed rounds after {cfg['warmup_rounds']} warm-up round(s); each round runs every "
+            f"variant once, in a rotated order, at one timestep of a {cfg['schedule_steps']}-step DPM-Solver schedule.",
+            "",
+            "## Time per denoising step (one transformer call, hooks attached and removed around it)",
+            "",
+            "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += stat_rows(steps["stats"]["full"], 1)
+        lines += [
+            "",
+            f"## The hooks alone ({cfg['hooks_only_repeats']} per variant and round)",
+            "",
+            "Attach, run at every site on a CA-output-shaped activation (the attention itself replaced by a "
+            "pass-through), detach: the hooks' whole cost per step, measured where the model's own work does not "
+            "drown it. `plain` is the bare module calls.",
+            "",
+            "| variant | median ms | IQR ms (% of median) | overhead ms | overhead as % of a plain step |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for variant, s in steps["stats"]["hooks_only"].items():
+            overhead = "" if variant == "plain" else f"{s['overhead_ms']:.2f}"
+            pct = "" if variant == "plain" else f"{s['overhead_pct_of_full_step']:.2f}%"
+            lines.append(
+                f"| {variant} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} ({s['iqr_pct']:.1f}%) | {overhead} | {pct} |"
+            )
+        lines += ["", "## Raw step times (ms), in the order measured per round", ""]
+        lines.append("| round | " + " | ".join(VARIANTS) + " |")
+        lines.append("|---:|" + "---:|" * len(VARIANTS))
+        full = steps["timings_s"]["full"]
+        for r in range(steps["rounds"]):
+            lines.append(f"| {r + 1} | " + " | ".join(f"{full[v][r] * 1e3:.0f}" for v in VARIANTS) + " |")
+    if memory:
+        first = memory[0]
+        geo = first["geometry"]
+        lines += [
+            "",
+            "## Estimator memory (each seed count in a fresh process)",
+            "",
+            f"Model {geo['num_layers']} layers x {geo['num_attention_heads'] * geo['attention_head_dim']}, caption "
+            f"channels {geo['caption_channels']}; latent {first['latent']}, {first['caption_tokens']} caption tokens, "
+            f"{first['steps']} steps, CFG, seeds captured {first['batch']} at a time for both classes "
+            "(with / without). RSS growth is measured from after a warm-up sample of the same batch size.",
+            "",
+            "| seeds per class | images counted | timestep keys | estimator nbytes | tracemalloc peak | "
+            "RSS peak growth | RSS retained | seconds |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m in memory:
+            lines.append(
+                f"| {m['seeds']} | {m['images_per_class']} | {m['timestep_keys']} | {m['estimator_nbytes']:,} | "
+                f"{m['tracemalloc_peak_bytes']:,} | {fmt_bytes(m['rss_peak_growth_bytes'])} | "
+                f"{fmt_bytes(m['rss_retained_bytes'])} | {m['seconds']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def stat_rows(stats: dict, scale: float) -> list[str]:
+    rows = []
+    for variant, s in stats.items():
+        ratio = "1" if variant == "plain" else f"{s['ratio_of_medians']:.3f}"
+        paired = (
+            ""
+            if variant == "plain"
+            else f"{s['paired_ratio']['median']:.3f} [{s['paired_ratio']['ci95'][0]:.3f}, {s['paired_ratio']['ci95'][1]:.3f}]"
+        )
+        rows.append(
+            f"| {variant} | {s['median'] * 1e3:.0f} | {s['iqr'] * 1e3:.0f} ({s['iqr_pct']:.1f}%) | {ratio} | {paired} |"
+        )
+    return rows
+
+
+def fmt_load(load) -> str:
+    return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
+
+
+def fmt_bytes(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:+.1f} MiB"
+
+
+def check_targets(steps: dict) -> list[str]:
+    problems = []
+    for variant, target in TARGETS.items():
+        ratio = steps["stats"]["full"][variant]["paired_ratio"]["median"]
+        if ratio > target:
+            problems.append(f"{variant}/plain = {ratio:.3f} > {target}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------- main
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("steps", "memory", "all", "memory-once"))
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--tiny", action="store_true", help="a 4-layer toy model (smoke test of the script)")
+    parser.add_argument("--budget", type=float, default=600, help="seconds of timed rounds (default 600)")
+    parser.add_argument("--min-rounds", type=int, default=5)
+    parser.add_argument("--max-rounds", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--hook-repeats", type=int, default=10, help="hooks-only timings per variant and round")
+    parser.add_argument("--size", type=int, default=32, help="latent side (default 32 = 256x256 px)")
+    parser.add_argument("--tokens", type=int, default=120, help="caption tokens (default 120)")
+    parser.add_argument("--steps", type=int, default=20, help="schedule length (steps) / memory-once steps")
+    parser.add_argument("--strength", type=float, default=2.5)
+    parser.add_argument("--seed-counts", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--seeds", type=int, default=10, help="memory-once: seeds per class")
+    parser.add_argument("--batch", type=int, default=10, help="memory: seeds per sampling call")
+    parser.add_argument("--memory-steps", type=int, default=4)
+    parser.add_argument("--memory-size", type=int, default=4, help="memory: latent side (default 4)")
+    parser.add_argument("--memory-tokens", type=int, default=8, help="memory: caption tokens (default 8)")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--markdown", type=Path, help="write a Markdown report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.what == "memory-once":
+        print(json.dumps(bench_memory_once(args)))
+        return 0
+    command = "python benchmarks/bench_engine.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    steps = bench_steps(args) if args.what in ("steps", "all") else None
+    memory = bench_memory(args) if args.what in ("memory", "all") else None
+    report = markdown(steps, memory, command)
+    print(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "steps": steps, "memory": memory}, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report)
+    problems = check_targets(steps) if steps else []
+    for problem in problems:
+        log(f"TARGET MISSED: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
