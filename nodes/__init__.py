@@ -1,1 +1,39 @@
-"""ComfyUI nodes of MedSteer (V3 schema). Imported only inside ComfyUI."""
+"""ComfyUI nodes of MedSteer (V3 schema). Imported only inside ComfyUI, through relative imports.
+
+``NODES`` lists every node class of the pack; ``comfy_entrypoint`` hands them to ComfyUI.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .build import BuildPathologyVector
+from .heatmap import GateHeatmap
+from .steer import ApplySSPSSteer
+from .vector_io import LoadPathologyVector, SavePathologyVector
+
+NODES: list[type[io.ComfyNode]] = [
+    BuildPathologyVector,
+    ApplySSPSSteer,
+    GateHeatmap,
+    SavePathologyVector,
+    LoadPathologyVector,
+]
+
+try:  # the checkpoint loader and LoRA nodes (nodes/loaders.py) are optional in a partial checkout
+    from . import loaders
+except ModuleNotFoundError as error:
+    if error.name != f"{__name__}.loaders":
+        raise
+else:
+    NODES.extend(cls for cls in getattr(loaders, "NODES", ()) if cls not in NODES)
+
+
+class MedSteerExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> MedSteerExtension:
+    """ComfyUI's V3 entry point (the root ``__init__`` re-exports it)."""
+    return MedSteerExtension()

@@ -1,0 +1,169 @@
+"""GateHeatmap: where the steered model steered, as a labelled grid, overlays and a mask.
+
+The gate ``sigma = max(<h, v>, 0)`` of every token is the paper's spatial map of the edit (broad at
+early steps, sparse patches at the end; Fig. 3). The steered clone records the gates of its last
+sampling run; this node takes that clone plus the LATENT its sampler produced, which both orders
+execution after sampling and lets the node check that the record belongs to that latent.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..medsteer_core import MedSteerError
+from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, select_maps, to_mask
+from ..medsteer_core.plans import HEATMAP_PRESETS, heatmap_selection, resolve_edit
+from .common import CATEGORY
+from .steer import steering_of
+
+#: Image pixels per latent pixel (PixArt's SD VAE).
+VAE_SCALE = 8
+
+
+class GateHeatmap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GateHeatmap",
+            display_name="MedSteer Gate Heatmap",
+            category=CATEGORY,
+            description=(
+                "Shows where the steered model steered: the gate max(<h, v>, 0) of each image token, per "
+                "step and layer, from the last sampling run of the steered model. Pick the paper's Fig. 3 "
+                "in 'preset' to see layer 8 at steps 8, 12, 14 and 19."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The steered model (the output of ApplySSPSSteer) that the sampler used.",
+                ),
+                io.Latent.Input(
+                    "latent",
+                    tooltip="The LATENT output of the sampler that used the steered model. It makes this "
+                    "node run after sampling, and its size must match the recorded gates.",
+                ),
+                io.Image.Input(
+                    "image",
+                    optional=True,
+                    tooltip="Optional: the decoded steered image. Connected: one overlay per chosen step "
+                    "and layer. Not connected: a labelled grid (rows = steps, columns = layers).",
+                ),
+                io.Combo.Input(
+                    "preset",
+                    options=list(HEATMAP_PRESETS),
+                    default=next(iter(HEATMAP_PRESETS)),
+                    tooltip="The paper's Fig. 3 (layer 8 at steps 8, 12, 14, 19 of a 20-step run), or "
+                    "custom to use steps and layers below.",
+                ),
+                io.String.Input(
+                    "steps",
+                    default="all",
+                    tooltip="Steps to show, 0-based: 'all', 'last', a list '8,12,14,19' or a range '0-10' "
+                    "(end exclusive). Every model evaluation counts, so Heun-type samplers show about "
+                    "twice the steps. Used when preset is custom.",
+                ),
+                io.String.Input(
+                    "layers",
+                    default="mean",
+                    tooltip="Layers to show: 'mean' (average over the steered layers), a list '8,12' or a "
+                    "range '8-16' (end exclusive); only steered layers have gates. Used when preset is custom.",
+                ),
+                io.Combo.Input(
+                    "colormap",
+                    options=list(COLORMAPS),
+                    default="viridis",
+                    tooltip="Colours of the map (perceptually uniform; gray for a plain intensity map).",
+                ),
+                io.Float.Input(
+                    "opacity",
+                    default=0.5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Overlay only: 0 shows the image, 1 the map. Tokens that were not steered "
+                    "leave the image visible at any opacity.",
+                ),
+                io.Int.Input(
+                    "edit",
+                    default=-1,
+                    min=-64,
+                    max=63,
+                    tooltip="With chained ApplySSPSSteer nodes: which edit's gates to show (0 = the first "
+                    "node, -1 = the last).",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="heatmap",
+                    tooltip="A labelled step x layer grid per image, or the overlays when an image is connected.",
+                ),
+                io.Mask.Output(
+                    display_name="mask",
+                    tooltip="The gate at the last chosen step (mean over the chosen layers), scaled to 0-1 "
+                    "at image size: usable for inpainting or background metrics.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset: str | None = None, steps: str | None = None, layers: str | None = None):
+        # The syntax is checked before sampling; the range needs the recorded run (checked in execute).
+        if preset is None or steps is None or layers is None:
+            return True
+        try:
+            heatmap_selection(preset, steps, layers)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        latent,
+        preset: str,
+        steps: str,
+        layers: str,
+        colormap: str,
+        opacity: float,
+        edit: int,
+        image: torch.Tensor | None = None,
+    ) -> io.NodeOutput:
+        wrapper = steering_of(model)
+        if wrapper is None:
+            raise MedSteerError(
+                "this MODEL is not steered: connect the output of ApplySSPSSteer (the model the sampler used)"
+            )
+        selection = heatmap_selection(preset, steps, layers)
+        plan = resolve_edit(edit, len(wrapper.plans))
+        gates = wrapper.record.maps(plan=plan)
+        samples = latent["samples"]
+        batch, height, width = int(samples.shape[0]), int(samples.shape[-2]), int(samples.shape[-1])
+        grid = (height // wrapper.patch_size, width // wrapper.patch_size)
+        recorded = (int(gates.maps.shape[2]), *gates.maps.shape[-2:])
+        if recorded != (batch, *grid):
+            raise MedSteerError(
+                f"the steered model's last run recorded {recorded[0]} image(s) on a {recorded[1]}x{recorded[2]} "
+                f"token grid, but this LATENT has {batch} image(s) of {height}x{width} ({grid[0]}x{grid[1]} "
+                "tokens): connect the LATENT of the sampler that used this steered model"
+            )
+        if image is not None and int(image.shape[0]) not in (1, batch):
+            raise ValueError(
+                f"image has {int(image.shape[0])} images but the latent has {batch}: connect the decoded "
+                "steered latent (or a single image)"
+            )
+        mask_size = tuple(image.shape[1:3]) if image is not None else (height * VAE_SCALE, width * VAE_SCALE)
+
+        pictures, masks = [], []
+        for b in range(batch):
+            maps, step_labels, layer_labels = select_maps(gates, selection.steps, selection.layers, image=b)
+            if image is None:
+                pictures.append(gate_grid(maps, step_labels, layer_labels, colormap=colormap))
+            else:
+                picture = image[b if image.shape[0] == batch else 0].float().cpu()
+                for s in range(maps.shape[0]):
+                    for layer in range(maps.shape[1]):
+                        pictures.append(overlay(picture, maps[s, layer], opacity, colormap))
+            masks.append(to_mask(maps[-1].mean(dim=0), mask_size))
+        return io.NodeOutput(torch.stack(pictures), torch.stack(masks))

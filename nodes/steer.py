@@ -1,0 +1,238 @@
+"""ApplySSPSSteer: a steered clone of a PixArt MODEL (the paper's SSPS on cross-attention).
+
+Patching without side effects (STYLE.md): validate, clone, then register one keyed
+``APPLY_MODEL`` wrapper on the clone. The wrapper holds every chained steering plan and opens the
+core's ``steering`` context around a single model call, so the hooks exist only inside that call
+and an unsteered sampler sharing the same weights never sees them. A chained ApplySSPSSteer
+replaces the wrapper on its own clone with one holding the upstream plans plus its own; the
+upstream model keeps its wrapper and options untouched.
+"""
+
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..medsteer_core import GateRecord, steering
+from ..medsteer_core.plans import ROW_OPTIONS, chain_plans, check_latent_size, make_plan, timestep_window
+from ..medsteer_core.vector import INTERPOLATIONS
+from .common import CATEGORY, PathologyVectorSocket, call_info, pixart_sites, split_call
+
+WrappersMP = comfy.patcher_extension.WrappersMP
+#: The key of MedSteer's wrappers on a ModelPatcher (one per wrapper type).
+WRAPPER_KEY = "medsteer.ssps"
+
+
+class SteeringWrapper:
+    """The ``APPLY_MODEL`` (and ``OUTER_SAMPLE``) wrapper of one steered clone.
+
+    Attributes:
+        plans: the chained steering plans, applied in order at every site they share.
+        record: the gates of the last sampling run (read by GateHeatmap).
+    """
+
+    def __init__(self, plans, patch_size: int):
+        self.plans = tuple(plans)
+        self.patch_size = int(patch_size)
+        self.record = GateRecord()
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        base_model = executor.class_obj
+        info = call_info(base_model, x, t, split_call(args, kwargs))
+        with steering(base_model.diffusion_model, self.plans, call_info=info, record=self.record):
+            return executor(x, t, *args, **kwargs)
+
+    def outer_sample(self, executor, noise, latent_image, *args, **kwargs):
+        # Before any model call: a clear error instead of PixArt's division by zero, and a fresh
+        # record so GateHeatmap shows this run (memory stays bounded across queued prompts).
+        check_latent_size(noise.shape[-2], noise.shape[-1], self.patch_size)
+        self.record.clear()
+        return executor(noise, latent_image, *args, **kwargs)
+
+
+def steering_of(model) -> SteeringWrapper | None:
+    """The MedSteer wrapper of a MODEL, or ``None`` if it is not steered."""
+    for wrapper in model.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        if isinstance(wrapper, SteeringWrapper):
+            return wrapper
+    return None
+
+
+def steered_clone(model, plan, patch_size: int):
+    """A clone of ``model`` whose MedSteer wrapper holds the upstream plans plus ``plan``."""
+    upstream = steering_of(model)
+    wrapper = SteeringWrapper(chain_plans(upstream.plans if upstream else (), plan), patch_size)
+    clone = model.clone()
+    # clone() copied the wrapper dicts, so removing the key here leaves `model` as it was.
+    clone.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    clone.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+    clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper.outer_sample)
+    return clone
+
+
+def percent_to_timestep(model):
+    """ComfyUI's percent (0 = start of sampling) -> PixArt model timestep (0-999)."""
+    import torch
+
+    sampling = model.get_model_object("model_sampling")
+
+    def convert(percent: float) -> float:
+        sigma = torch.tensor([sampling.percent_to_sigma(percent)], dtype=torch.float32)
+        return float(sampling.timestep(sigma).float()[0])
+
+    return convert
+
+
+class ApplySSPSSteer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplySSPSSteer",
+            display_name="MedSteer Apply SSPS Steering",
+            category=CATEGORY,
+            description=(
+                "Returns a steered clone of a PixArt model: at every step, each image token's "
+                "cross-attention output h in the chosen layers becomes h - strength * max(<h, v>, 0) * v, "
+                "with v the pathology vector (the paper's Spatially Selective Pathology Steering). Sample "
+                "it and the unsteered model with the same seed to get a counterfactual pair. Chain two "
+                "of these nodes to compose edits."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The PixArt model to steer. It is cloned: the input model stays unsteered, so "
+                    "the unsteered sampler of the pair can share it.",
+                ),
+                PathologyVectorSocket.Input(
+                    "pathology_vector",
+                    tooltip="The concept direction, from BuildPathologyVector or LoadPathologyVector. It must "
+                    "come from a model of the same size.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=2.5,
+                    min=-20.0,
+                    max=20.0,
+                    step=0.05,
+                    tooltip="The paper's alpha: how hard each aligned token is pushed off the concept. "
+                    "2.5 is the paper's setting (2.0 flips fewer images, 3.0 starts to damage them); "
+                    "0 leaves the model exactly unchanged; negative values add the concept. Tune this first.",
+                ),
+                io.Int.Input(
+                    "layer_start",
+                    default=8,
+                    min=0,
+                    max=255,
+                    tooltip="First steered transformer block (0-based). The paper steers blocks 8-16 of "
+                    "PixArt-XL-2's 28.",
+                ),
+                io.Int.Input(
+                    "layer_end",
+                    default=16,
+                    min=1,
+                    max=256,
+                    tooltip="One past the last steered block (exclusive): 8 to 16 steers 8 blocks, the "
+                    "paper's best window (0-8 and 12-20 barely change the image).",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Start steering at this fraction of sampling (ComfyUI's convention: 0 = the "
+                    "first, noisiest step). The paper steers every step: 0.",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Stop steering after this fraction of sampling (1 = the last step). The "
+                    "paper steers every step: 1.",
+                ),
+                io.Combo.Input(
+                    "rows",
+                    options=list(ROW_OPTIONS),
+                    default="cond and uncond",
+                    tooltip="Which halves of the classifier-free-guidance batch to steer: both, as the "
+                    "authors' code does (default), or only the conditional (prompted) prediction.",
+                ),
+                io.Boolean.Input(
+                    "preserve_norm",
+                    default=False,
+                    tooltip="Rescale each steered token back to its original length, as the authors' "
+                    "public code does. Off = the paper's update.",
+                ),
+                io.Combo.Input(
+                    "interpolation",
+                    options=list(INTERPOLATIONS),
+                    default="nearest",
+                    tooltip="How to pick the vector at a timestep it was not built at: the nearest built "
+                    "timestep, or a linear blend of the two neighbours. Equal when sampling with the "
+                    "vector's own sampler, scheduler and steps.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="steered_model",
+                    tooltip="A steered clone of the model. Feed it to a sampler, and to GateHeatmap after "
+                    "sampling to see where it steered.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        layer_start: int | None = None,
+        layer_end: int | None = None,
+        start_percent: float | None = None,
+        end_percent: float | None = None,
+    ):
+        # What can be checked before the graph runs (depth and vector fit are checked in execute).
+        # Inputs fed by a link are unknown here (None). Naming an input here turns off ComfyUI's own
+        # min/max check for it, so the ranges are checked again in execute (make_plan).
+        if layer_start is not None and layer_end is not None and layer_end <= layer_start:
+            return (
+                f"empty layer window: layer_end {layer_end} must be greater than layer_start {layer_start} "
+                "(layer_end is exclusive; the paper uses 8 and 16)"
+            )
+        if start_percent is not None and end_percent is not None:
+            try:
+                timestep_window(start_percent, end_percent, lambda p: 1000.0 * (1.0 - p))
+            except ValueError as error:
+                return str(error)
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        pathology_vector,
+        strength: float,
+        layer_start: int,
+        layer_end: int,
+        start_percent: float,
+        end_percent: float,
+        rows: str,
+        preserve_norm: bool,
+        interpolation: str,
+    ) -> io.NodeOutput:
+        sites = pixart_sites(model)
+        plan = make_plan(
+            sites,
+            pathology_vector,
+            strength=strength,
+            layer_start=layer_start,
+            layer_end=layer_end,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            percent_to_timestep=percent_to_timestep(model),
+            rows=rows,
+            preserve_norm=preserve_norm,
+            interpolation=interpolation,
+        )
+        return io.NodeOutput(steered_clone(model, plan, sites.patch_size))
