@@ -1,0 +1,669 @@
+"""The ``medsteer`` command line: pathology vectors and counterfactual pair datasets, headless.
+
+Every command is a thin shell over ``medsteer_core.pipeline`` (read that module for the Python
+API). ``build-vector`` and ``generate`` scale out with ``torchrun --nproc_per_node N -m
+medsteer_core.cli ...`` (or ``accelerate launch``): seeds are sharded over the processes and the
+result is byte-identical to one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import MedSteerError
+
+log = logging.getLogger("medsteer")
+
+PAPER_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
+
+DESCRIPTION = """\
+MedSteer: counterfactual image pairs from a frozen PixArt model by steering its cross-attention.
+
+Build a pathology vector from prompts with and without a concept, then generate pairs: the same
+seed sampled unsteered and steered, which differ only in the concept. Without --model the shipped
+MedSteer-mini model is used (when installed); pass a diffusers PixArt-alpha / PixArt-Sigma folder or
+hub id, and the authors' LoRA folder with --lora, for real images."""
+
+EXAMPLES = f"""\
+examples (the paper's dye-removal setting: 50 seeds, 20 steps, layers 8-16, strength 2.5):
+  medsteer build-vector --model {PAPER_MODEL} --lora medsteer_lora \\
+      --with "An endoscopic image of dyed lifted polyps" --without "An endoscopic image of polyps" \\
+      --num-seeds 50 --out vectors/dye.safetensors
+  medsteer generate --model {PAPER_MODEL} --lora medsteer_lora --vector vectors/dye.safetensors \\
+      --prompt "An endoscopic image of dyed lifted polyps" --seed 1000 --num-seeds 500 --out pairs/dye
+  medsteer heatmap --model {PAPER_MODEL} --lora medsteer_lora --vector vectors/dye.safetensors \\
+      --seed 1000 --out fig3.png
+  medsteer inspect vectors/dye.safetensors
+  torchrun --nproc_per_node 4 -m medsteer_core.cli generate ...   (same files as one process)
+
+run `medsteer COMMAND --help` for every option of a command."""
+
+
+# ------------------------------------------------------------------------------------- options
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help=f"diffusers PixArt-alpha/Sigma folder or hub id (e.g. {PAPER_MODEL}; local folders and cached hub "
+        "ids load offline), or a MedSteer-mini .safetensors file. Default: the shipped MedSteer-mini",
+    )
+    group.add_argument(
+        "--lora",
+        default=None,
+        help="the authors' LoRA folder: transformer_lora/ and/or text_encoder_lora/ (PEFT adapters, applied "
+        "with scale lora_alpha/r and merged)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="weights dtype (auto: fp16 on CUDA, else fp32)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: CUDA if available; torchrun: cuda:LOCAL_RANK)"
+    )
+    group.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep components on the CPU and move each to the GPU only while it runs (needs accelerate); for "
+        "GPUs that cannot hold T5-XXL next to the transformer",
+    )
+    group.add_argument(
+        "--offline", action="store_true", help="never contact the Hugging Face hub (also: HF_HUB_OFFLINE=1)"
+    )
+
+
+def _sampling_options(parser: argparse.ArgumentParser, num_seeds: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    group.add_argument(
+        "--num-seeds", type=int, default=num_seeds, help=f"number of consecutive seeds (default {num_seeds})"
+    )
+    group.add_argument(
+        "--seeds", default=None, help="explicit comma-separated seeds, e.g. 3,17,42 (overrides --seed/--num-seeds)"
+    )
+    group.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, the paper's)")
+    group.add_argument(
+        "--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, 4.5 for PixArt)"
+    )
+    group.add_argument(
+        "--scheduler",
+        default="default",
+        choices=["default", "dpm-solver", "ddim", "euler", "unipc"],
+        help="sampler (default: the one saved with the model; PixArt's is dpm-solver)",
+    )
+    group.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
+    group.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
+    group.add_argument(
+        "--negative-prompt", default="", help="unconditional prompt of guidance (default empty, as PixArt)"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="seeds per model call (default 1). Outputs depend on it in the last bits: keep it fixed for a dataset",
+    )
+
+
+def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group(
+        "steering", "give --vector several times to chain edits; a per-vector flag given once applies to all"
+    )
+    group.add_argument(
+        "--vector", action="append", required=required, help="pathology vector .safetensors (repeat to chain)"
+    )
+    group.add_argument(
+        "--strength",
+        type=float,
+        action="append",
+        help="the paper's alpha (default: the vector's recommended value, else 2.5; 0 = unsteered; negative amplifies)",
+    )
+    group.add_argument(
+        "--layer-start", type=int, action="append", help="first steered block (default: recommended, else 8)"
+    )
+    group.add_argument(
+        "--layer-end",
+        type=int,
+        action="append",
+        help="one past the last steered block, exclusive (default: recommended, else 16)",
+    )
+    group.add_argument(
+        "--timestep-min", type=float, default=0.0, help="steer only model timesteps >= this (0-1000; default 0)"
+    )
+    group.add_argument(
+        "--timestep-max", type=float, default=1000.0, help="steer only model timesteps <= this (default 1000)"
+    )
+    group.add_argument(
+        "--rows", default="all", choices=["all", "cond"], help="steer both halves of the CFG batch (all) or cond only"
+    )
+    group.add_argument(
+        "--preserve-norm",
+        action="store_true",
+        help="rescale steered tokens to their norm (the authors' code; not the paper)",
+    )
+    group.add_argument(
+        "--interpolation", default="nearest", choices=["nearest", "linear"], help="timestep lookup in the vector"
+    )
+
+
+def _prompt_list(texts: list[str] | None, file: str | None) -> list[str]:
+    prompts = list(texts or [])
+    if file:
+        try:
+            lines = Path(file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read prompt file {file!r}: {exc.strerror or exc}") from None
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return prompts
+
+
+def _seeds(args) -> list[int]:
+    if args.seeds:
+        try:
+            return [int(s) for s in args.seeds.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.num_seeds < 1:
+        raise ValueError(f"--num-seeds must be at least 1, got {args.num_seeds}")
+    return list(range(args.seed, args.seed + args.num_seeds))
+
+
+def _per_vector(values: list | None, count: int, flag: str) -> list:
+    if not values:
+        return [None] * count
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise ValueError(
+            f"{flag} was given {len(values)} times for {count} vectors: give it once, or once per --vector"
+        )
+    return values
+
+
+def _steers(args):
+    from .pipeline import Steer
+
+    n = len(args.vector)
+    strengths = _per_vector(args.strength, n, "--strength")
+    starts = _per_vector(args.layer_start, n, "--layer-start")
+    ends = _per_vector(args.layer_end, n, "--layer-end")
+    return [
+        Steer(
+            path,
+            strength=strengths[i],
+            layer_start=starts[i],
+            layer_end=ends[i],
+            timestep_min=args.timestep_min,
+            timestep_max=args.timestep_max,
+            rows=args.rows,
+            preserve_norm=args.preserve_norm,
+            interpolation=args.interpolation,
+        )
+        for i, path in enumerate(args.vector)
+    ]
+
+
+def _load(args, shard=None):
+    from .pipeline import load_model
+
+    return load_model(
+        args.model,
+        lora=args.lora,
+        dtype=args.dtype,
+        device=args.device,
+        offload=args.offload,
+        offline=True if args.offline else None,
+        shard=shard,
+        quiet=args.quiet,
+    )
+
+
+# ------------------------------------------------------------------------------------- commands
+def _cmd_build_vector(args) -> int:
+    from .pipeline import Shard, build_vector, load_built, merge_built, save_built
+
+    prompts_with = _prompt_list(args.prompts_with, args.with_file)
+    prompts_without = _prompt_list(args.prompts_without, args.without_file)
+    if not prompts_with or not prompts_without:
+        raise ValueError("build-vector needs prompts on both sides: --with/--with-file and --without/--without-file")
+    out = args.out or args.merge
+    if out is None:
+        raise ValueError("build-vector needs --out (or --merge to add seeds to an existing vector)")
+    existing = load_built(args.merge) if args.merge else None  # fail before sampling, not after
+    shard = Shard.from_environment()
+    model = _load(args, shard)
+    built = build_vector(
+        model,
+        prompts_with,
+        prompts_without,
+        _seeds(args),
+        concept_with=args.concept_with,
+        concept_without=args.concept_without,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        halves=not args.no_halves,
+        shard=shard,
+        progress=not args.quiet,
+    )
+    if existing is not None:
+        built = merge_built(existing, built)
+    if shard.main:
+        path = save_built(built, out)
+        v = built.vector
+        log.info(
+            "wrote %s: %r vs %r, %d timesteps x %d layers x %d, %d+%d images per timestep%s",
+            path,
+            v.concept_with,
+            v.concept_without,
+            v.num_timesteps,
+            v.depth,
+            v.hidden_size,
+            int(v.count_with.max()),
+            int(v.count_without.max()),
+            "" if built.halves is None else " (+ halves for `medsteer inspect`)",
+        )
+    shard.barrier()
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .pipeline import Shard, generate
+
+    steers = _steers(args)
+    prompts = _prompt_list(args.prompt, args.prompts_file)
+    if not prompts:
+        prompts = _vector_prompts(args.vector[0])
+    shard = Shard.from_environment()
+    model = _load(args, shard)
+    report = generate(
+        model,
+        steers,
+        prompts,
+        _seeds(args),
+        args.out,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        heatmaps=args.heatmaps,
+        heatmap_steps=args.heatmap_steps,
+        heatmap_layers=args.heatmap_layers,
+        heatmap_plan=args.heatmap_plan,
+        colormap=args.colormap,
+        shard=shard,
+        progress=not args.quiet,
+    )
+    if shard.main:
+        log.info("%d pair(s) written, %d already done; manifest: %s", report.written, report.skipped, report.manifest)
+    return 0
+
+
+def _vector_prompts(path: str) -> list[str]:
+    from .vector import load_vector
+
+    vector = load_vector(path)
+    try:
+        prompts = [p for p in json.loads(vector.metadata.get("prompts_with", "[]")) if p]
+    except json.JSONDecodeError:
+        prompts = []
+    if not prompts:
+        raise ValueError(f"no --prompt given and {path!r} records no prompts_with: pass --prompt")
+    log.info("no --prompt given: using the vector's prompts with the concept: %s", prompts)
+    return prompts
+
+
+def _cmd_heatmap(args) -> int:
+    from .pipeline import gate_heatmap
+
+    steers = _steers(args)
+    prompt = args.prompt or _vector_prompts(args.vector[0])[0]
+    model = _load(args)
+    result = gate_heatmap(
+        model,
+        steers,
+        prompt,
+        args.seed,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        at_steps=args.at_steps,
+        layers=args.layers,
+        plan=args.plan,
+        colormap=args.colormap,
+        cell=args.cell,
+        per_map=not args.global_scale,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.grid.save(out)
+    log.info("wrote %s (layers %s at steps %s, seed %d)", out, result.layers, result.steps, args.seed)
+    if args.save_images:
+        for kind in ("unsteered", "steered"):
+            path = out.with_name(f"{out.stem}-{kind}.png")
+            getattr(result, kind).save(path)
+            log.info("wrote %s", path)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .pipeline import inspect_vector
+    from .vector import load_vector
+
+    halves = tuple(load_vector(p) for p in args.halves) if args.halves else None
+    report = inspect_vector(args.vector, halves=halves)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(report: dict) -> str:
+    """The text ``medsteer inspect`` prints for an ``inspect_vector`` report."""
+    meta = report["metadata"]
+    shapes = report["shapes"]
+    lines = [f"vector: {report['file']}" + (f"  (sha256 {report['sha256'][:16]}...)" if report["sha256"] else "")]
+    lines.append(
+        f"concept: {meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r}   gain {report['gain']:g}"
+    )
+    lines.append(
+        f"shape: {shapes['timesteps']} timesteps x {shapes['layers']} layers x {shapes['hidden_size']}; "
+        f"images per timestep: {report['images']['with']} with, {report['images']['without']} without"
+    )
+    lines.append("metadata:")
+    for key in sorted(meta):
+        value = meta[key]
+        lines.append(f"  {key}: {value if len(value) <= 100 else value[:97] + '...'}")
+    lines.append("")
+    lines.append("per layer (means over timesteps; |diff| = norm of mean-with minus mean-without):")
+    lines.append("  layer      |diff|   relative  adjacent-t cos  first-last cos  seed-halves cos")
+    for e in report["per_layer"]:
+        lines.append(
+            f"  {e['layer']:>5}  {_fmt(e['difference_norm'], '10.4g')}  {_fmt(e['relative_norm'], '9.4f')}"
+            f"  {_fmt(e['adjacent_cosine'], '14.4f')}  {_fmt(e['first_last_cosine'], '14.4f')}"
+            f"  {_fmt(e['halves_cosine'], '15.4f')}"
+        )
+    lines.append("")
+    lines.append("per timestep (means over layers):")
+    lines.append("  timestep      |diff|   relative  images with/without")
+    for e in report["per_step"]:
+        lines.append(
+            f"  {e['timestep']:>8.1f}  {_fmt(e['difference_norm'], '10.4g')}  {_fmt(e['relative_norm'], '9.4f')}"
+            f"  {e['images_with']}/{e['images_without']}"
+        )
+    lines.append("")
+    ts = report["timestep_stability"]
+    lines.append(
+        f"stability across timesteps: mean cosine of adjacent timesteps {_fmt(ts['mean_adjacent_cosine'])}, "
+        f"first vs last {_fmt(ts['mean_first_last_cosine'])}"
+    )
+    ss = report["seed_stability"]
+    if ss["available"]:
+        lines.append(
+            f"stability across seeds (two halves, {ss['images'][0]} + {ss['images'][1]} images per class): "
+            f"mean cosine {_fmt(ss['mean'])}, min {_fmt(ss['min'])} (1 = the direction does not depend on the seeds)"
+        )
+    else:
+        lines.append(f"stability across seeds: not available ({ss['reason']})")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args) -> int:
+    try:
+        demo = importlib.import_module("medsteer_core.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "medsteer_core.demo":
+            raise
+        print(
+            "medsteer: the demo is not part of this installation (medsteer_core.demo is missing); "
+            "reinstall medsteer, or use build-vector / generate with --model",
+            file=sys.stderr,
+        )
+        return 2
+    result = demo.main(list(args.demo_args))
+    return int(result or 0)
+
+
+# ------------------------------------------------------------------------------------- parser
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medsteer`` argument parser (every command, with examples in its help)."""
+    parser = argparse.ArgumentParser(
+        prog="medsteer", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_formatter
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"medsteer {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings and errors only")
+
+    build = commands.add_parser(
+        "build-vector",
+        parents=[common],
+        formatter_class=_formatter,
+        help="estimate a pathology vector from prompts with and without a concept",
+        description=textwrap.dedent(
+            """\
+            Estimate a pathology vector: every prompt of each side is sampled for every seed, the
+            conditional cross-attention outputs are averaged over seeds and tokens per layer and
+            timestep, and the normalised difference is saved (.safetensors, timestep keys 0-999,
+            loadable by the ComfyUI nodes). Give several phrasings per side to vary the context, as
+            the paper does. A second file pair <name>.halves/{a,b}.safetensors holds the vectors of
+            each half of the seeds, for `medsteer inspect`."""
+        ),
+        epilog=textwrap.dedent(
+            f"""\
+            examples:
+              medsteer build-vector --model {PAPER_MODEL} --lora medsteer_lora \\
+                  --with "An endoscopic image of polyps" --with "A colonoscopy image showing polyps" \\
+                  --without "An endoscopic image of normal cecum" \\
+                  --without "A colonoscopy image showing normal cecum" \\
+                  --concept-with polyps --concept-without "normal cecum" --num-seeds 50 --out vectors/polyp.safetensors
+              medsteer build-vector ... --seed 50 --num-seeds 30 --merge vectors/polyp.safetensors   (30 more seeds)
+              torchrun --nproc_per_node 4 -m medsteer_core.cli build-vector ...   (same vector as one process)"""
+        ),
+    )
+    prompts = build.add_argument_group("prompts")
+    prompts.add_argument(
+        "--with", dest="prompts_with", action="append", help="a prompt WITH the concept (repeat for several phrasings)"
+    )
+    prompts.add_argument("--with-file", help="file of prompts with the concept, one per line (# comments)")
+    prompts.add_argument(
+        "--without", dest="prompts_without", action="append", help="a prompt WITHOUT the concept (repeat)"
+    )
+    prompts.add_argument("--without-file", help="file of prompts without the concept, one per line")
+    prompts.add_argument(
+        "--concept-with", help="name of the concept stored in the file (default: the first --with prompt)"
+    )
+    prompts.add_argument("--concept-without", help="name of its absence (default: the first --without prompt)")
+    _sampling_options(build, num_seeds=50)
+    output = build.add_argument_group("output")
+    output.add_argument("--out", help="vector file to write (default with --merge: the merged file itself)")
+    output.add_argument(
+        "--merge", help="existing vector to add these seeds to (seeds must not overlap; PathologyVector.merge)"
+    )
+    output.add_argument("--no-halves", action="store_true", help="do not write the per-half vectors used by inspect")
+    _model_options(build)
+    build.set_defaults(run=_cmd_build_vector)
+
+    gen = commands.add_parser(
+        "generate",
+        parents=[common],
+        formatter_class=_formatter,
+        help="generate counterfactual pairs (unsteered + steered) for prompts x seeds",
+        description=textwrap.dedent(
+            """\
+            Generate counterfactual pairs: for every prompt and seed, the unsteered image and the
+            steered one (same prompt, same seed, the vectors applied in order). Writes
+            OUT/images/p<prompt>-s<seed>-{unsteered,steered}.png (+ -gate.png and -mask.png with
+            --heatmaps) and OUT/manifest.jsonl: one line per pair with the seed, the prompt, the
+            vector files and their sha256, every steering and sampling setting, and each image's
+            path and sha256. Rerunning the same command skips finished pairs and redoes the rest
+            with identical bytes; a folder made with other settings is refused."""
+        ),
+        epilog=textwrap.dedent(
+            f"""\
+            examples:
+              medsteer generate --model {PAPER_MODEL} --lora medsteer_lora --vector vectors/polyp.safetensors \\
+                  --prompt "An endoscopic image of polyps" --seed 1000 --num-seeds 1000 --out pairs/polyp
+              medsteer generate ... --vector dye.safetensors --vector polyp.safetensors \\
+                  --prompt "An endoscopic image of dyed lifted polyps" --out pairs/dye_polyp   (chained edit)
+              medsteer generate ... --strength 0 --out pairs/check   (strength 0: identical pairs)
+              torchrun --nproc_per_node 8 -m medsteer_core.cli generate ...   (seeds sharded over 8 GPUs)"""
+        ),
+    )
+    _steer_options(gen)
+    gp = gen.add_argument_group("prompts")
+    gp.add_argument("--prompt", action="append", help="prompt WITH the concept (repeat; default: the vector's prompts)")
+    gp.add_argument("--prompts-file", help="file of prompts, one per line")
+    _sampling_options(gen, num_seeds=10)
+    go = gen.add_argument_group("output")
+    go.add_argument("--out", required=True, help="output folder (created; resumable)")
+    go.add_argument("--heatmaps", action="store_true", help="also write each pair's gate grid and mask")
+    go.add_argument(
+        "--heatmap-steps", help="steps of the gate grid, e.g. 8,12,14,19 (default: the paper's Fig. 3, scaled)"
+    )
+    go.add_argument("--heatmap-layers", help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8)")
+    go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
+    go.add_argument(
+        "--colormap", default="viridis", choices=["viridis", "magma", "cividis", "gray"], help="heatmap colours"
+    )
+    _model_options(gen)
+    gen.set_defaults(run=_cmd_generate)
+
+    heat = commands.add_parser(
+        "heatmap",
+        parents=[common],
+        formatter_class=_formatter,
+        help="draw the gate grid of one seed (the paper's Fig. 3)",
+        description=textwrap.dedent(
+            """\
+            Sample one seed steered and draw the gate sigma = max(<h, v>, 0) per token: rows are
+            layers, columns are steps. The defaults draw the paper's Fig. 3 (layer 8 at steps 8, 12,
+            14 and 19 of 20; other step counts are scaled): broad at early steps, sparse patches
+            at the end."""
+        ),
+        epilog=textwrap.dedent(
+            f"""\
+            examples:
+              medsteer heatmap --model {PAPER_MODEL} --lora medsteer_lora --vector dye.safetensors --seed 7 --out fig3.png
+              medsteer heatmap ... --layers 8,10,12,14 --at-steps all --save-images --out grid.png"""
+        ),
+    )
+    _steer_options(heat)
+    hp = heat.add_argument_group("heatmap")
+    hp.add_argument("--prompt", help="prompt WITH the concept (default: the vector's first)")
+    hp.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
+    hp.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    hp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    hp.add_argument(
+        "--scheduler", default="default", choices=["default", "dpm-solver", "ddim", "euler", "unipc"], help="sampler"
+    )
+    hp.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    hp.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    hp.add_argument("--negative-prompt", default="", help="unconditional prompt (default empty)")
+    hp.add_argument("--at-steps", help="steps to draw: 8,12,14,19 / all / last (default: the paper's, scaled)")
+    hp.add_argument("--layers", help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8)")
+    hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")
+    hp.add_argument("--colormap", default="viridis", choices=["viridis", "magma", "cividis", "gray"], help="colours")
+    hp.add_argument("--cell", type=int, default=128, help="pixels per map (default 128)")
+    hp.add_argument("--global-scale", action="store_true", help="one colour scale for all maps (default: each its own)")
+    hp.add_argument("--save-images", action="store_true", help="also write OUT-unsteered.png and OUT-steered.png")
+    hp.add_argument("--out", required=True, help="PNG file to write")
+    _model_options(heat)
+    heat.set_defaults(run=_cmd_heatmap)
+
+    insp = commands.add_parser(
+        "inspect",
+        parents=[common],
+        formatter_class=_formatter,
+        help="show a vector's metadata, shapes, difference norms and stability",
+        description=textwrap.dedent(
+            """\
+            Print a vector's metadata and shapes, the norm of the mean difference (with minus
+            without) per layer and per timestep (absolute and relative to the activations), how
+            stable the direction is across timesteps (cosine of adjacent rows, first vs last) and
+            across halves of its seeds (cosine between the vectors of the two halves, read from
+            <name>.halves/ that build-vector writes, or from --halves)."""
+        ),
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              medsteer inspect vectors/dye.safetensors
+              medsteer inspect vectors/dye.safetensors --json > dye.json
+              medsteer inspect merged.safetensors --halves seeds_0-24.safetensors seeds_25-49.safetensors"""
+        ),
+    )
+    insp.add_argument("vector", help="the .safetensors vector")
+    insp.add_argument("--halves", nargs=2, metavar=("A", "B"), help="two vectors built from disjoint seed halves")
+    insp.add_argument("--json", action="store_true", help="print the full report (per-timestep x layer norms) as JSON")
+    insp.set_defaults(run=_cmd_inspect)
+
+    demo = commands.add_parser(
+        "demo",
+        add_help=False,
+        help="offline demo on the shipped MedSteer-mini model (`medsteer demo --help` for its options)",
+        description="Run the offline demo (medsteer_core.demo); every argument after `demo` goes to it.",
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=_cmd_demo, quiet=False)
+    return parser
+
+
+def _setup_logging(quiet: bool, rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("medsteer: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``medsteer`` command line; returns the exit status (2 for a usage or input error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet, int(os.environ.get("RANK", "0")))
+    try:
+        return args.run(args)
+    except (MedSteerError, ValueError) as exc:
+        if os.environ.get("MEDSTEER_DEBUG"):
+            raise
+        print(f"medsteer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.command in ("build-vector", "generate"):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""medsteer_core.pipeline on a tiny real diffusers PixArt pipeline saved to disk: loading (alpha,
+sigma, errors), the authors' LoRA layout applied with the right scale, build / merge / halves, the
+estimator additions scale-out relies on, and vector interop with the ComfyUI host's call layout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medsteer_core import CallInfo, SteeringPlan, VectorEstimator, capture, load_vector, save_vector, steering
+from medsteer_core import pipeline as mp
+from tests.tiny_pipeline import LAYERS, save_tiny_lora, save_tiny_pixart
+
+WITH = "an endoscopic image of dyed lifted polyps"
+WITHOUT = "an endoscopic image of polyps"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model = save_tiny_pixart(root / "model")
+    lora = save_tiny_lora(root / "lora", model, r=4, alpha=8.0)
+    return {"root": root, "model": model, "lora": lora}
+
+
+@pytest.fixture(scope="module")
+def model(folders):
+    return mp.load_model(folders["model"], device="cpu", quiet=True)
+
+
+# ----------------------------------------------------------------------------------- loading
+def test_loads_alpha_and_sigma_folders(folders, model, tmp_path):
+    assert model.family == "pixart-alpha"
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert model.sites.depth == LAYERS
+    assert model.default_size == (16, 16)  # sample_size 8 x VAE factor 2
+    sigma = mp.load_model(save_tiny_pixart(tmp_path / "sigma", family="sigma"), device="cpu", quiet=True)
+    assert sigma.family == "pixart-sigma"
+
+
+def test_bf16_model_generates_and_records_its_dtype(folders, tmp_path):
+    model = mp.load_model(folders["model"], dtype="bf16", device="cpu", quiet=True)
+    assert next(model.transformer.parameters()).dtype == torch.bfloat16
+    vector = _random_vector(model)
+    report = mp.generate(
+        model, [mp.Steer(vector, layer_start=1, layer_end=3)], [WITH], [0], tmp_path / "out", steps=2, progress=False
+    )
+    record = json.loads((tmp_path / "out" / mp.MANIFEST).read_text())
+    assert report.written == 1 and record["settings"]["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: root / "nope", "no model folder"),
+        (lambda root: root / "lora", "--lora"),
+        (lambda root: root / "model" / "transformer", "one component"),
+    ],
+)
+def test_load_errors_name_the_problem(folders, make, message):
+    with pytest.raises(mp.ModelLoadError, match=message):
+        mp.load_model(make(folders["root"]), device="cpu")
+
+
+def test_load_refuses_single_files_other_pipelines_and_incomplete_folders(folders, tmp_path):
+    checkpoint = tmp_path / "PixArt-XL-2-512x512.pth"
+    checkpoint.write_bytes(b"\x80\x02not really")
+    with pytest.raises(mp.ModelLoadError, match="pickle checkpoint"):
+        mp.load_model(checkpoint, device="cpu")
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(mp.ModelLoadError, match="StableDiffusionPipeline"):
+        mp.load_model(other, device="cpu")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text((folders["model"] / "model_index.json").read_text())
+    with pytest.raises(mp.ModelLoadError, match="lacks the component folder"):
+        mp.load_model(partial, device="cpu")
+
+
+def test_hub_id_offline_and_not_cached_is_refused_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(mp.ModelLoadError, match="offline"):
+        mp.load_model("medsteer-tests/not-a-model", device="cpu")
+
+
+def test_offload_needs_an_accelerator(folders):
+    with pytest.raises(mp.ModelLoadError, match="device is the CPU"):
+        mp.load_model(folders["model"], device="cpu", offload=True)
+
+
+# ----------------------------------------------------------------------------------- LoRA
+def test_lora_is_merged_with_scale_alpha_over_r(folders, model):
+    """PEFT applies lora_alpha / r (8 / 4 = 2) itself; the merged weights prove it."""
+    lora = mp.load_model(folders["model"], lora=folders["lora"], device="cpu", quiet=True)
+    assert lora.lora == str(folders["lora"]) and len(lora.lora_sha256) == 64
+    adapter = load_file(str(folders["lora"] / "transformer_lora" / "adapter_model.safetensors"))
+    prefix = "base_model.model.transformer_blocks.1.attn2.to_q"
+    delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+    base = model.transformer.transformer_blocks[1].attn2.to_q.weight
+    merged = lora.transformer.transformer_blocks[1].attn2.to_q.weight
+    torch.testing.assert_close(merged, base + 2.0 * delta)
+    assert not torch.allclose(merged, base + delta, atol=1e-4)
+    text = load_file(str(folders["lora"] / "text_encoder_lora" / "adapter_model.safetensors"))
+    key = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+    t5_delta = text[f"{key}.lora_B.weight"] @ text[f"{key}.lora_A.weight"]
+    t5_base = model.pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight
+    t5_merged = lora.pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight
+    torch.testing.assert_close(t5_merged, t5_base + 2.0 * t5_delta)
+    # The merged model is a plain transformer again: the hooks find its sites directly.
+    assert type(lora.transformer).__name__ == "PixArtTransformer2DModel"
+
+
+def test_lora_layout_errors(folders, tmp_path):
+    single = folders["lora"] / "transformer_lora"
+    with pytest.raises(mp.ModelLoadError, match="single PEFT adapter"):
+        mp.load_model(folders["model"], lora=single, device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(mp.ModelLoadError, match="neither transformer_lora"):
+        mp.load_model(folders["model"], lora=empty, device="cpu")
+    with pytest.raises(mp.ModelLoadError, match="no LoRA folder"):
+        mp.load_model(folders["model"], lora=tmp_path / "missing", device="cpu")
+
+
+def test_lora_of_another_model_does_not_fit(folders, tmp_path):
+    """An adapter trained on a wider transformer is refused with both shapes named."""
+    from diffusers import PixArtTransformer2DModel
+    from peft import LoraConfig, get_peft_model
+
+    config = dict(PixArtTransformer2DModel.load_config(str(folders["model"] / "transformer")))
+    config.update(attention_head_dim=16, cross_attention_dim=32)
+    wide = PixArtTransformer2DModel.from_config(config)
+    get_peft_model(wide, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])).save_pretrained(
+        str(tmp_path / "wide" / "transformer_lora")
+    )
+    with pytest.raises(mp.ModelLoadError, match=r"does not fit .*\[32, 32\].*\[16, 16\]"):
+        mp.load_model(folders["model"], lora=tmp_path / "wide", device="cpu")
+
+
+# ----------------------------------------------------------------------------------- build
+def test_build_vector_halves_pool_to_the_whole(model):
+    built = mp.build_vector(model, [WITH], [WITHOUT], range(4), steps=2, batch_size=1, progress=False)
+    vector, (a, b) = built.vector, built.halves
+    assert json.loads(a.metadata["seeds"]) == [0, 1] and json.loads(b.metadata["seeds"]) == [2, 3]
+    assert vector.count_with.tolist() == [4, 4] and a.count_with.tolist() == [2, 2]
+    pooled = a.merge(b)
+    torch.testing.assert_close(pooled.directions, vector.directions, atol=1e-5, rtol=0)
+    # keys are the scheduler's model timesteps (0-999), the same keys ComfyUI's sampler gives
+    scheduler = model.scheduler()
+    scheduler.set_timesteps(2)
+    assert sorted(vector.timesteps.tolist()) == sorted(float(t) for t in scheduler.timesteps)
+    assert vector.metadata["model_family"] == "pixart-alpha" and vector.metadata["host"] == "diffusers"
+
+
+def test_single_batch_has_no_halves_and_inspect_says_why(model):
+    built = mp.build_vector(model, [WITH], [WITHOUT], [0, 1], steps=2, batch_size=2, progress=False)
+    assert built.halves is None
+    report = mp.inspect_vector(built.vector)
+    assert not report["seed_stability"]["available"] and "halves" in report["seed_stability"]["reason"]
+
+
+def test_estimator_add_in_unit_order_equals_one_estimator(model):
+    """The scale-out guarantee: per-unit estimators added in unit order give the same bits as one
+    estimator fed unit after unit."""
+    spec = model.spec(2, 4.5)
+    one = VectorEstimator.for_model(model.transformer)
+    total = VectorEstimator.for_model(model.transformer)
+    for label, prompt, seeds in (("with", WITH, [0, 1]), ("with", WITH, [2]), ("without", WITHOUT, [0, 1])):
+        model.sample(prompt, seeds, spec, estimator=one, label=label)
+        unit = VectorEstimator.for_model(model.transformer)
+        model.sample(prompt, seeds, spec, estimator=unit, label=label)
+        total.add(unit.to("cpu"))
+    assert one.result() == total.result()
+    with pytest.raises(ValueError, match="same model"):
+        total.add(VectorEstimator(LAYERS + 1, model.sites.hidden_size))
+
+
+def test_estimator_to_is_a_copy(model):
+    est = VectorEstimator.for_model(model.transformer)
+    model.sample(WITH, [0], model.spec(2, 4.5), estimator=est, label="with")
+    copy = est.to("cpu")
+    copy.add(copy.to("cpu"))
+    assert est.images("with") == 1 and copy.images("with") == 2
+
+
+# ----------------------------------------------------------------------------------- interop
+def _random_vector(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    scheduler = model.scheduler()
+    scheduler.set_timesteps(2)
+    k, depth, width = len(scheduler.timesteps), model.sites.depth, model.sites.hidden_size
+    return mp.PathologyVector.from_sums(
+        scheduler.timesteps.float(),
+        torch.randn(k, depth, width, generator=g),
+        torch.randn(k, depth, width, generator=g),
+        torch.full((k,), 2),
+        torch.full((k,), 2),
+        {"concept_with": "dye", "concept_without": "no dye", "prompts_with": json.dumps([WITH])},
+    )
+
+
+def test_vector_steers_the_same_with_comfyui_call_layout(model, tmp_path):
+    """ComfyUI sends cond and uncond as separate calls (cond_or_uncond); the CLI sends one
+    [uncond, cond] batch. A vector file steers both the same way, at the same timestep keys."""
+    built = mp.build_vector(model, [WITH], [WITHOUT], [0, 1], steps=2, halves=False, progress=False)
+    vector = load_vector(save_vector(built.vector, tmp_path / "v.safetensors"))
+    plan = SteeringPlan(vector, strength=2.5, layer_start=1, layer_end=3)
+    embeds, mask, negative, negative_mask = model.encode(WITH, "", True)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = vector.timesteps[0]
+    transformer = model.transformer
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
+
+    def run(latents, context, context_mask, call_info=None, layout="uncond_cond", plans=(plan,)):
+        with steering(transformer, list(plans), call_info=call_info, layout=layout):
+            return transformer(
+                latents,
+                encoder_hidden_states=context,
+                encoder_attention_mask=context_mask,
+                timestep=t.expand(latents.shape[0]),
+                **extra,
+            )[0]
+
+    batched = run(torch.cat([x, x]), torch.cat([negative, embeds]), torch.cat([negative_mask, mask]))
+    grid = (4, 4)
+    cond = run(x, embeds, mask, CallInfo.from_layout(t, 1, "comfyui", grid, cond_or_uncond=[0]))
+    uncond = run(x, negative, negative_mask, CallInfo.from_layout(t, 1, "comfyui", grid, cond_or_uncond=[1]))
+    torch.testing.assert_close(torch.cat([uncond, cond]), batched, atol=1e-5, rtol=1e-5)
+    plain = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t.expand(1), **extra)[0]
+    assert not torch.allclose(plain, cond, atol=1e-4)
+
+
+def test_vector_captured_with_comfyui_layout_equals_batched_capture(model):
+    """Capturing split cond/uncond calls (ComfyUI) and one [uncond, cond] batch (CLI) gives the same vector."""
+    embeds = {label: model.encode(text, "", True) for label, text in (("with", WITH), ("without", WITHOUT))}
+    transformer = model.transformer
+    split, batched = VectorEstimator.for_model(transformer), VectorEstimator.for_model(transformer)
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
+    for t in (999.0, 499.0):
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(int(t)))
+        ts = torch.tensor([t])
+        for label, (cond, cond_mask, negative, negative_mask) in embeds.items():
+            for context, context_mask, chunk in ((negative, negative_mask, 1), (cond, cond_mask, 0)):
+                info = CallInfo.from_layout(ts, 1, "comfyui", (4, 4), cond_or_uncond=[chunk])
+                with capture(transformer, split, label, call_info=info):
+                    transformer(
+                        x, encoder_hidden_states=context, encoder_attention_mask=context_mask, timestep=ts, **extra
+                    )
+            with capture(transformer, batched, label, layout="uncond_cond"):
+                transformer(
+                    torch.cat([x, x]),
+                    encoder_hidden_states=torch.cat([negative, cond]),
+                    encoder_attention_mask=torch.cat([negative_mask, cond_mask]),
+                    timestep=ts.expand(2),
+                    **extra,
+                )
+    a, b = split.result(), batched.result()
+    assert a.timesteps.tolist() == [499.0, 999.0]
+    torch.testing.assert_close(a.directions, b.directions, atol=1e-5, rtol=1e-5)
+    assert math.isclose(float(a.count_with.sum()), 2.0)
