@@ -72,6 +72,7 @@ def sample(
     label: str = "with",
     latents: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Sample latents from a PixArt transformer, optionally steering or capturing.
 
@@ -88,12 +89,15 @@ def sample(
         estimator: a ``VectorEstimator`` to feed with the conditional rows (``label`` names the class).
         latents: starting noise ``[B, C, H, W]`` (default: ``initial_latents(seeds, spec)``).
         progress: called with ``(step, steps)`` after every step.
+        device: where latents and embeddings live (default: the device of the transformer's
+            parameters). Pass the execution device when the transformer is CPU-offloaded (its
+            parameters then sit on the CPU until each call moves them).
 
     Returns:
         ``[B, C, H, W]`` final latents (float32, CPU).
     """
     sites = find_sites(transformer)
-    device = next(transformer.parameters()).device
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
     batch = len(seeds)
     if latents is None:

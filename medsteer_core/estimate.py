@@ -93,6 +93,40 @@ class VectorEstimator:
             sums[key] = buffer
         return buffer
 
+    # Combination --------------------------------------------------------------------------------
+    def add(self, other: VectorEstimator) -> VectorEstimator:
+        """Add another estimator's sums and counts into this one, in place; returns ``self``.
+
+        Adding per-batch estimators in one fixed order gives the same bits however the batches
+        were spread over processes, which is how ``medsteer build-vector`` under ``torchrun``
+        matches a single process exactly.
+
+        Raises:
+            MedSteerError: the two estimators have different geometry.
+        """
+        if (other.depth, other.hidden_size) != (self.depth, self.hidden_size):
+            raise MedSteerError(
+                f"cannot add an estimator of {other.depth} layers x {other.hidden_size} to one of "
+                f"{self.depth} x {self.hidden_size}: both must come from the same model"
+            )
+        for label in LABELS:
+            sums = self._sums[label]
+            for key, total in other._sums[label].items():
+                device = sums[key].device if key in sums else total.device
+                self._sum_for(sums, key, device).add_(total.to(device=device, dtype=self.accumulate_dtype))
+            counts = self._counts[label]
+            for key, n in other._counts[label].items():
+                counts[key] = counts.get(key, 0) + n
+        return self
+
+    def to(self, device: torch.device | str) -> VectorEstimator:
+        """A copy with the running sums on ``device`` (e.g. ``"cpu"`` before sending it elsewhere)."""
+        copy = VectorEstimator(self.depth, self.hidden_size, self.accumulate_dtype)
+        for label in LABELS:
+            copy._sums[label] = {k: v.to(device, copy=True) for k, v in self._sums[label].items()}
+            copy._counts[label] = dict(self._counts[label])
+        return copy
+
     # Results ------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:

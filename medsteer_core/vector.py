@@ -466,12 +466,24 @@ def save_vector(vector: PathologyVector, path: str | os.PathLike) -> Path:
     metadata["depth"] = str(vector.depth)
     metadata["gain"] = repr(float(vector.gain))
     tensors = {name: getattr(vector, name).to(dtype).contiguous().cpu() for name, (_, dtype) in _TENSOR_SPEC.items()}
-    data = st_save(tensors, metadata=metadata)
+    data = _sorted_header(st_save(tensors, metadata=metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the JSON header's keys sorted.
+
+    safetensors writes the metadata map in hash order, which changes from process to process;
+    sorted, equal vectors give equal files (``torchrun`` build-vector == one process).
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
 
 def load_vector(path: str | os.PathLike) -> PathologyVector:
