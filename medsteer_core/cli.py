@@ -228,7 +228,7 @@ def _load(args, shard=None):
 
 # ------------------------------------------------------------------------------------- commands
 def _cmd_build_vector(args) -> int:
-    from .pipeline import Shard, build_vector, load_built, merge_built, save_built
+    from .pipeline import Shard, build_vector, check_new_seeds, load_built, merge_built, save_built
 
     prompts_with = _prompt_list(args.prompts_with, args.with_file)
     prompts_without = _prompt_list(args.prompts_without, args.without_file)
@@ -237,14 +237,18 @@ def _cmd_build_vector(args) -> int:
     out = args.out or args.merge
     if out is None:
         raise ValueError("build-vector needs --out (or --merge to add seeds to an existing vector)")
-    existing = load_built(args.merge) if args.merge else None  # fail before sampling, not after
+    seeds = _seeds(args)
+    existing = None
+    if args.merge:  # fail before sampling, not after
+        existing = load_built(args.merge)
+        check_new_seeds(existing.vector, seeds)
     shard = Shard.from_environment()
     model = _load(args, shard)
     built = build_vector(
         model,
         prompts_with,
         prompts_without,
-        _seeds(args),
+        seeds,
         concept_with=args.concept_with,
         concept_without=args.concept_without,
         negative_prompt=args.negative_prompt,
@@ -432,6 +436,10 @@ def format_report(report: dict) -> str:
 
 
 def _cmd_demo(args) -> int:
+    return _run_demo(list(args.demo_args))
+
+
+def _run_demo(argv: list[str]) -> int:
     try:
         demo = importlib.import_module("medsteer_core.demo")
     except ModuleNotFoundError as exc:
@@ -443,8 +451,7 @@ def _cmd_demo(args) -> int:
             file=sys.stderr,
         )
         return 2
-    result = demo.main(list(args.demo_args))
-    return int(result or 0)
+    return int(demo.main(argv) or 0)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -647,6 +654,9 @@ def _setup_logging(quiet: bool, rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``medsteer`` command line; returns the exit status (2 for a usage or input error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # everything after `demo` belongs to the demo, options included
+        return _run_demo(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, int(os.environ.get("RANK", "0")))

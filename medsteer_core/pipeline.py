@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .driver import SamplingSpec, sample
-from .errors import MedSteerError
+from .errors import MedSteerError, VectorMismatchError
 from .estimate import VectorEstimator
 from .heatmap import gate_grid, select_maps, to_mask
 from .hooks import GateMaps, GateRecord, SteeringPlan
@@ -59,6 +59,7 @@ __all__ = [
     "Shard",
     "Steer",
     "build_vector",
+    "check_new_seeds",
     "gate_heatmap",
     "generate",
     "halves_paths",
@@ -858,6 +859,21 @@ def load_built(path: str | os.PathLike) -> BuiltVector:
     a, b = halves_paths(path)
     halves = (load_vector(a), load_vector(b)) if a.is_file() and b.is_file() else None
     return BuiltVector(vector, halves)
+
+
+def check_new_seeds(existing: PathologyVector, seeds: Iterable[int]) -> None:
+    """Refuse, before any sampling, seeds that ``existing`` already holds (they would count twice).
+
+    Raises:
+        VectorMismatchError: some seeds overlap; the message lists them and the free range.
+    """
+    held = set(json.loads(existing.metadata.get("seeds") or "[]"))
+    overlap = sorted(held & {int(s) for s in seeds})
+    if overlap:
+        raise VectorMismatchError(
+            f"cannot merge: the vector already holds seeds {overlap[:10]} (it has {len(held)} seeds, up to "
+            f"{max(held)}), and their images would count twice; start the new seeds at --seed {max(held) + 1}"
+        )
 
 
 def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:

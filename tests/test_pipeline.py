@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medsteer_core import CallInfo, SteeringPlan, VectorEstimator, capture, load_vector, save_vector, steering
+from medsteer_core import CallInfo, VectorEstimator, capture
 from medsteer_core import pipeline as mp
 from tests.tiny_pipeline import LAYERS, save_tiny_lora, save_tiny_pixart
 
@@ -204,37 +204,6 @@ def _random_vector(model, seed: int = 0):
         torch.full((k,), 2),
         {"concept_with": "dye", "concept_without": "no dye", "prompts_with": json.dumps([WITH])},
     )
-
-
-def test_vector_steers_the_same_with_comfyui_call_layout(model, tmp_path):
-    """ComfyUI sends cond and uncond as separate calls (cond_or_uncond); the CLI sends one
-    [uncond, cond] batch. A vector file steers both the same way, at the same timestep keys."""
-    built = mp.build_vector(model, [WITH], [WITHOUT], [0, 1], steps=2, halves=False, progress=False)
-    vector = load_vector(save_vector(built.vector, tmp_path / "v.safetensors"))
-    plan = SteeringPlan(vector, strength=2.5, layer_start=1, layer_end=3)
-    embeds, mask, negative, negative_mask = model.encode(WITH, "", True)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    t = vector.timesteps[0]
-    transformer = model.transformer
-    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
-
-    def run(latents, context, context_mask, call_info=None, layout="uncond_cond", plans=(plan,)):
-        with steering(transformer, list(plans), call_info=call_info, layout=layout):
-            return transformer(
-                latents,
-                encoder_hidden_states=context,
-                encoder_attention_mask=context_mask,
-                timestep=t.expand(latents.shape[0]),
-                **extra,
-            )[0]
-
-    batched = run(torch.cat([x, x]), torch.cat([negative, embeds]), torch.cat([negative_mask, mask]))
-    grid = (4, 4)
-    cond = run(x, embeds, mask, CallInfo.from_layout(t, 1, "comfyui", grid, cond_or_uncond=[0]))
-    uncond = run(x, negative, negative_mask, CallInfo.from_layout(t, 1, "comfyui", grid, cond_or_uncond=[1]))
-    torch.testing.assert_close(torch.cat([uncond, cond]), batched, atol=1e-5, rtol=1e-5)
-    plain = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t.expand(1), **extra)[0]
-    assert not torch.allclose(plain, cond, atol=1e-4)
 
 
 def test_vector_captured_with_comfyui_layout_equals_batched_capture(model):

@@ -1,0 +1,328 @@
+"""The ``medsteer`` CLI end to end on a tiny real diffusers PixArt pipeline saved to ``tmp_path``:
+build-vector -> generate -> heatmap -> inspect, resume, strength 0, LoRA, merge, torchrun
+scale-out (2 gloo processes == 1 process, byte for byte), the demo hook, and interop of the file
+with the ComfyUI host's call layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsteer_core import CallInfo, SteeringPlan, load_vector, steering
+from medsteer_core import pipeline as mp
+from medsteer_core.cli import main
+from tests.tiny_pipeline import save_tiny_lora, save_tiny_pixart
+
+WITH = "an endoscopic image of dyed lifted polyps"
+WITHOUT = "an endoscopic image of polyps"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "build-vector",
+        "-q",
+        "--model",
+        str(model),
+        "--with",
+        WITH,
+        "--with",
+        "a colonoscopy image of dyed lifted polyps",
+        "--without",
+        WITHOUT,
+        "--num-seeds",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def generate_args(model: Path, vector: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "-q",
+        "--model",
+        str(model),
+        "--vector",
+        str(vector),
+        "--layer-start",
+        "1",
+        "--layer-end",
+        "3",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / mp.MANIFEST).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = save_tiny_pixart(root / "model")
+    vector = root / "vectors" / "dye.safetensors"
+    assert main(build_args(model, vector)) == 0
+    # The vector's two phrasings x seeds 0-1, one process: what resume and torchrun must reproduce.
+    reference = root / "reference"
+    assert main(generate_args(model, vector, reference, "--num-seeds", "2", "--heatmaps")) == 0
+    return {"root": root, "model": model, "vector": vector, "reference": reference}
+
+
+# ----------------------------------------------------------------------------------- help
+def test_help_explains_every_command_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("build-vector", "generate", "heatmap", "inspect", "demo", "torchrun"):
+        assert command in text
+    for command, flags in (
+        ("build-vector", ("--with", "--without", "--merge", "--num-seeds", "--scheduler", "--lora", "--offload")),
+        ("generate", ("--vector", "--strength", "--layer-start", "--timestep-max", "--heatmaps", "--seed")),
+        ("heatmap", ("--at-steps", "--layers", "Fig. 3")),
+        ("inspect", ("--halves", "--json")),
+    ):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "examples:" in text
+        for flag in flags:
+            assert flag in text, (command, flag)
+
+
+# ----------------------------------------------------------------------------------- end to end
+def test_build_generate_heatmap_inspect(work, tmp_path, capsys):
+    vector = load_vector(work["vector"])
+    assert vector.count_with.tolist() == [4, 4, 4]  # 2 phrasings x 2 seeds per timestep
+    assert json.loads(vector.metadata["prompts_with"])[1] == "a colonoscopy image of dyed lifted polyps"
+    assert all(p.is_file() for p in mp.halves_paths(work["vector"]))
+
+    records = manifest(work["reference"])
+    assert [(r["prompt_index"], r["seed"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first = records[0]
+    # default prompts: the vector's phrasings with the concept
+    assert [first["prompt"], records[2]["prompt"]] == [WITH, "a colonoscopy image of dyed lifted polyps"]
+    settings = first["settings"]
+    assert settings["vectors"][0]["sha256"] == hashlib.sha256(work["vector"].read_bytes()).hexdigest()
+    assert settings["vectors"][0]["strength"] == 2.5 and settings["vectors"][0]["layer_start"] == 1
+    assert settings["steps"] == 3 and settings["model_family"] == "pixart-alpha"
+    from PIL import Image
+
+    for record in records:
+        for kind in ("unsteered", "steered", "gate", "mask"):
+            entry = record["files"][kind]
+            data = (work["reference"] / entry["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        mask = Image.open(work["reference"] / record["files"]["mask"]["path"])
+        assert mask.mode == "L" and mask.size == (16, 16)
+    assert any(r["files"]["steered"]["sha256"] != r["files"]["unsteered"]["sha256"] for r in records)
+
+    figure = tmp_path / "fig3.png"
+    heat = ["heatmap", "-q", "--model", str(work["model"]), "--vector", str(work["vector"]), "--layer-start", "1"]
+    heat += ["--layer-end", "3", "--steps", "3", "--seed", "1", "--layers", "1,2", "--at-steps", "all"]
+    assert main([*heat, "--save-images", "--out", str(figure)]) == 0
+    grid = Image.open(figure)
+    assert grid.width > grid.height  # 3 step columns, 2 layer rows
+    assert (tmp_path / "fig3-steered.png").read_bytes() == (
+        work["reference"] / manifest(work["reference"])[1]["files"]["steered"]["path"]  # prompt 0, seed 1
+    ).read_bytes()
+
+    capsys.readouterr()
+    assert main(["inspect", str(work["vector"])]) == 0
+    text = capsys.readouterr().out
+    assert "per layer" in text and "stability across seeds (two halves" in text
+    assert main(["inspect", str(work["vector"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["difference_norms"]) == 3 and len(report["difference_norms"][0]) == 4
+    assert report["seed_stability"]["available"] and -1 <= report["seed_stability"]["mean"] <= 1
+
+
+def test_resume_skips_finished_seeds_and_redoes_the_rest_byte_identically(work, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    shutil.copytree(work["reference"], out)
+    # A crash during the last pair: three records in the per-rank part file, the fourth cut
+    # short and its files never written, and one file of the third damaged.
+    lines = (out / mp.MANIFEST).read_text().splitlines(keepends=True)
+    (out / mp.MANIFEST).unlink()
+    (out / "manifest.parts").mkdir()
+    (out / "manifest.parts" / "rank-0.jsonl").write_text("".join(lines[:3]) + lines[3][:40])
+    for path in (out / "images").glob("p001-s1-*"):
+        path.unlink()
+    (out / "images" / "p001-s0-mask.png").write_bytes(b"damaged")
+    finished = {p: p.stat().st_mtime_ns for p in (out / "images").glob("p000-*")}
+    capsys.readouterr()
+    args = generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")
+    assert main([a for a in args if a != "-q"]) == 0
+    assert "2 pair(s) written, 2 already done" in capsys.readouterr().err
+    assert tree(out) == tree(work["reference"])
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished pairs were not rewritten
+    # Other settings into the same folder: refused, nothing mixed.
+    assert main(generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--strength", "1.0")) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "vectors" in error
+    assert tree(out) == tree(work["reference"])
+
+
+def test_strength_zero_pairs_are_identical_images(work, tmp_path):
+    out = tmp_path / "zero"
+    zero = generate_args(work["model"], work["vector"], out, "--prompt", WITH, "--num-seeds", "1", "--strength", "0")
+    assert main([*zero, "--heatmaps"]) == 0
+    (record,) = manifest(out)
+    files = record["files"]
+    assert files["steered"]["sha256"] == files["unsteered"]["sha256"]
+    assert (out / files["steered"]["path"]).read_bytes() == (out / files["unsteered"]["path"]).read_bytes()
+    assert files["unsteered"]["sha256"] == manifest(work["reference"])[0]["files"]["unsteered"]["sha256"]
+
+
+def test_lora_changes_the_output_and_is_recorded(work, tmp_path):
+    lora = save_tiny_lora(tmp_path / "lora", work["model"])
+    out = tmp_path / "lora_pairs"
+    args = generate_args(work["model"], work["vector"], out, "--prompt", WITH, "--num-seeds", "1")
+    assert main([*args, "--lora", str(lora)]) == 0
+    record = manifest(out)[0]
+    assert record["settings"]["lora"] == str(lora) and len(record["settings"]["lora_sha256"]) == 64
+    plain = manifest(work["reference"])[0]["files"]["unsteered"]["sha256"]
+    assert record["files"]["unsteered"]["sha256"] != plain
+
+
+def test_merge_adds_seeds_and_refuses_overlap(work, tmp_path, capsys):
+    existing = tmp_path / "dye.safetensors"
+    shutil.copy(work["vector"], existing)
+    shutil.copytree(mp.halves_paths(work["vector"])[0].parent, mp.halves_paths(existing)[0].parent)
+    merged = tmp_path / "merged.safetensors"
+    assert main(build_args(work["model"], merged, "--seed", "2", "--merge", str(existing))) == 0
+    built = mp.load_built(merged)
+    assert json.loads(built.vector.metadata["seeds"]) == [0, 1, 2, 3]
+    assert built.vector.count_with.tolist() == [8, 8, 8]
+    assert json.loads(built.halves[0].metadata["seeds"]) == [0, 2]
+    assert load_vector(existing) == load_vector(work["vector"])  # --out given: the original stays
+    assert main(build_args(work["model"], tmp_path / "x.safetensors", "--merge", str(existing))) == 2
+    assert "already holds seeds [0, 1]" in capsys.readouterr().err
+
+
+def test_input_errors_exit_2_with_the_fix(work, tmp_path, capsys):
+    two = generate_args(work["model"], work["vector"], tmp_path / "o", "--vector", str(work["vector"]))
+    assert main([*two, "--strength", "1", "--strength", "2", "--strength", "3"]) == 2
+    assert "--strength was given 3 times for 2 vectors" in capsys.readouterr().err
+    assert main(["build-vector", "--with", WITH, "--out", str(tmp_path / "v.safetensors")]) == 2
+    assert "both sides" in capsys.readouterr().err
+    assert main(generate_args(work["model"], work["vector"], tmp_path / "o", "--seeds", "1,x")) == 2
+    assert "comma-separated" in capsys.readouterr().err
+    window = ["generate", "--model", str(work["model"]), "--vector", str(work["vector"]), "--out", str(tmp_path / "o")]
+    assert main([*window, "--layer-start", "2", "--layer-end", "9"]) == 2
+    assert "outside this model's 4 layers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- interop
+def test_cli_vector_steers_the_same_with_the_comfyui_call_layout(work):
+    """ComfyUI sends cond and uncond as separate calls (``cond_or_uncond``); the CLI sends one
+    [uncond, cond] batch. The CLI's file, keyed by model timestep, steers both the same way."""
+    model = mp.load_model(work["model"], device="cpu", quiet=True)
+    vector = load_vector(work["vector"])
+    scheduler = model.scheduler()
+    scheduler.set_timesteps(3)
+    assert vector.timesteps.tolist() == sorted(float(t) for t in scheduler.timesteps)
+    plan = SteeringPlan(vector, strength=2.5, layer_start=1, layer_end=3)
+    embeds, mask, negative, negative_mask = model.encode(WITH, "", True)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = vector.timesteps[1]
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
+
+    def call(latents, context, context_mask, call_info=None, plans=(plan,)):
+        with steering(model.transformer, list(plans), call_info=call_info):
+            return model.transformer(
+                latents,
+                encoder_hidden_states=context,
+                encoder_attention_mask=context_mask,
+                timestep=t.repeat(len(latents)),
+                **extra,
+            )[0]
+
+    batched = call(torch.cat([x, x]), torch.cat([negative, embeds]), torch.cat([negative_mask, mask]))
+    cond = call(x, embeds, mask, CallInfo.from_layout(t, 1, "comfyui", (4, 4), cond_or_uncond=[0]))
+    uncond = call(x, negative, negative_mask, CallInfo.from_layout(t, 1, "comfyui", (4, 4), cond_or_uncond=[1]))
+    torch.testing.assert_close(torch.cat([uncond, cond]), batched, atol=1e-5, rtol=1e-5)
+    plain = model.transformer(
+        x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t.repeat(1), **extra
+    )[0]
+    assert not torch.allclose(plain, cond, atol=1e-4)
+
+
+def test_vector_saved_by_the_core_like_the_nodes_is_used_by_the_cli(work, tmp_path, capsys):
+    """The nodes write vectors with ``save_vector``; the CLI's generate and inspect read them."""
+    from medsteer_core import save_vector
+
+    original = load_vector(work["vector"])
+    node_file = save_vector(-original, tmp_path / "reverse.safetensors")  # the reverse edit, as a node would save it
+    out = tmp_path / "pairs"
+    assert main(generate_args(work["model"], node_file, out, "--num-seeds", "1", "--prompt", WITHOUT)) == 0
+    assert manifest(out)[0]["settings"]["vectors"][0]["concept_with"] == original.concept_without
+    assert main(["inspect", str(node_file)]) == 0
+    assert "not available" in capsys.readouterr().out  # no halves next to it, and it says so
+
+
+# ----------------------------------------------------------------------------------- scale-out
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_equal_one_process(work, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medsteer_core.cli",
+    ]
+    vector = tmp_path / "dye.safetensors"
+    pairs = tmp_path / "pairs"
+    for args in (
+        build_args(work["model"], vector),
+        generate_args(work["model"], work["vector"], pairs, "--num-seeds", "2", "--heatmaps"),
+    ):
+        done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert vector.read_bytes() == work["vector"].read_bytes()
+    for mine, theirs in zip(mp.halves_paths(vector), mp.halves_paths(work["vector"]), strict=True):
+        assert mine.read_bytes() == theirs.read_bytes()
+    assert tree(pairs) == tree(work["reference"])
+
+
+# ----------------------------------------------------------------------------------- demo
+def test_demo_is_dispatched_lazily(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "medsteer_core.demo", None)  # as if the module were not installed
+    assert main(["demo"]) == 2
+    assert "medsteer_core.demo is missing" in capsys.readouterr().err
+    seen = []
+    stub = types.ModuleType("medsteer_core.demo")
+    stub.main = lambda args: seen.append(args) or 0
+    monkeypatch.setitem(sys.modules, "medsteer_core.demo", stub)
+    assert main(["demo", "--seeds", "8", "--out", "x"]) == 0
+    assert seen == [["--seeds", "8", "--out", "x"]]
