@@ -1,0 +1,469 @@
+"""``medsteer demo``: the method, seen and measured offline in minutes on the shipped MedSteer-mini.
+
+With no flags it loads the model and oracle shipped in the package, checks that the model renders
+every class, builds the pathology vectors (cached, so a second run is faster), samples a fixed
+held-out seed set unsteered, steered and re-prompted, scores every pair with the oracle, and writes
+``medsteer_demo/``:
+
+- ``grid_<edit>.png``: columns are seeds; rows are unsteered | steered | re-prompted | gate;
+- ``report.md``: the rendering check and tables shaped like the paper's Tables 2-4 (counterfactual
+  metrics vs re-prompting; strength sweep; window sweep; seeds sweep);
+- ``report.json``: the same numbers, machine-readable;
+- ``cache/``: the vectors it built.
+
+The steering window and strength of each edit are the calibrated ones stored in the shipped
+vectors' metadata (``python -m medsteer_core.demo --calibrate`` re-runs the scan that chose them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import synthetic
+from .heatmap import overlay
+from .hooks import GateRecord, SteeringPlan
+from .metrics import rendering_rates, score_pairs
+from .scan import build_vector, calibrate, gate_localisation, layer_profile, prompts_for, sweep
+from .vector import PathologyVector, load_vector, save_vector
+
+__all__ = ["EDITS", "Edit", "main", "run_demo"]
+
+VECTOR_DIR = Path(__file__).parent / "assets" / "mini" / "vectors"
+#: Seeds of the vectors (the paper: 50 images per prompt; 40 is where the mini's vector is stable).
+VECTOR_SEEDS = 40
+#: Held-out seeds of every table: disjoint from the vector seeds.
+EVAL_SEED_BASE = 900_000
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One counterfactual edit: source class -> target class, and its default setting."""
+
+    name: str
+    source: str
+    target: str
+    title: str
+    dye: bool = False
+
+    def shipped_path(self) -> Path:
+        return VECTOR_DIR / f"{self.name}.safetensors"
+
+
+EDITS = (
+    Edit("dye_removal", "dyed", "polyp", "Dye removal (dyed lifted polyps -> polyps)", dye=True),
+    Edit("polyp_to_normal", "polyp", "normal", "Polyp -> normal cecum"),
+    Edit("colitis_to_normal", "colitis", "normal", "Ulcerative colitis -> normal cecum"),
+)
+FALLBACK_SETTING = (0, 1, 1.0)
+
+
+def setting_of(vector: PathologyVector | None) -> tuple[int, int, float]:
+    """``(layer_start, layer_end, strength)`` calibrated for a vector (from its metadata)."""
+    if vector is None or "calibrated_strength" not in vector.metadata:
+        return FALLBACK_SETTING
+    m = vector.metadata
+    return int(m["calibrated_layer_start"]), int(m["calibrated_layer_end"]), float(m["calibrated_strength"])
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", disable=quiet, dynamic_ncols=True)
+
+    def stage(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _vector(model, edit: Edit, seeds: list[int], cache: Path | None, tag: str, progress) -> PathologyVector:
+    path = cache / f"{edit.name}_{len(seeds)}seeds_{tag}.safetensors" if cache else None
+    if path is not None and path.is_file():
+        progress(2 * len(seeds))
+        return load_vector(path)
+    vector = build_vector(model, edit.source, edit.target, seeds, progress=progress)
+    if path is not None:
+        save_vector(vector, path)
+    return vector
+
+
+def _to_uint8(images: torch.Tensor):
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _grid(rows: list[tuple[str, torch.Tensor]], scale: int = 4):
+    """A labelled PNG grid: one row per entry, ``[B, 3, H, W]`` images as columns."""
+    from PIL import Image, ImageDraw
+
+    left, pad = 96, 2
+    b, _, h, w = rows[0][1].shape
+    cell_h, cell_w = h * scale, w * scale
+    canvas = Image.new("RGB", (left + b * (cell_w + pad), len(rows) * (cell_h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * (cell_h + pad) + cell_h // 2 - 6), label, fill=(0, 0, 0))
+        for c in range(b):
+            tile = Image.fromarray(_to_uint8(images[c]).permute(1, 2, 0).numpy()).resize(
+                (cell_w, cell_h), Image.NEAREST
+            )
+            canvas.paste(tile, (left + c * (cell_w + pad), r * (cell_h + pad)))
+    return canvas
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path = "medsteer_demo",
+    *,
+    eval_seeds: int = 32,
+    vector_seeds: int = VECTOR_SEEDS,
+    grid_seeds: int = 6,
+    strengths: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+    seed_counts: tuple[int, ...] = (5, 10, 20, 40),
+    edits: tuple[str, ...] = tuple(e.name for e in EDITS),
+    model_path: str | None = None,
+    oracle_path: str | None = None,
+    use_cache: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """Run the demo and write its folder; returns the numbers of ``report.json``."""
+    from .mini import DEFAULT_PATH as MODEL_PATH
+    from .mini import load_mini
+    from .oracle import load_oracle
+
+    started = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_mini(model_path)
+    oracle = load_oracle(oracle_path)
+    tag = _file_digest(Path(model_path) if model_path else MODEL_PATH)
+    cache = out / "cache" if use_cache else None
+    if cache is not None:
+        cache.mkdir(exist_ok=True)
+    chosen = [e for e in EDITS if e.name in edits]
+    seeds = [EVAL_SEED_BASE + i for i in range(eval_seeds)]
+    seed_counts = tuple(sorted({min(n, vector_seeds) for n in seed_counts} | {vector_seeds}))
+    windows = _windows(model.transformer.config.num_layers)
+
+    # Work in images, for the progress bar.
+    per_edit = 2 * vector_seeds + 3 * eval_seeds
+    first = chosen[0] if chosen else None
+    sweeps = (len(strengths) + len(windows) + len(seed_counts) - 1) * eval_seeds + 2 * (sum(seed_counts) - vector_seeds)
+    total = len(synthetic.CLASSES) * eval_seeds + len(chosen) * per_edit + (sweeps if first else 0)
+    progress = _Progress(total, quiet)
+    report: dict = {"model": model.metadata.get("training", ""), "eval_seeds": seeds[:1] + seeds[-1:]}
+
+    progress.stage("rendering check")
+    by_class = {}
+    for c, name in enumerate(synthetic.CLASSES):
+        by_class[c] = model.generate(prompts_for(name, seeds), seeds)
+        progress(len(seeds))
+    rates = rendering_rates(oracle, by_class)
+    report["rendering_rate"] = {synthetic.CLASSES[c]: r for c, r in rates.items()}
+
+    report["edits"] = {}
+    vectors: dict[str, PathologyVector] = {}
+    for edit in chosen:
+        progress.stage(f"{edit.name}: vector")
+        shipped = load_vector(edit.shipped_path()) if edit.shipped_path().is_file() else None
+        start, end, strength = setting_of(shipped)
+        vector = _vector(model, edit, list(range(vector_seeds)), cache, tag, progress)
+        vectors[edit.name] = vector
+        progress.stage(f"{edit.name}: pairs")
+        s = synthetic.CLASSES.index(edit.source)
+        t = synthetic.CLASSES.index(edit.target)
+        originals = by_class[s]
+        record = GateRecord()
+        plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
+        steered = model.generate(prompts_for(edit.source, seeds), seeds, plans=[plan], record=record)
+        progress(len(seeds))
+        reprompted = by_class[t]  # same seeds, same template, the without-concept prompt
+        progress(len(seeds))
+        ours = score_pairs(oracle, originals, steered, s, t)
+        baseline = score_pairs(oracle, originals, reprompted, s, t)
+        gates = record.maps().maps.mean(dim=(0, 1))  # [B, h, w] mean over steps and steered layers
+        n = min(grid_seeds, len(seeds))
+        heat = torch.stack([overlay(originals[i].permute(1, 2, 0), gates[i], 0.7) for i in range(n)])
+        _grid(
+            [
+                ("unsteered", originals[:n]),
+                ("steered", steered[:n]),
+                ("re-prompted", reprompted[:n]),
+                ("gate", heat.permute(0, 3, 1, 2)),
+            ]
+        ).save(out / f"grid_{edit.name}.png")
+        report["edits"][edit.name] = {
+            "title": edit.title,
+            "setting": {"layer_start": start, "layer_end": end, "strength": strength},
+            "medsteer": ours.as_dict(),
+            "reprompting": baseline.as_dict(),
+            "layer_profile": layer_profile(vector),
+        }
+        progress(len(seeds))
+
+    if first is not None:
+        vector = vectors[first.name]
+        shipped = load_vector(first.shipped_path()) if first.shipped_path().is_file() else None
+        start, end, strength = setting_of(shipped)
+        originals = by_class[synthetic.CLASSES.index(first.source)]
+        progress.stage(f"{first.name}: strength sweep")
+        rows = sweep(
+            model, oracle, vector, first.source, first.target, seeds, [(start, end)], strengths,
+            originals=originals, progress=lambda k: progress(k * len(seeds)),
+        )  # fmt: skip
+        report["strength_sweep"] = [r.as_dict() for r in rows]
+        progress.stage(f"{first.name}: window sweep")
+        rows = sweep(
+            model, oracle, vector, first.source, first.target, seeds, windows, [strength],
+            originals=originals, progress=lambda k: progress(k * len(seeds)),
+        )  # fmt: skip
+        report["window_sweep"] = [r.as_dict() for r in rows]
+        progress.stage(f"{first.name}: seeds sweep")
+        seed_rows = []
+        for count in seed_counts:
+            if count == vector_seeds:
+                vec = vector
+            else:
+                vec = _vector(model, first, list(range(count)), cache, tag, progress)
+            row = sweep(model, oracle, vec, first.source, first.target, seeds, [(start, end)], [strength],
+                        originals=originals)[0]  # fmt: skip
+            if count != vector_seeds:
+                progress(len(seeds))
+            cosine = float(torch.nn.functional.cosine_similarity(vec.directions, vector.directions, dim=-1).mean())
+            seed_rows.append({"seeds": count, "cosine_to_full": cosine} | row.as_dict())
+        report["seeds_sweep"] = seed_rows
+    progress.close()
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(report, len(seeds), vector_seeds, chosen))
+    return report
+
+
+def _windows(depth: int) -> list[tuple[int, int]]:
+    singles = [(i, i + 1) for i in range(depth)]
+    spans = [(0, 2), (0, depth // 2), (depth // 2, depth), (0, depth)]
+    return singles + [s for s in spans if s not in singles]
+
+
+def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit]) -> str:
+    parts = [
+        "# MedSteer demo on MedSteer-mini",
+        "",
+        f"Held-out seeds: {eval_seeds} (from {EVAL_SEED_BASE}); vectors from {vector_seeds} seeds per prompt; "
+        f"DDIM 20 steps, CFG 4. Wall time {report['seconds']} s.",
+        "",
+        "## Rendering check (oracle assigns the prompted class)",
+        "",
+        _table(
+            ["class", "rendering rate"],
+            [[f"{synthetic.CONCEPTS[k]}", _fmt(v, 2)] for k, v in report["rendering_rate"].items()],
+        ),
+        "",
+        "## Table 2: counterfactual edits, MedSteer vs re-prompting (same seeds)",
+        "",
+    ]
+    rows = []
+    for edit in edits:
+        e = report["edits"][edit.name]
+        st = e["setting"]
+        for method, key in (
+            (f"MedSteer (layers {st['layer_start']}-{st['layer_end']}, strength {st['strength']:g})", "medsteer"),
+            ("Re-prompting", "reprompting"),
+        ):
+            m = e[key]
+            rows.append(
+                [
+                    edit.title,
+                    method,
+                    _fmt(m["flip_rate"]),
+                    _fmt(m["delta_p"]),
+                    _fmt(m["source_removed"]),
+                    _fmt(m["dye_detection"]) if edit.dye else "-",
+                    _fmt(m["bg_psnr"], 2),
+                    _fmt(m["bg_ssim"], 4),
+                ]
+            )
+    parts.append(
+        _table(
+            ["edit", "method", "flip rate", "delta-p", "source removed", "dye detection", "Bg-PSNR", "Bg-SSIM"], rows
+        )
+    )
+    sweep_header = ["flip rate", "source removed", "dye detection", "Bg-PSNR", "Bg-SSIM"]
+
+    def sweep_cells(r: dict) -> list[str]:
+        return [
+            _fmt(r["flip_rate"]),
+            _fmt(r["source_removed"]),
+            _fmt(r["dye_detection"]),
+            _fmt(r["bg_psnr"], 2),
+            _fmt(r["bg_ssim"], 4),
+        ]
+
+    if "strength_sweep" in report:
+        title = edits[0].title
+        parts += ["", f"## Table 3: strength sweep ({title})", ""]
+        parts.append(
+            _table(
+                ["strength"] + sweep_header, [[f"{r['strength']:g}"] + sweep_cells(r) for r in report["strength_sweep"]]
+            )
+        )
+        parts += ["", f"## Table 4a: window sweep ({title}; layer_end exclusive)", ""]
+        parts.append(
+            _table(
+                ["layers"] + sweep_header,
+                [[f"{r['layer_start']}-{r['layer_end']}"] + sweep_cells(r) for r in report["window_sweep"]],
+            )
+        )
+        parts += ["", f"## Table 4b: seeds sweep ({title})", ""]
+        parts.append(
+            _table(
+                ["seeds per prompt", "cosine to full vector"] + sweep_header,
+                [[str(r["seeds"]), _fmt(r["cosine_to_full"])] + sweep_cells(r) for r in report["seeds_sweep"]],
+            )
+        )
+        profile = report["edits"][edits[0].name]["layer_profile"]
+        parts += [
+            "",
+            "Relative concept difference per layer (|mean with - mean without| / |mean|): "
+            + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(profile)),
+        ]
+    parts += [
+        "",
+        "Flip rate: steered images the oracle assigns to the target class. delta-p: mean drop of the "
+        "source class probability. Dye detection: images in which the oracle still segments dye. "
+        "Bg-PSNR/SSIM: against the unsteered image of the same seed, outside the (dilated) lesion and "
+        "dye masks of both images.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def calibrate_and_ship(
+    out_dir: str | Path = VECTOR_DIR,
+    *,
+    vector_seeds: int = VECTOR_SEEDS,
+    calibration_seeds: int = 24,
+    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0),
+    model_path: str | None = None,
+    oracle_path: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Build every edit's vector, scan layers, sweep windows x strengths on calibration seeds
+    (disjoint from the demo's held-out seeds), and save the vectors with the chosen setting in their
+    metadata (``calibrated_layer_start``, ``calibrated_layer_end``, ``calibrated_strength``)."""
+    from .mini import load_mini
+    from .oracle import load_oracle
+
+    model = load_mini(model_path)
+    oracle = load_oracle(oracle_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [800_000 + i for i in range(calibration_seeds)]
+    windows = _windows(model.transformer.config.num_layers)
+    summary = {}
+    for edit in EDITS:
+        vector = build_vector(model, edit.source, edit.target, list(range(vector_seeds)))
+        kind = "dye" if edit.dye else "lesion"
+        local, positive, _ = gate_localisation(model, oracle, vector, edit.source, seeds[:8], kind)
+        rows = sweep(model, oracle, vector, edit.source, edit.target, seeds, windows, strengths)
+        best = calibrate(rows, edit.dye)
+        vector.metadata.update(
+            {
+                "calibrated_layer_start": str(best.layer_start),
+                "calibrated_layer_end": str(best.layer_end),
+                "calibrated_strength": f"{best.strength:g}",
+                "calibration": json.dumps(
+                    {
+                        "seeds": f"{seeds[0]}..{seeds[-1]}",
+                        "layer_profile": [round(x, 4) for x in layer_profile(vector)],
+                        "gate_localisation": [round(x, 3) for x in local],
+                        "gate_positive_fraction": [round(x, 3) for x in positive],
+                        "chosen": best.as_dict(),
+                    }
+                ),
+            }
+        )
+        save_vector(vector, out_dir / f"{edit.name}.safetensors")
+        summary[edit.name] = {
+            "chosen": best.as_dict(),
+            "layer_profile": layer_profile(vector),
+            "gate_localisation": local,
+            "gate_positive_fraction": positive,
+            "sweep": [r.as_dict() for r in rows],
+        }
+        if not quiet:
+            print(f"{edit.name}: {best}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``medsteer demo [options]`` (every option has a default; no flags runs the full demo)."""
+    parser = argparse.ArgumentParser(prog="medsteer demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="medsteer_demo", help="output folder (default medsteer_demo/)")
+    parser.add_argument("--seeds", type=int, default=32, help="held-out seeds per table row (default 32)")
+    parser.add_argument("--vector-seeds", type=int, default=VECTOR_SEEDS, help="seeds per prompt for each vector")
+    parser.add_argument("--edits", default=",".join(e.name for e in EDITS), help="comma-separated edits to run")
+    parser.add_argument("--model", default=None, help="a MedSteer-mini .safetensors (default: the shipped one)")
+    parser.add_argument("--oracle", default=None, help="an oracle .safetensors (default: the shipped one)")
+    parser.add_argument("--no-cache", action="store_true", help="rebuild the vectors even if cached")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (few seeds and sweep points)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="re-run the layer scan and write calibrated vectors to --out"
+    )
+    args = parser.parse_args(argv)
+    known = {e.name for e in EDITS}
+    edits = tuple(x.strip() for x in args.edits.split(",") if x.strip())
+    unknown = [e for e in edits if e not in known]
+    if unknown:
+        parser.error(f"unknown edit(s) {unknown}; choose from {sorted(known)}")
+    if args.calibrate:
+        summary = calibrate_and_ship(args.out, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet)
+        Path(args.out, "calibration.json").write_text(json.dumps(summary, indent=2))
+        return 0
+    kwargs = {}
+    if args.quick:
+        kwargs = {"strengths": (0.0, 1.0), "seed_counts": (2, 4), "grid_seeds": 2}
+    run_demo(
+        args.out,
+        eval_seeds=args.seeds,
+        vector_seeds=args.vector_seeds,
+        edits=edits,
+        model_path=args.model,
+        oracle_path=args.oracle,
+        use_cache=not args.no_cache,
+        quiet=args.quiet,
+        **kwargs,
+    )
+    if not args.quiet:
+        print(Path(args.out, "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""MedSteer-mini: a tiny PixArt-class text-to-image model of synthetic endoscopy, built offline.
+
+Why it exists (issue 5): few users have a GPU, the 20 GB of PixArt-alpha + T5-XXL weights or the
+authors' Kvasir LoRA, yet the method should be visible and measurable in minutes. MedSteer-mini is
+the same kind of model at toy scale, so every hook, capture and steering path is the code that
+serves the real PixArt:
+
+- transformer: a diffusers ``PixArtTransformer2DModel`` (6 blocks x 128 wide, patch 4) working in
+  **pixel space** on 32x32 RGB. A VAE would itself need training and would add a second learnt
+  component between the steered activations and the pixels the oracle judges; at 32x32 pixels the
+  transformer sees 8x8 = 64 tokens, the same token count as a 256 px PixArt latent with patch 2 on
+  a 16x16 latent, so pixel space is both simpler and cheaper.
+- text encoder: a 2-layer ``T5EncoderModel`` built from a ``T5Config`` and trained jointly.
+- tokenizer: a word-level ``tokenizers`` model over the caption vocabulary, with T5's ``</s>``
+  appended, wrapped in ``PreTrainedTokenizerFast``.
+- sampling: DDIM, ``clip_sample=True`` (without it the feasibility run showed seed-locked colour
+  artefacts), 20 steps, CFG 4, through ``medsteer_core.driver.sample``.
+
+Everything ships as ONE safetensors file (weights of both networks; configs and vocabulary in its
+string metadata), so nothing is unpickled. Train it again with::
+
+    python -m medsteer_core.mini train --out mini.safetensors --minutes 60
+
+(see ``train`` for the settings and the README for the measured time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import synthetic
+from .driver import SamplingSpec, sample
+from .errors import MedSteerError
+
+__all__ = [
+    "DEFAULT_PATH",
+    "MiniModel",
+    "build_tokenizer",
+    "load_mini",
+    "new_mini",
+    "save_mini",
+    "train",
+]
+
+#: Where the shipped model lives inside the package.
+DEFAULT_PATH = Path(__file__).parent / "assets" / "mini" / "medsteer_mini.safetensors"
+FORMAT_NAME = "medsteer.mini"
+FORMAT_VERSION = "1"
+MAX_TOKENS = 16
+SPECIALS = ("<pad>", "</s>", "<unk>")
+
+TRANSFORMER_CONFIG = {
+    "sample_size": 32,
+    "patch_size": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "cross_attention_dim": 128,
+    "caption_channels": 64,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "use_additional_conditions": False,
+}
+TEXT_CONFIG = {
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "dropout_rate": 0.0,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+}
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def vocabulary() -> list[str]:
+    """Every word of every caption the generator writes, after the special tokens."""
+    words: dict[str, None] = {}
+    for template in synthetic.TEMPLATES:
+        for name in synthetic.CLASSES:
+            for word in synthetic.caption(name, synthetic.TEMPLATES.index(template)).lower().split():
+                words[word] = None
+    return list(SPECIALS) + sorted(words)
+
+
+def build_tokenizer(vocab: list[str] | None = None):
+    """A T5-style word-level tokenizer (lower-cased words, ``</s>`` appended), built offline."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocab or vocabulary()
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_TOKENS
+    )
+
+
+@dataclass
+class MiniModel:
+    """The transformer, text encoder and tokenizer of MedSteer-mini, plus how to sample it.
+
+    Attributes:
+        transformer: the ``PixArtTransformer2DModel`` (pixel space, 3 channels).
+        text_encoder: the ``T5EncoderModel``.
+        tokenizer: the ``PreTrainedTokenizerFast``.
+        metadata: provenance strings (training settings, time, calibrated defaults).
+    """
+
+    transformer: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return int(self.transformer.config.sample_size)
+
+    def spec(self, steps: int = 20, cfg: float = 4.0) -> SamplingSpec:
+        """The sampling settings the model was made for (DDIM 20 steps, CFG 4, 32x32x3)."""
+        return SamplingSpec(steps=steps, cfg=cfg, height=self.size, width=self.size, channels=3)
+
+    def scheduler(self):
+        """A fresh DDIM scheduler with the training noise schedule and ``clip_sample=True``."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler(**SCHEDULE, clip_sample=True, timestep_spacing="trailing")
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption embeddings ``[B, 16, 64]`` and attention mask ``[B, 16]`` of the prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return _encode(self.text_encoder, self.tokenizer, prompts)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        seeds: list[int],
+        *,
+        plans=(),
+        record=None,
+        estimator=None,
+        label: str = "with",
+        steps: int = 20,
+        cfg: float = 4.0,
+        progress=None,
+    ) -> torch.Tensor:
+        """Images ``[B, 3, 32, 32]`` in 0-1 for the seeds (one prompt, or one per seed).
+
+        Steering plans, a gate record and a capture estimator go straight to
+        ``medsteer_core.driver.sample``: the same hooks as on the real PixArt.
+        """
+        embeds, mask = self.encode(prompt)
+        uncond, uncond_mask = self.encode("")
+        latents = sample(
+            self.transformer,
+            self.scheduler(),
+            embeds,
+            seeds,
+            self.spec(steps, cfg),
+            negative_embeds=uncond,
+            prompt_mask=mask,
+            negative_mask=uncond_mask,
+            plans=plans,
+            record=record,
+            estimator=estimator,
+            label=label,
+            progress=progress,
+        )
+        return ((latents + 1) / 2).clamp(0, 1)
+
+
+def _encode(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+def new_mini(seed: int = 0) -> MiniModel:
+    """A freshly initialised (untrained) MedSteer-mini."""
+    from diffusers import PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
+    text_config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **TEXT_CONFIG)
+    text_encoder = T5EncoderModel(text_config)
+    return MiniModel(transformer.eval(), text_encoder.eval(), tokenizer, {})
+
+
+def save_mini(model: MiniModel, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write both networks, their configs and the vocabulary to one safetensors file (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transformer.{k}": v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+    tensors.update(
+        {f"text_encoder.{k}": v.detach().cpu().contiguous() for k, v in model.text_encoder.state_dict().items()}
+    )
+    # T5 ties shared embeddings to the encoder's embed_tokens: store one copy.
+    tensors.pop("text_encoder.encoder.embed_tokens.weight", None)
+    meta = dict(model.metadata)
+    meta.update(metadata or {})
+    meta.update(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "transformer_config": json.dumps(TRANSFORMER_CONFIG | _config_of(model.transformer)),
+            "text_encoder_config": json.dumps(_text_config_of(model.text_encoder)),
+            "vocabulary": json.dumps(_vocab_list(model.tokenizer)),
+            "schedule": json.dumps(SCHEDULE),
+        }
+    )
+    model.metadata = {k: str(v) for k, v in meta.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=model.metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _vocab_list(tokenizer) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [w for w, _ in sorted(vocab.items(), key=lambda item: item[1])]
+
+
+def _config_of(transformer) -> dict:
+    return {k: transformer.config[k] for k in TRANSFORMER_CONFIG if k in transformer.config}
+
+
+def _text_config_of(text_encoder) -> dict:
+    config = text_encoder.config
+    keys = list(TEXT_CONFIG) + ["vocab_size", "pad_token_id", "eos_token_id"]
+    return {k: getattr(config, k) for k in keys}
+
+
+def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
+    """Load MedSteer-mini (default: the model shipped in the package).
+
+    Raises:
+        MedSteerError: the file is missing or is not a MedSteer-mini file.
+    """
+    from diffusers import PixArtTransformer2DModel
+    from safetensors import safe_open
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path) if path is not None else DEFAULT_PATH
+    if not path.is_file():
+        raise MedSteerError(
+            f"no MedSteer-mini model at {path}: pass the path of a file written by "
+            "`python -m medsteer_core.mini train`, or reinstall the package to restore the shipped one"
+        )
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != FORMAT_NAME:
+            raise MedSteerError(f"{path} is not a MedSteer-mini file (format {meta.get('format')!r})")
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    transformer = PixArtTransformer2DModel(**json.loads(meta["transformer_config"]))
+    tokenizer = build_tokenizer(json.loads(meta["vocabulary"]))
+    text_encoder = T5EncoderModel(T5Config(**json.loads(meta["text_encoder_config"])))
+    transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
+    text_state = {k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    text_state["encoder.embed_tokens.weight"] = text_state["shared.weight"]
+    text_encoder.load_state_dict(text_state)
+    return MiniModel(transformer.eval(), text_encoder.eval(), tokenizer, dict(meta))
+
+
+# ---------------------------------------------------------------------------------------- training
+def train(
+    out: str | os.PathLike,
+    *,
+    minutes: float = 60.0,
+    max_steps: int = 1_000_000,
+    batch: int = 64,
+    lr: float = 6e-4,
+    per_class: int = 3000,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    threads: int | None = None,
+    log=print,
+) -> MiniModel:
+    """Train MedSteer-mini on the synthetic classes (epsilon prediction, linear DDPM schedule).
+
+    Settings: AdamW (lr 6e-4, 300 warm-up steps, no weight decay), batch 64, uniform timesteps,
+    10 % caption dropout (the unconditional prompt is ``""``, as CFG samples it), EMA 0.999 of both
+    networks (the EMA weights are what is saved), gradient clipping at 1. Data: ``per_class``
+    frames per class rendered once (seeds 1,000,000 on, disjoint from every evaluation seed),
+    captions re-drawn from the templates at every step. Stops after ``minutes`` or ``max_steps``;
+    writes ``out`` (EMA weights) every ``checkpoint_every`` steps and ``out + ".state.pt"`` (local
+    resume state: raw weights and optimiser; not for shipping).
+    """
+    from diffusers import DDPMScheduler
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    state_path = Path(str(out) + ".state.pt")
+    model = new_mini(seed)
+    ema = new_mini(seed)
+    nets = nn.ModuleList([model.transformer, model.text_encoder]).train()
+    ema_nets = nn.ModuleList([ema.transformer, ema.text_encoder])
+    ema_nets.load_state_dict(nets.state_dict())
+    ema_nets.requires_grad_(False)
+    optimiser = torch.optim.AdamW(nets.parameters(), lr=lr, weight_decay=0.0)
+    step, elapsed_before = 0, 0.0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        nets.load_state_dict(state["nets"])
+        ema_nets.load_state_dict(state["ema"])
+        optimiser.load_state_dict(state["optimiser"])
+        step, elapsed_before = int(state["step"]), float(state["elapsed"])
+        log(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)")
+    noise_schedule = DDPMScheduler(**SCHEDULE)
+    alphas = noise_schedule.alphas_cumprod
+    t0 = time.time()
+    data = synthetic.dataset(per_class, seed=1_000_000)
+    images = data["images"] * 2 - 1
+    labels = data["labels"]
+    log(f"rendered {len(images)} training frames in {time.time() - t0:.1f}s")
+    generator = torch.Generator().manual_seed(seed + step)
+    prompts_all = [
+        [synthetic.caption(c, k) for k in range(len(synthetic.TEMPLATES))] for c in range(len(synthetic.CLASSES))
+    ]
+    n_templates = len(synthetic.TEMPLATES)
+    params = sum(p.numel() for p in model.transformer.parameters())
+    text_params = sum(p.numel() for p in model.text_encoder.parameters())
+    settings = {
+        "batch": batch,
+        "lr": lr,
+        "per_class": per_class,
+        "caption_dropout": caption_dropout,
+        "ema_decay": ema_decay,
+        "seed": seed,
+        "transformer_parameters": params,
+        "text_encoder_parameters": text_params,
+        "threads": torch.get_num_threads(),
+    }
+    log(f"training: {params / 1e6:.2f}M transformer + {text_params / 1e6:.2f}M text parameters; {settings}")
+    start = time.time()
+    first_step = step
+    running = 0.0
+
+    def checkpoint() -> None:
+        elapsed = elapsed_before + time.time() - start
+        meta = {
+            "training": json.dumps(settings | {"steps": step, "minutes": round(elapsed / 60, 1)}),
+            "trained_steps": str(step),
+        }
+        save_mini(ema, out, meta)
+        state = {
+            "nets": nets.state_dict(),
+            "ema": ema_nets.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+        }
+        tmp = Path(str(state_path) + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, state_path)
+        log(f"checkpoint at step {step} ({elapsed / 60:.1f} min) -> {out}")
+
+    while step < max_steps and (elapsed_before + time.time() - start) < minutes * 60:
+        index = torch.randint(0, len(images), (batch,), generator=generator)
+        x0 = images[index]
+        templates = torch.randint(0, n_templates, (batch,), generator=generator).tolist()
+        drop = (torch.rand(batch, generator=generator) < caption_dropout).tolist()
+        prompts = [
+            "" if d else prompts_all[int(c)][k] for c, k, d in zip(labels[index].tolist(), templates, drop, strict=True)
+        ]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (batch,), generator=generator)
+        a = alphas[t].sqrt()[:, None, None, None]
+        s = (1 - alphas[t]).sqrt()[:, None, None, None]
+        noisy = a * x0 + s * noise
+        for group in optimiser.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 300)
+        embeds, mask = _encode_train(model.text_encoder, model.tokenizer, prompts)
+        pred = model.transformer(
+            noisy,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
+        optimiser.step()
+        step += 1
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema_nets.parameters(), nets.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        value = float(loss.detach())
+        running = 0.98 * running + 0.02 * value if step > 1 else value
+        if step % 50 == 0:
+            rate = (time.time() - start) / max(1, step - first_step)
+            log(f"step {step} loss {running:.4f} ({rate:.2f}s/step)")
+        if step % checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    ema.transformer.eval()
+    ema.text_encoder.eval()
+    return ema
+
+
+def _encode_train(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return text_encoder(
+        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+    ).last_hidden_state, tokens["attention_mask"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medsteer_core.mini", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train MedSteer-mini on the synthetic endoscopy classes")
+    p.add_argument("--out", required=True, help="output .safetensors (EMA weights, rewritten at every checkpoint)")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget (default 60)")
+    p.add_argument("--steps", type=int, default=1_000_000, help="maximum steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--per-class", type=int, default=3000, help="training frames per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    args = parser.parse_args(argv)
+    train(
+        args.out,
+        minutes=args.minutes,
+        max_steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        per_class=args.per_class,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        threads=args.threads,
+        log=lambda msg: print(msg, flush=True),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Layer scan and calibration: where in the model does a concept live, and how hard to push?
+
+The paper's window (layers 8-16) and strength (2.5) belong to its 28-layer PixArt-XL-2 with the
+Kvasir LoRA; the feasibility run behind issue 5 found that they do not transfer (on a 6-layer model
+one early layer at strength 1 removed the dye; other layers carried a common-mode component and
+steering there only added noise). So the window is measured, per model:
+
+- ``layer_profile``: per layer, the size of the concept difference ``|mean_with - mean_without|``
+  relative to the mean activation's norm (how much of the layer's output is the concept);
+- ``gate_localisation``: per layer, how much of the gate ``max(<h, v>, 0)`` falls on the concept's
+  pixels (from the oracle's mask of the unsteered image) compared with an even spread (1 = no better
+  than uniform), and the fraction of tokens with a positive gate;
+- ``sweep``: windows x strengths scored with the oracle (``metrics.score_pairs``);
+- ``calibrate``: picks the setting that removes the concept most often, breaking ties by the
+  background PSNR, and returns it with the whole sweep.
+
+These work on any model that ``MiniModel.generate`` wraps; ``vectors_for`` builds the vectors the
+way ``medsteer build-vector`` does (varied caption templates, one seed per image, both prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import synthetic
+from .estimate import VectorEstimator
+from .hooks import GateRecord, SteeringPlan
+from .metrics import score_pairs
+from .vector import PathologyVector
+
+__all__ = [
+    "LayerStats",
+    "SweepRow",
+    "build_vector",
+    "calibrate",
+    "gate_localisation",
+    "layer_profile",
+    "prompts_for",
+    "sweep",
+]
+
+
+def prompts_for(name: str, seeds: Sequence[int], offset: int = 0) -> list[str]:
+    """One caption per seed for class ``name``, cycling through the templates (varied phrasing)."""
+    n = len(synthetic.TEMPLATES)
+    return [synthetic.caption(name, (offset + i) % n) for i in range(len(seeds))]
+
+
+def build_vector(
+    model,
+    with_class: str,
+    without_class: str,
+    seeds: Sequence[int],
+    *,
+    batch: int = 40,
+    progress: Callable[[int], None] | None = None,
+) -> PathologyVector:
+    """Estimate the pathology vector ``with_class`` minus ``without_class`` on a MiniModel.
+
+    Every seed is sampled once with each prompt; the caption template cycles with the seed index, so
+    the two classes share seeds and phrasing and differ only in the concept (method.md).
+
+    Args:
+        model: a ``mini.MiniModel``.
+        with_class / without_class: class names of ``synthetic.CLASSES``.
+        seeds: the seeds (the paper uses 50).
+        batch: images per sampling run.
+        progress: called with the number of images finished after every run.
+    """
+    estimator = VectorEstimator.for_model(model.transformer)
+    seeds = list(seeds)
+    for label, name in (("with", with_class), ("without", without_class)):
+        prompts = prompts_for(name, seeds)
+        for i in range(0, len(seeds), batch):
+            model.generate(prompts[i : i + batch], seeds[i : i + batch], estimator=estimator, label=label)
+            if progress is not None:
+                progress(len(seeds[i : i + batch]))
+    spec = model.spec()
+    meta = {
+        "concept_with": synthetic.CONCEPTS[with_class],
+        "concept_without": synthetic.CONCEPTS[without_class],
+        "class_with": with_class,
+        "class_without": without_class,
+        "prompts_with": repr(sorted(set(prompts_for(with_class, seeds)))),
+        "prompts_without": repr(sorted(set(prompts_for(without_class, seeds)))),
+        "seeds": ",".join(str(s) for s in seeds),
+        "steps": str(spec.steps),
+        "cfg": str(spec.cfg),
+        "sampler": "ddim",
+        "scheduler": "trailing, clip_sample",
+        "width": str(spec.width),
+        "height": str(spec.height),
+        "model_family": "medsteer-mini",
+    }
+    return estimator.result(meta)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per-layer scan results (lists indexed by layer).
+
+    Attributes:
+        relative_difference: ``|mean_with - mean_without| / |mean activation|``, averaged over timesteps.
+        localisation: gate mass on the concept's pixels divided by the concept's area fraction
+            (1 = spread evenly; higher = concentrated on the concept).
+        positive_fraction: fraction of tokens whose gate is positive.
+    """
+
+    relative_difference: list[float]
+    localisation: list[float]
+    positive_fraction: list[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_profile(vector: PathologyVector) -> list[float]:
+    """Per layer: the concept difference relative to the mean activation norm, averaged over timesteps."""
+    mean_with = vector.sum_with.double() / vector.count_with.clamp_min(1).double()[:, None, None]
+    mean_without = vector.sum_without.double() / vector.count_without.clamp_min(1).double()[:, None, None]
+    scale = ((mean_with + mean_without) / 2).norm(dim=-1).clamp_min(1e-12)
+    return ((mean_with - mean_without).norm(dim=-1) / scale).mean(0).tolist()
+
+
+def gate_localisation(
+    model,
+    oracle,
+    vector: PathologyVector,
+    concept: str,
+    seeds: Sequence[int],
+    mask_kind: str = "dye",
+) -> tuple[list[float], list[float], torch.Tensor]:
+    """Gate localisation per layer on images of the ``concept`` prompt (with-concept class name).
+
+    Samples the seeds once with a strength-0 plan over every layer (the images are exactly the
+    unsteered ones) while recording the gates, and compares them with the oracle's mask.
+
+    Returns:
+        ``(localisation[L], positive_fraction[L], images)``.
+    """
+    depth = vector.depth
+    record = GateRecord()
+    plan = SteeringPlan(vector, strength=0.0, layer_start=0, layer_end=depth)
+    images = model.generate(prompts_for(concept, seeds), list(seeds), plans=[plan], record=record)
+    gates = record.maps().maps  # [S, L, B, h, w]
+    read = oracle.read(images)
+    mask = (read.dye if mask_kind == "dye" else read.lesion) > 0.5
+    grid = gates.shape[-2:]
+    token_mask = F.adaptive_avg_pool2d(mask[:, None].float(), grid)[:, 0]  # [B, h, w] concept fraction
+    area = token_mask.flatten(1).mean(-1)  # [B]
+    mass = gates.clamp_min(0)
+    total = mass.flatten(-2).sum(-1).clamp_min(1e-12)  # [S, L, B]
+    inside = (mass * token_mask).flatten(-2).sum(-1) / total
+    valid = area > 0
+    lift = (inside[..., valid] / area[valid]).mean(dim=(0, 2))
+    positive = (gates > 0).float().mean(dim=(0, 2, 3, 4))
+    return lift.tolist(), positive.tolist(), images
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    layer_start: int
+    layer_end: int
+    strength: float
+    flip_rate: float
+    delta_p: float
+    source_removed: float
+    dye_detection: float
+    bg_psnr: float
+    bg_ssim: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(
+    model,
+    oracle,
+    vector: PathologyVector,
+    source: str,
+    target: str,
+    seeds: Sequence[int],
+    windows: Sequence[tuple[int, int]],
+    strengths: Sequence[float],
+    *,
+    originals: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[SweepRow]:
+    """Score every window x strength on the seeds (prompt: the source class, template cycling).
+
+    Args:
+        originals: the unsteered images of these seeds, if already sampled.
+        progress: called with 1 after every setting.
+    """
+    prompts = prompts_for(source, seeds)
+    if originals is None:
+        originals = model.generate(prompts, list(seeds))
+    s, t = synthetic.CLASSES.index(source), synthetic.CLASSES.index(target)
+    rows = []
+    for start, end in windows:
+        for strength in strengths:
+            plan = SteeringPlan(vector, strength=float(strength), layer_start=start, layer_end=end)
+            edits = model.generate(prompts, list(seeds), plans=[plan])
+            scores = score_pairs(oracle, originals, edits, s, t)
+            rows.append(
+                SweepRow(
+                    start,
+                    end,
+                    float(strength),
+                    scores.flip_rate,
+                    scores.delta_p,
+                    scores.source_removed,
+                    scores.dye_detection,
+                    scores.bg_psnr,
+                    scores.bg_ssim,
+                )
+            )
+            if progress is not None:
+                progress(1)
+    return rows
+
+
+def removal(row: SweepRow, dye: bool) -> float:
+    """How often the concept went: 1 - dye detection for dye, else the flip rate."""
+    return 1 - row.dye_detection if dye else row.flip_rate
+
+
+def calibrate(rows: Sequence[SweepRow], dye: bool) -> SweepRow:
+    """The setting that removes the concept most often (within 0.05 of the best), then the best PSNR."""
+    best = max(removal(r, dye) for r in rows)
+    good = [r for r in rows if removal(r, dye) >= best - 0.05]
+    return max(good, key=lambda r: r.bg_psnr)
