@@ -234,3 +234,41 @@ def test_vector_captured_with_comfyui_layout_equals_batched_capture(model):
     assert a.timesteps.tolist() == [499.0, 999.0]
     torch.testing.assert_close(a.directions, b.directions, atol=1e-5, rtol=1e-5)
     assert math.isclose(float(a.count_with.sum()), 2.0)
+
+
+# ----------------------------------------------------------------------------------- MedSteer-mini
+def test_medsteer_mini_file_loads_and_samples_in_pixel_space(tmp_path):
+    from medsteer_core import mini
+
+    path = mini.save_mini(mini.new_mini(seed=0), tmp_path / "mini.safetensors")
+    model = mp.load_model(path, device="cpu", quiet=True)
+    assert model.family == "medsteer-mini" and model.latent_scale == 1 and model.latent_channels == 3
+    assert model.default_size == (32, 32) and model.default_cfg == 4.0
+    latents = model.sample("a", [0], model.spec(2, model.default_cfg))
+    (image,) = model.decode(latents)
+    assert image.size == (32, 32)
+    with pytest.raises(mp.ModelLoadError, match="not to MedSteer-mini"):
+        mp.load_model(path, lora=tmp_path, device="cpu")
+
+
+# ----------------------------------------------------------------------------------- README
+def test_readme_headless_pipeline_example_runs(folders, tmp_path, monkeypatch, capsys):
+    """The README's pipeline block, with its settings line pointed at the tiny model (4 layers)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Headless pipeline", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    settings = {
+        r"MODEL, LORA = .*": f"MODEL, LORA = {str(folders['model'])!r}, {str(folders['lora'])!r}",
+        r"SEEDS, STEPS, STRENGTH, WINDOW = .*": "SEEDS, STEPS, STRENGTH, WINDOW = 2, 3, 2.5, (1, 3)",
+    }
+    for pattern, line in settings.items():
+        block, count = re.subn(pattern, line, block)
+        assert count == 1, pattern
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert "4 pairs written, 0 already there" in capsys.readouterr().out
+    assert (tmp_path / "fig3.png").is_file() and (tmp_path / "vectors" / "dye.halves" / "a.safetensors").is_file()
+    assert len((tmp_path / "pairs" / "dye" / mp.MANIFEST).read_text().splitlines()) == 4
