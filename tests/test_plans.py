@@ -1,0 +1,339 @@
+"""The node logic that runs without ComfyUI: input parsing, validation and plan building."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medsteer_core import (
+    GateMaps,
+    PathologyVector,
+    SteeringPlan,
+    UnsupportedModelError,
+    VectorMismatchError,
+    load_vector,
+    save_vector,
+    steering,
+)
+from medsteer_core.heatmap import parse_layers, parse_steps, select_maps
+from medsteer_core.plans import (
+    HEATMAP_PRESETS,
+    MAX_SEED,
+    PAPER_FIGURE_3,
+    ROW_OPTIONS,
+    build_metadata,
+    chain_plans,
+    check_index_list,
+    check_latent_size,
+    check_save_name,
+    heatmap_selection,
+    make_plan,
+    prompt_text,
+    resolve_edit,
+    seed_batches,
+    timestep_window,
+)
+from tests.conftest import make_transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_vector(depth=4, hidden=16, keys=5, seed=0) -> PathologyVector:
+    g = torch.Generator().manual_seed(seed)
+    count = torch.full((keys,), 2, dtype=torch.int64)
+    return PathologyVector.from_sums(
+        torch.linspace(0, 999, keys),
+        torch.randn(keys, depth, hidden, generator=g, dtype=torch.float64),
+        torch.randn(keys, depth, hidden, generator=g, dtype=torch.float64),
+        count,
+        count.clone(),
+        {"concept_with": "dye"},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_transformer(num_layers=4, heads=2, head_dim=8)  # hidden 16
+
+
+# ---------------------------------------------------------------------------------- latents
+def test_latent_size_limit_is_where_pixart_divides_by_zero():
+    # ComfyUI's PixArt: base_size = round(((H + W) // 2) / 64) * 64 // patch, zero for (H+W)//2 <= 32.
+    for h in range(1, 80):
+        for w in range(1, 80):
+            if (h + w) // 2 <= 32:
+                with pytest.raises(ValueError, match="divides by zero"):
+                    check_latent_size(h, w)
+            else:
+                check_latent_size(h, w)
+
+
+def test_latent_size_error_names_the_size_and_the_fix():
+    with pytest.raises(ValueError) as error:
+        check_latent_size(32, 32)
+    assert "32x32" in str(error.value) and "256x256 pixels" in str(error.value) and "34x34" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------- seeds
+@pytest.mark.parametrize(("num_seeds", "batch"), [(1, 1), (5, 2), (50, 4), (6, 6), (3, 8)])
+def test_seed_batches_cover_every_seed_once_in_order(num_seeds, batch):
+    batches = seed_batches(10, num_seeds, batch)
+    assert [s for b in batches for s in b] == list(range(10, 10 + num_seeds))
+    assert all(1 <= len(b) <= batch for b in batches) and all(len(b) == batch for b in batches[:-1])
+
+
+def test_seed_batches_refuse_bad_counts_and_overflow():
+    with pytest.raises(ValueError, match="num_seeds"):
+        seed_batches(0, 0, 1)
+    with pytest.raises(ValueError, match="batch size"):
+        seed_batches(0, 3, 0)
+    with pytest.raises(ValueError, match="seed range"):
+        seed_batches(MAX_SEED - 1, 3, 1)
+    assert seed_batches(MAX_SEED - 1, 2, 2) == [[MAX_SEED - 1, MAX_SEED]]
+
+
+# ---------------------------------------------------------------------------------- windows
+def test_whole_run_window_needs_no_mapping_and_covers_every_timestep():
+    def never(_):
+        raise AssertionError("not called for the whole run")
+
+    assert timestep_window(0.0, 1.0, never) == (0.0, 1000.0)
+
+
+def test_window_maps_percents_through_the_host():
+    seen = []
+
+    def to_timestep(p):
+        seen.append(p)
+        return 999.0 * (1 - p)
+
+    low, high = timestep_window(0.25, 0.75, to_timestep)
+    assert seen == [0.25, 0.75] and high == pytest.approx(749.25) and low == pytest.approx(249.75)
+    assert timestep_window(0.5, 1.0, to_timestep) == (0.0, pytest.approx(499.5))
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "words"),
+    [
+        (0.6, 0.4, "empty steering window"),
+        (-0.1, 0.5, "between 0 and 1"),
+        (0.0, 1.5, "between 0 and 1"),
+        (1.0, 1.0, "contains no sampling step"),
+        (0.0, 0.0, "contains no sampling step"),
+        (float("nan"), 1.0, "between 0 and 1"),
+    ],
+)
+def test_bad_windows_are_refused(start, end, words):
+    with pytest.raises(ValueError, match=words):
+        timestep_window(start, end, lambda p: 1000 * (1 - p))
+
+
+# ---------------------------------------------------------------------------------- plans
+def test_make_plan_maps_widgets_to_a_validated_plan(tiny):
+    vector = make_vector()
+    plan = make_plan(
+        tiny,
+        vector,
+        strength=2.5,
+        layer_start=1,
+        layer_end=3,
+        start_percent=0.5,
+        end_percent=1.0,
+        percent_to_timestep=lambda p: 999.0 * (1 - p),
+        rows="cond only",
+        preserve_norm=True,
+        interpolation="linear",
+    )
+    assert plan == SteeringPlan(vector, 2.5, 1, 3, 499.5, 0.0, "cond", True, "linear")
+    assert {ROW_OPTIONS[k] for k in ROW_OPTIONS} == {"all", "cond"}
+    assert make_plan(tiny, vector, strength=0, layer_start=0, layer_end=4).rows == "all"
+
+
+def test_plan_from_widgets_steers_like_a_hand_made_plan(tiny):
+    vector = make_vector()
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+
+    def call():
+        with torch.no_grad():
+            return tiny(
+                x,
+                encoder_hidden_states=context,
+                timestep=torch.tensor([500.0, 500.0]),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False,
+            )[0]
+
+    outputs = []
+    for plan in (SteeringPlan(vector, 2.0, 1, 3), make_plan(tiny, vector, strength=2.0, layer_start=1, layer_end=3)):
+        with steering(tiny, plan, layout="cond"):
+            outputs.append(call())
+    assert torch.equal(*outputs) and not torch.equal(outputs[0], call())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "words"),
+    [
+        ({"layer_end": 9}, ValueError, "outside this model's 4 layers"),
+        ({"layer_start": 2, "layer_end": 2}, ValueError, "empty or outside"),
+        ({"layer_start": -1}, ValueError, "empty or outside"),
+        ({"rows": "uncond only"}, ValueError, "rows must be one of"),
+        ({"interpolation": "cubic"}, ValueError, "interpolation must be one of"),
+        ({"strength": float("inf")}, ValueError, "finite"),
+        ({"start_percent": 0.2}, ValueError, "needs percent_to_timestep"),
+    ],
+)
+def test_make_plan_refuses_bad_inputs_with_the_fix(tiny, overrides, error, words):
+    kwargs = {"strength": 2.5, "layer_start": 1, "layer_end": 3, **overrides}
+    with pytest.raises(error, match=words):
+        make_plan(tiny, make_vector(), **kwargs)
+
+
+def test_make_plan_refuses_other_models_and_vectors(tiny):
+    with pytest.raises(VectorMismatchError, match="hidden size 32 with 4 layers.*hidden size 16"):
+        make_plan(tiny, make_vector(hidden=32), strength=2.5, layer_start=1, layer_end=3)
+    with pytest.raises(UnsupportedModelError, match="PixArt"):
+        make_plan(nn.Linear(4, 4), make_vector(), strength=2.5, layer_start=1, layer_end=3)
+    with pytest.raises(TypeError, match="LoadPathologyVector"):
+        make_plan(tiny, torch.zeros(4, 16), strength=2.5, layer_start=1, layer_end=3)
+
+
+def test_chain_plans_appends_without_touching_the_upstream_plans(tiny):
+    a = make_plan(tiny, make_vector(seed=1), strength=2.5, layer_start=0, layer_end=2)
+    b = make_plan(tiny, make_vector(seed=2), strength=1.0, layer_start=1, layer_end=4)
+    upstream = (a,)
+    chained = chain_plans(upstream, b)
+    assert chained == (a, b) and upstream == (a,)
+    assert chain_plans([], a) == (a,)
+
+
+def test_resolve_edit_counts_from_both_ends():
+    assert [resolve_edit(e, 3) for e in (0, 1, 2, -1, -3)] == [0, 1, 2, 2, 0]
+    for bad in (3, -4):
+        with pytest.raises(ValueError, match="3 chained steering edit"):
+            resolve_edit(bad, 3)
+
+
+# ---------------------------------------------------------------------------------- heatmaps
+@pytest.mark.parametrize("text", ["all", "last", "8,12,14,19", " 0 ; 3 ", "2-5", "-1", "0,-1", "1-3,7"])
+def test_step_lists_accepted_by_the_syntax_check_parse_in_range(text):
+    check_index_list(text, "step")
+    assert parse_steps(text, 20)
+
+
+@pytest.mark.parametrize("text", ["", ",", "8,x", "1.5", "5-3", "3-3", "a-b", "8,,?"])
+def test_unreadable_step_lists_are_refused_before_sampling(text):
+    with pytest.raises(ValueError, match="step"):
+        check_index_list(text, "step")
+
+
+def test_layer_lists_accept_mean_and_ranges():
+    for text in ("mean", "all", "8", "8-16", "8,10"):
+        check_index_list(text, "layer", words=("mean", "all"))
+    assert parse_layers("8-10", list(range(8, 16))) == [8, 9]
+
+
+def test_paper_figure_3_is_a_preset():
+    assert heatmap_selection(next(k for k, v in HEATMAP_PRESETS.items() if v == PAPER_FIGURE_3), "all", "x") == (
+        PAPER_FIGURE_3
+    )
+    custom = next(k for k, v in HEATMAP_PRESETS.items() if v is None)
+    assert heatmap_selection(custom, "0,1", "mean").steps == "0,1"
+    with pytest.raises(ValueError, match="unknown preset"):
+        heatmap_selection("fig 4", "all", "mean")
+    # on a 20-step run steered on layers 8-16 it selects layer 8 at steps 8, 12, 14, 19
+    maps = torch.rand(20, 8, 1, 4, 4)
+    gates = GateMaps(torch.linspace(999, 0, 20), tuple(range(8, 16)), maps)
+    chosen, steps, layers = select_maps(gates, PAPER_FIGURE_3.steps, PAPER_FIGURE_3.layers)
+    assert torch.equal(chosen, maps[[8, 12, 14, 19]][:, [0], 0])
+    assert [s.split(" (")[0] for s in steps] == ["step 8", "step 12", "step 14", "step 19"] and layers == ["layer 8"]
+
+
+# ---------------------------------------------------------------------------------- metadata
+def test_prompt_text_follows_links_to_the_text_encoder():
+    prompt = {
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "dyed lifted polyps", "clip": ["4", 1]}},
+        "7": {"class_type": "ConditioningSetAreaStrength", "inputs": {"conditioning": ["6", 0], "strength": 1.0}},
+        "8": {"class_type": "SomeEncoder", "inputs": {"text": ["9", 0]}},
+        "9": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "x"}},
+        "10": {
+            "class_type": "BuildPathologyVector",
+            "inputs": {"with_concept": ["6", 0], "without_concept": ["7", 0], "uncond": ["8", 0], "seed": 3},
+        },
+    }
+    assert prompt_text(prompt, "10", "with_concept") == "dyed lifted polyps"
+    assert prompt_text(prompt, "10", "without_concept") == "dyed lifted polyps"  # through a pass-through node
+    assert prompt_text(prompt, "10", "uncond") is None  # text comes from another node: unknown
+    assert prompt_text(prompt, "10", "seed") is None
+    assert prompt_text(None, "10", "with_concept") is None
+    loop = {"1": {"inputs": {"conditioning": ["2", 0]}}, "2": {"inputs": {"conditioning": ["1", 0]}}}
+    assert prompt_text(loop, "1", "conditioning") is None
+
+
+def test_build_metadata_is_strings_and_survives_a_file_round_trip(tmp_path):
+    meta = build_metadata(
+        prompts_with=["dyed lifted polyps"],
+        prompts_without=[None],
+        negative_prompt=None,
+        seeds=[4, 5, 6],
+        steps=20,
+        cfg=4.5,
+        sampler_name="euler",
+        scheduler="normal",
+        height=512,
+        width=512,
+        model_family="pixart_alpha",
+        host="ComfyUI BuildPathologyVector",
+    )
+    assert all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["seeds"]) == [4, 5, 6] and json.loads(meta["prompts_without"]) == [""]
+    assert meta["concept_with"] == "dyed lifted polyps" and meta["cfg"] == "4.5"
+    vector = make_vector()
+    vector = PathologyVector(
+        vector.directions,
+        vector.timesteps,
+        vector.sum_with,
+        vector.sum_without,
+        vector.count_with,
+        vector.count_without,
+        {**vector.metadata, **meta},
+    )
+    loaded = load_vector(save_vector(vector, tmp_path / "v"))
+    assert all(loaded.metadata[k] == v for k, v in meta.items())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("dye", "dye"),
+        ("kvasir/polyp_to_normal", "kvasir/polyp_to_normal"),
+        ("a\\b.safetensors", "a/b"),
+        ("x//y", "x/y"),
+    ],
+)
+def test_save_names_stay_inside_the_folder(name, expected):
+    assert check_save_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "   ", "../up", "a/../../b", "/etc/x", "C:/x", ".safetensors"])
+def test_save_names_that_escape_are_refused(name):
+    with pytest.raises(ValueError, match="inside models/medsteer"):
+        check_save_name(name)
+
+
+# ---------------------------------------------------------------------------------- packaging
+def test_importing_the_pack_root_outside_comfyui_registers_nothing():
+    spec = importlib.util.spec_from_file_location(
+        "medsteer_pack_under_test", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert not hasattr(module, "comfy_entrypoint") and not hasattr(module, "NODE_CLASS_MAPPINGS")
