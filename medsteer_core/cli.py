@@ -124,16 +124,19 @@ def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--strength",
         type=float,
         action="append",
-        help="the paper's alpha (default: the vector's recommended value, else 2.5; 0 = unsteered; negative amplifies)",
+        help="the paper's alpha (default: the vector's calibrated value, else 2.5; 0 = unsteered; negative amplifies)",
     )
     group.add_argument(
-        "--layer-start", type=int, action="append", help="first steered block (default: recommended, else 8)"
+        "--layer-start",
+        type=int,
+        action="append",
+        help="first steered block (default: the vector's calibrated one, else 8)",
     )
     group.add_argument(
         "--layer-end",
         type=int,
         action="append",
-        help="one past the last steered block, exclusive (default: recommended, else 16)",
+        help="one past the last steered block, exclusive (default: calibrated, else 16)",
     )
     group.add_argument(
         "--timestep-min", type=float, default=0.0, help="steer only model timesteps >= this (0-1000; default 0)"

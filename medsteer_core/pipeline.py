@@ -899,7 +899,7 @@ class Steer:
         vector: a vector file or a ``PathologyVector``.
         strength / layer_start / layer_end / timestep_min / timestep_max / rows / preserve_norm /
         interpolation: as in ``SteeringPlan``. ``None`` for strength or the layer window means the
-            vector's ``recommended_*`` metadata if it has it, else the paper's 2.5 and 8-16.
+            vector's ``calibrated_*`` metadata (MedSteer-mini vectors carry it), else the paper's 2.5 and 8-16.
     """
 
     vector: str | os.PathLike | PathologyVector
@@ -929,7 +929,7 @@ class Steer:
         def pick(value, key: str, default, cast):
             if value is not None:
                 return cast(value)
-            stored = vector.metadata.get(f"recommended_{key}")
+            stored = vector.metadata.get(f"calibrated_{key}")
             return cast(stored) if stored not in (None, "") else default
 
         plan = SteeringPlan(
@@ -1186,6 +1186,8 @@ def generate(
         for leftover in (out_dir / _PARTS).glob("rank-*.jsonl"):
             leftover.unlink()
         (out_dir / _PARTS).rmdir()
+        for stale in (out_dir / "images").glob(".*.tmp"):  # half-written files of a crashed run
+            stale.unlink()
     shard.barrier()
     written_total = sum(shard.gather(len(written)))
     skipped = sum(len(batch) for p, batch in units) - written_total

@@ -175,6 +175,7 @@ def test_resume_skips_finished_seeds_and_redoes_the_rest_byte_identically(work, 
     for path in (out / "images").glob("p001-s1-*"):
         path.unlink()
     (out / "images" / "p001-s0-mask.png").write_bytes(b"damaged")
+    (out / "images" / ".p001-s1-steered.png.999.tmp").write_bytes(b"cut short")
     finished = {p: p.stat().st_mtime_ns for p in (out / "images").glob("p000-*")}
     capsys.readouterr()
     args = generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")

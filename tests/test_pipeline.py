@@ -272,3 +272,13 @@ def test_readme_headless_pipeline_example_runs(folders, tmp_path, monkeypatch, c
     assert "4 pairs written, 0 already there" in capsys.readouterr().out
     assert (tmp_path / "fig3.png").is_file() and (tmp_path / "vectors" / "dye.halves" / "a.safetensors").is_file()
     assert len((tmp_path / "pairs" / "dye" / mp.MANIFEST).read_text().splitlines()) == 4
+
+
+def test_steer_defaults_come_from_a_vectors_calibrated_metadata(model):
+    vector = _random_vector(model)
+    assert mp.Steer(vector).resolve()[0].strength == 2.5  # the paper's, when nothing is calibrated
+    vector.metadata.update(calibrated_strength="1.5", calibrated_layer_start="0", calibrated_layer_end="2")
+    plan, entry = mp.Steer(vector).resolve()
+    assert (plan.strength, plan.layer_start, plan.layer_end) == (1.5, 0, 2)
+    assert mp.Steer(vector, strength=3.0).resolve()[0].strength == 3.0  # an explicit value wins
+    assert entry["file"] is None and len(entry["sha256"]) == 64
