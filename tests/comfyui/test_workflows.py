@@ -1,0 +1,294 @@
+"""Every example workflow loads in ComfyUI: no missing node, no broken link, every value accepted.
+
+ComfyUI validates only API-format prompts, so each UI-format file (what the frontend saves and the
+template browser opens) is converted here with our own converter against the registered node
+schemas, then checked with ComfyUI's ``execution.validate_prompt``. The model files a user would
+download are stood in for by empty placeholder files of the same names (validation reads names,
+never contents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MUTED, BYPASSED = 2, 4
+# inputs that name a file or folder a user puts under models/<folder>
+FILE_INPUTS = {
+    ("MedSteerLoadPixArtAlpha", "ckpt_name"): "checkpoints",
+    ("MedSteerLoadPeftLora", "lora_name"): "loras",
+    ("LoadPathologyVector", "vector_name"): "medsteer",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+}
+
+
+class WorkflowError(ValueError):
+    """A UI-format workflow that ComfyUI could not load as it is."""
+
+
+def widget_inputs(class_def) -> list[tuple[str, dict]]:
+    """The inputs the frontend shows as widgets, in the order of ``widgets_values``."""
+    widgets = []
+    for section in ("required", "optional"):
+        for name, spec in (class_def.INPUT_TYPES().get(section) or {}).items():
+            kind = spec[0]
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            is_widget = isinstance(kind, (list, tuple)) or str(kind) in WIDGET_TYPES
+            if is_widget and not options.get("forceInput"):
+                widgets.append((name, options))
+    return widgets
+
+
+def input_type(class_def, name: str) -> str | None:
+    for section in ("required", "optional"):
+        spec = (class_def.INPUT_TYPES().get(section) or {}).get(name)
+        if spec is not None:
+            return "COMBO" if isinstance(spec[0], (list, tuple)) else str(spec[0])
+    return None
+
+
+def ui_to_api(workflow: dict, classes: dict) -> dict:
+    """Convert a UI-format workflow into an API prompt the way the frontend queues it.
+
+    Notes are dropped, PrimitiveNode values are written into the widgets they drive, Reroutes and
+    bypassed nodes pass their input through, muted nodes are left out. Raises ``WorkflowError``
+    naming the node, input or link for a missing node type, a dangling or inconsistent link, a link
+    whose type differs from the schema, or widget values that do not fit the schema.
+    """
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {}
+    for link in workflow["links"]:
+        link_id, origin, origin_slot, target, target_slot, link_type = (
+            (
+                link["id"],
+                link["origin_id"],
+                link["origin_slot"],
+                link["target_id"],
+                link["target_slot"],
+                link.get("type"),
+            )
+            if isinstance(link, dict)
+            else link[:6]
+        )
+        links[link_id] = (origin, origin_slot, target, target_slot, link_type)
+        if origin not in nodes or target not in nodes:
+            raise WorkflowError(f"link {link_id} joins missing node {origin if origin not in nodes else target}")
+        outputs = nodes[origin].get("outputs") or []
+        if origin_slot >= len(outputs) or link_id not in (outputs[origin_slot].get("links") or []):
+            raise WorkflowError(f"link {link_id}: node {origin} output {origin_slot} does not list it")
+        inputs = nodes[target].get("inputs") or []
+        if target_slot >= len(inputs) or inputs[target_slot].get("link") != link_id:
+            raise WorkflowError(f"link {link_id}: node {target} input {target_slot} does not hold it")
+        if outputs[origin_slot].get("type") != link_type:
+            raise WorkflowError(
+                f"link {link_id} has type {link_type} but node {origin} output {origin_slot} is {outputs[origin_slot].get('type')}"
+            )
+    for node in nodes.values():
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is not None and inp["link"] not in links:
+                raise WorkflowError(
+                    f"node {node['id']} ({node['type']}) input {inp['name']!r} uses unknown link {inp['link']}"
+                )
+        for out in node.get("outputs") or []:
+            for link_id in out.get("links") or []:
+                if link_id not in links:
+                    raise WorkflowError(
+                        f"node {node['id']} ({node['type']}) output {out['name']!r} lists unknown link {link_id}"
+                    )
+
+    def source(link_id: int, seen=()):
+        """The API value feeding a link: ``[node id, slot]`` or a primitive's literal."""
+        origin, slot, _, _, link_type = links[link_id]
+        node = nodes[origin]
+        if origin in seen:
+            raise WorkflowError(f"link {link_id} loops through node {origin}")
+        if node["type"] == "PrimitiveNode":
+            return node["widgets_values"][0]
+        if node["type"] == "Reroute" or node.get("mode", 0) == BYPASSED:
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and (node["type"] == "Reroute" or inp["type"] == link_type):
+                    return source(inp["link"], (*seen, origin))
+            raise WorkflowError(f"node {origin} ({node['type']}) passes nothing through to link {link_id}")
+        if node.get("mode", 0) == MUTED:
+            raise WorkflowError(f"link {link_id} comes from muted node {origin}")
+        return [str(origin), slot]
+
+    prompt = {}
+    for node_id, node in nodes.items():
+        kind = node["type"]
+        if kind in FRONTEND_ONLY or node.get("mode", 0) in (MUTED, BYPASSED):
+            continue
+        class_def = classes.get(kind)
+        if class_def is None:
+            raise WorkflowError(f"node {node_id}: node type {kind!r} is not registered (a missing custom node)")
+        inputs = {}
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            want = input_type(class_def, inp["name"])
+            if want is None:
+                raise WorkflowError(f"node {node_id} ({kind}) has no input {inp['name']!r}")
+            got = links[inp["link"]][4]
+            if want not in ("*", got) and not (want == "COMBO" and got in ("COMBO", "STRING")):
+                raise WorkflowError(
+                    f"node {node_id} ({kind}) input {inp['name']!r} takes {want}, its link carries {got}"
+                )
+            inputs[inp["name"]] = source(inp["link"])
+        values = node.get("widgets_values") or []
+        widgets = widget_inputs(class_def)
+        expected = sum(2 if options.get("control_after_generate") else 1 for _, options in widgets)
+        if isinstance(values, list) and len(values) != expected:
+            raise WorkflowError(f"node {node_id} ({kind}) has {len(values)} widget values, its schema takes {expected}")
+        index = 0
+        for name, options in widgets:
+            if isinstance(values, dict):
+                if name in values and name not in inputs:
+                    inputs[name] = values[name]
+                continue
+            inputs.setdefault(name, values[index])
+            index += 2 if options.get("control_after_generate") else 1  # + "fixed / increment / randomize"
+        for name in class_def.INPUT_TYPES().get("required") or {}:
+            if name not in inputs:
+                raise WorkflowError(f"node {node_id} ({kind}): required input {name!r} is neither linked nor set")
+        for out_slot, out in enumerate(node.get("outputs") or []):
+            declared = list(class_def.RETURN_TYPES)
+            if out_slot >= len(declared) or str(declared[out_slot]) != out["type"]:
+                raise WorkflowError(
+                    f"node {node_id} ({kind}) output {out_slot} is {out['type']} in the file but not in the schema"
+                )
+        prompt[str(node_id)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title", kind)}}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def classes(comfy_env):
+    import nodes
+
+    if "ImageStitch" not in nodes.NODE_CLASS_MAPPINGS:  # ComfyUI's built-in extras, loaded at every real startup
+        asyncio.run(nodes.init_builtin_extra_nodes())
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def placeholders(comfy_env, classes, tmp_path_factory):
+    """Empty stand-ins for every model file the workflows name, registered with folder_paths."""
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("workflow_models")
+    for path in WORKFLOWS:
+        prompt = ui_to_api(json.loads(path.read_text()), classes)
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                folder = FILE_INPUTS.get((node["class_type"], name))
+                if folder is None or not isinstance(value, str):
+                    continue
+                if folder == "medsteer":  # LoadPathologyVector reads the file while validating: a real one
+                    comfy_env.write_vector(value)
+                    continue
+                target = root / folder / value
+                if value.endswith("/"):
+                    for sub in ("transformer_lora", "text_encoder_lora") if folder == "loras" else ():
+                        (target / sub).mkdir(parents=True, exist_ok=True)
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+    for folder in set(FILE_INPUTS.values()) - {"medsteer"}:
+        (root / folder).mkdir(exist_ok=True)
+        folder_paths.add_model_folder_path(folder, str(root / folder))
+    return root
+
+
+def test_there_are_five_example_workflows_with_thumbnails():
+    from PIL import Image
+
+    assert [p.stem for p in WORKFLOWS] == [
+        "medsteer_batch_pairs",
+        "medsteer_build_vector",
+        "medsteer_compositional_edit",
+        "medsteer_counterfactual_pair",
+        "medsteer_dye_removal",
+    ]
+    for path in WORKFLOWS:
+        with Image.open(path.with_suffix(".png")) as thumbnail:
+            assert thumbnail.width >= 800 and thumbnail.height >= 300
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_converts_and_validates(comfy_env, classes, placeholders, path):
+    prompt = ui_to_api(json.loads(path.read_text()), classes)
+    valid, error, outputs, node_errors = comfy_env.validate(prompt)
+    details = {nid: [e.get("details") or e.get("message") for e in v["errors"]] for nid, v in node_errors.items()}
+    assert valid, f"{path.name}: {error} {details}"
+    output_types = {prompt[n]["class_type"] for n in outputs}
+    assert output_types & {"PreviewImage", "SaveImage", "SavePathologyVector"}
+
+
+def test_converter_rejects_broken_workflows(classes):
+    workflow = json.loads((REPO / "example_workflows" / "medsteer_counterfactual_pair.json").read_text())
+    ui_to_api(workflow, classes)
+
+    broken = copy.deepcopy(workflow)
+    broken["links"].pop(3)
+    with pytest.raises(WorkflowError, match="unknown link"):
+        ui_to_api(broken, classes)
+
+    broken = copy.deepcopy(workflow)
+    steer = next(n for n in broken["nodes"] if n["type"] == "ApplySSPSSteer")
+    steer["type"] = "ApplySSPSSteerTypo"
+    with pytest.raises(WorkflowError, match="'ApplySSPSSteerTypo' is not registered"):
+        ui_to_api(broken, classes)
+
+    broken = copy.deepcopy(workflow)
+    steer = next(n for n in broken["nodes"] if n["type"] == "ApplySSPSSteer")
+    steer["widgets_values"].pop()
+    with pytest.raises(WorkflowError, match="7 widget values, its schema takes 8"):
+        ui_to_api(broken, classes)
+
+    broken = copy.deepcopy(workflow)
+    link = next(link for link in broken["links"] if link[5] == "PATHOLOGY_VECTOR")
+    link[5] = "MODEL"
+    with pytest.raises(WorkflowError, match="has type MODEL"):
+        ui_to_api(broken, classes)
+
+
+@pytest.mark.parametrize("name", ["medsteer_counterfactual_pair", "medsteer_dye_removal", "medsteer_batch_pairs"])
+def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, name):
+    prompt = ui_to_api(json.loads((REPO / "example_workflows" / f"{name}.json").read_text()), classes)
+    samplers = [n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler"]
+    assert len(samplers) == 2
+    steered, unsteered = sorted(samplers, key=lambda s: prompt[s["model"][0]]["class_type"] != "ApplySSPSSteer")
+    assert prompt[steered["model"][0]]["class_type"] == "ApplySSPSSteer"
+    assert prompt[steered["model"][0]]["inputs"]["model"] == unsteered["model"]
+    assert {k: v for k, v in steered.items() if k != "model"} == {k: v for k, v in unsteered.items() if k != "model"}
+    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    primitives = [n for n in workflow["nodes"] if n["type"] == "PrimitiveNode"]
+    assert len(primitives) == 1 and len(primitives[0]["outputs"][0]["links"]) == 2  # one seed node feeds both
+
+
+def test_workflows_use_the_paper_settings(classes):
+    for path in WORKFLOWS:
+        prompt = ui_to_api(json.loads(path.read_text()), classes)
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "ApplySSPSSteer":
+                assert (inputs["strength"], inputs["layer_start"], inputs["layer_end"]) == (2.5, 8, 16), path.name
+                assert (inputs["preserve_norm"], inputs["rows"]) == (False, "cond and uncond")
+            if node["class_type"] == "BuildPathologyVector":
+                assert (inputs["num_seeds"], inputs["steps"]) == (50, 20)
+            if node["class_type"] in ("KSampler", "BuildPathologyVector"):
+                assert (inputs["steps"], inputs["cfg"]) == (20, 4.5)
+    pair = ui_to_api(
+        json.loads((REPO / "example_workflows" / "medsteer_counterfactual_pair.json").read_text()), classes
+    )
+    heatmaps = [n["inputs"] for n in pair.values() if n["class_type"] == "GateHeatmap"]
+    assert heatmaps and heatmaps[0]["preset"].startswith("paper Fig. 3")
