@@ -1,9 +1,10 @@
 """GateHeatmap: where the steered model steered, as a labelled grid, overlays and a mask.
 
 The gate ``sigma = max(<h, v>, 0)`` of every token is the paper's spatial map of the edit (broad at
-early steps, sparse patches at the end; Fig. 3). The steered clone records the gates of its last
-sampling run; this node takes that clone plus the LATENT its sampler produced, which both orders
-execution after sampling and lets the node check that the record belongs to that latent.
+early steps, sparse patches at the end; Fig. 3). The steered clone records the gates of each
+sampling run, keyed by the LATENT the run produced; this node takes that clone plus the LATENT,
+which both orders execution after sampling and picks the run to show (several samplers may share
+one steered model).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GateHeatmap(io.ComfyNode):
                 io.Latent.Input(
                     "latent",
                     tooltip="The LATENT output of the sampler that used the steered model. It makes this "
-                    "node run after sampling, and its size must match the recorded gates.",
+                    "node run after sampling and selects that sampler's run.",
                 ),
                 io.Image.Input(
                     "image",
@@ -137,16 +138,23 @@ class GateHeatmap(io.ComfyNode):
             )
         selection = heatmap_selection(preset, steps, layers)
         plan = resolve_edit(edit, len(wrapper.plans))
-        gates = wrapper.record.maps(plan=plan)
         samples = latent["samples"]
+        record = wrapper.record_for(samples)
+        if record is None:
+            raise MedSteerError(
+                "none of the last sampling runs of this steered model produced this LATENT: connect the "
+                "LATENT output of the sampler that used this steered model (the gates of its last "
+                f"{wrapper.KEEP_RUNS} runs are kept)"
+            )
+        gates = record.maps(plan=plan)
         batch, height, width = int(samples.shape[0]), int(samples.shape[-2]), int(samples.shape[-1])
         grid = (height // wrapper.patch_size, width // wrapper.patch_size)
         recorded = (int(gates.maps.shape[2]), *gates.maps.shape[-2:])
         if recorded != (batch, *grid):
             raise MedSteerError(
-                f"the steered model's last run recorded {recorded[0]} image(s) on a {recorded[1]}x{recorded[2]} "
-                f"token grid, but this LATENT has {batch} image(s) of {height}x{width} ({grid[0]}x{grid[1]} "
-                "tokens): connect the LATENT of the sampler that used this steered model"
+                f"the recorded gates cover {recorded[0]} image(s) on a {recorded[1]}x{recorded[2]} token grid, "
+                f"but this LATENT has {batch} image(s) of {height}x{width} ({grid[0]}x{grid[1]} tokens); "
+                "this happens when ComfyUI splits a large batch across model calls: use a smaller batch"
             )
         if image is not None and int(image.shape[0]) not in (1, batch):
             raise ValueError(

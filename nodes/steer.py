@@ -10,7 +10,11 @@ upstream model keeps its wrapper and options untouched.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import comfy.patcher_extension
+import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import GateRecord, steering
@@ -23,18 +27,34 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 WRAPPER_KEY = "medsteer.ssps"
 
 
+def latent_fingerprint(samples) -> str:
+    """Identifies a sampler's output LATENT exactly (shape and float32 bytes, on the CPU)."""
+    data = samples.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return f"{tuple(data.shape)}:{hashlib.sha1(data.numpy().tobytes()).hexdigest()}"
+
+
 class SteeringWrapper:
     """The ``APPLY_MODEL`` (and ``OUTER_SAMPLE``) wrapper of one steered clone.
 
     Attributes:
         plans: the chained steering plans, applied in order at every site they share.
-        record: the gates of the last sampling run (read by GateHeatmap).
+        record: the gates of the sampling run in progress (or the last one).
+        runs: the records of the last ``KEEP_RUNS`` finished runs, by the fingerprint of the LATENT
+            each produced, so GateHeatmap finds the run behind the LATENT it is given even when
+            several samplers share one steered model.
     """
+
+    KEEP_RUNS = 8
 
     def __init__(self, plans, patch_size: int):
         self.plans = tuple(plans)
         self.patch_size = int(patch_size)
         self.record = GateRecord()
+        self.runs: OrderedDict[str, GateRecord] = OrderedDict()
+
+    def record_for(self, samples) -> GateRecord | None:
+        """The gates of the finished run that produced ``samples``, if it is still kept."""
+        return self.runs.get(latent_fingerprint(samples))
 
     def __call__(self, executor, x, t, *args, **kwargs):
         base_model = executor.class_obj
@@ -43,11 +63,17 @@ class SteeringWrapper:
             return executor(x, t, *args, **kwargs)
 
     def outer_sample(self, executor, noise, latent_image, *args, **kwargs):
-        # Before any model call: a clear error instead of PixArt's division by zero, and a fresh
-        # record so GateHeatmap shows this run (memory stays bounded across queued prompts).
+        # Before any model call: a clear error instead of PixArt's division by zero. Each run gets
+        # its own record, kept by the fingerprint of the LATENT it returns (memory stays bounded).
         check_latent_size(noise.shape[-2], noise.shape[-1], self.patch_size)
-        self.record.clear()
-        return executor(noise, latent_image, *args, **kwargs)
+        record = self.record = GateRecord()
+        output = executor(noise, latent_image, *args, **kwargs)
+        key = latent_fingerprint(output)
+        self.runs.pop(key, None)
+        self.runs[key] = record
+        while len(self.runs) > self.KEEP_RUNS:
+            self.runs.popitem(last=False)
+        return output
 
 
 def steering_of(model) -> SteeringWrapper | None:
@@ -73,8 +99,6 @@ def steered_clone(model, plan, patch_size: int):
 
 def percent_to_timestep(model):
     """ComfyUI's percent (0 = start of sampling) -> PixArt model timestep (0-999)."""
-    import torch
-
     sampling = model.get_model_object("model_sampling")
 
     def convert(percent: float) -> float:

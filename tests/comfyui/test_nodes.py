@@ -195,6 +195,11 @@ def test_build_save_load_steer_two_samplers_heatmap(comfy_env):
     image, mask = pair.output(grid.id, 0), pair.output(grid.id, 1)
     assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert mask.shape == (1, SIZE, SIZE) and float(mask.max()) == pytest.approx(1.0) and float(mask.min()) >= 0
+    # the built vector steers another sampler and step count than it was built with (keys by timestep)
+    g, nodes = pair_graph("pipeline/dye_00001_.safetensors", sample={"sampler_name": "heun", "steps": 7})
+    other = comfy_env.run(g)
+    assert other.success, other.error
+    assert not torch.equal(other.output(nodes["steered"].id)["samples"], other.output(nodes["unsteered"].id)["samples"])
     loaded = vector_of(comfy_env, "pipeline/dye_00001_.safetensors")
     assert torch.equal(loaded.directions, built.directions) and loaded.metadata["prompts_with"] == meta["prompts_with"]
 
@@ -453,6 +458,27 @@ def test_heatmap_grid_overlay_mask_and_chained_edits(comfy_env):
     assert result.output(overlays.id).shape == (2 * 2, SIZE, SIZE, 3)  # 2 images x 2 steps x 1 (mean)
     assert result.output(overlays.id, 1).shape == (2, SIZE, SIZE)
     assert not torch.equal(result.output(overlays.id, 1), result.output(last_edit.id, 1))
+
+
+def test_heatmap_shows_the_run_behind_its_latent_when_samplers_share_a_steered_model(comfy_env):
+    name = comfy_env.write_vector("shared", seed=22)
+    g, nodes = pair_graph(name)
+    other = ksampler(g, nodes["steered_model"], nodes["positive"], nodes["negative"], nodes["latent"], seed=77)
+    keep(g, other)
+    maps = {k: heatmap(g, nodes["steered_model"], v) for k, v in (("5", nodes["steered"]), ("77", other))}
+    for node in maps.values():
+        keep(g, node[1])
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    assert not torch.equal(result.output(maps["5"].id, 1), result.output(maps["77"].id, 1))
+    alone, alone_nodes = pair_graph(name)
+    alone_map = heatmap(alone, alone_nodes["steered_model"], alone_nodes["steered"])
+    keep(alone, alone_map[1])
+    assert torch.equal(comfy_env.run(alone, fresh=True).output(alone_map.id, 1), result.output(maps["5"].id, 1))
+    # a LATENT this steered model did not produce is refused, not shown with another run's gates
+    g, nodes = pair_graph(name)
+    keep(g, heatmap(g, nodes["steered_model"], nodes["unsteered"]))
+    assert "none of the last sampling runs" in _error_of(comfy_env, g).error
 
 
 def test_heatmap_paper_figure_3_preset(comfy_env):
