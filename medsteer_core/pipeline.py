@@ -197,13 +197,12 @@ class PixArtModel:
         lora: the LoRA folder applied, or ``None``.
         dtype: weight dtype of the networks.
         device: where sampling runs (the accelerator when components are CPU-offloaded).
-        default_cfg / default_steps: the model's usual sampling settings.
+        default_cfg: the model's usual guidance scale.
 
     Use ``load_model`` to make one.
     """
 
     default_cfg = 4.5
-    default_steps = 20
 
     def __init__(self, transformer: nn.Module, family: str, source: str, dtype: torch.dtype, device: torch.device):
         self.transformer = transformer
@@ -343,14 +342,15 @@ class _DiffusersPixArt(PixArtModel):
         self.latent_channels = int(pipe.transformer.config.in_channels)
 
     def _encode(self, prompt: str, negative_prompt: str, guided: bool) -> tuple:
-        embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=guided,
-            negative_prompt=negative_prompt,
-            device=self.device,
-            clean_caption=False,
+        return tuple(
+            self.pipe.encode_prompt(
+                prompt,
+                do_classifier_free_guidance=guided,
+                negative_prompt=negative_prompt,
+                device=self.device,
+                clean_caption=False,
+            )
         )
-        return embeds, mask, negative, negative_mask
 
     def _base_scheduler(self):
         return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
