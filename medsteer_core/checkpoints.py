@@ -1063,6 +1063,12 @@ def load_medsteer_lora(
             halves[sub] = None
             continue
         if not (folder / sub).is_dir():
+            if (folder / "adapter_config.json").is_file():
+                raise CheckpointError(
+                    f"{str(folder)!r} is a single PEFT adapter, not the MedSteer layout: put the transformer "
+                    f"adapter in {TRANSFORMER_LORA_DIR}/ and the T5 adapter in {TEXT_ENCODER_LORA_DIR}/ "
+                    "of one folder (each with adapter_config.json and adapter_model.safetensors)"
+                )
             present = sorted(p.name for p in folder.iterdir())
             raise CheckpointError(
                 f"{str(folder)!r} has no {sub}/ folder (it has {present[:8]}). The MedSteer LoRA layout is "

@@ -385,6 +385,8 @@ def test_missing_halves_and_files(tmp_path, lora):
         ck.load_medsteer_lora(broken.parent, text_encoder=False)
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load_medsteer_lora(tmp_path / "nothing")
+    with pytest.raises(ck.CheckpointError, match="is a single PEFT adapter, not the MedSteer layout"):
+        ck.load_medsteer_lora(folder / "transformer_lora")
 
 
 def _write_adapter(folder, tensors, **config):
