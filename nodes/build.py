@@ -162,7 +162,7 @@ class BuildPathologyVector(io.ComfyNode):
                 "with_concept and without_concept are the same conditioning, so the vector would be zero: "
                 "connect two prompts that differ only in the concept"
             )
-        prompt, node_id = cls.hidden.prompt, cls.hidden.unique_id
+        prompt, node_id = getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None)
         metadata = build_metadata(
             prompts_with=[prompt_text(prompt, node_id, "with_concept")],
             prompts_without=[prompt_text(prompt, node_id, "without_concept")],
@@ -178,7 +178,10 @@ class BuildPathologyVector(io.ComfyNode):
             host="ComfyUI BuildPathologyVector",
         )
 
-        estimator = VectorEstimator.for_model(sites.transformer)
+        # float64 running sums where the device has them (MPS and some others do not).
+        device = comfy.model_management.get_torch_device()
+        accumulate = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        estimator = VectorEstimator.for_model(sites.transformer, accumulate_dtype=accumulate)
         progress = comfy.utils.ProgressBar(2 * len(batches) * steps)
         done = 0
 

@@ -19,7 +19,6 @@ from ..medsteer_core.sites import Sites, find_sites
 PathologyVectorSocket = io.Custom("PATHOLOGY_VECTOR")
 
 CATEGORY = "medsteer"
-ADVANCED_CATEGORY = "medsteer/advanced"
 
 
 def pixart_sites(model) -> Sites:

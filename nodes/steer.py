@@ -38,18 +38,19 @@ class SteeringWrapper:
 
     Attributes:
         plans: the chained steering plans, applied in order at every site they share.
-        record: the gates of the sampling run in progress (or the last one).
+        record: the gates of the sampling run in progress (``None`` outside sampling, where
+            model calls are steered but not recorded).
         runs: the records of the last ``KEEP_RUNS`` finished runs, by the fingerprint of the LATENT
             each produced, so GateHeatmap finds the run behind the LATENT it is given even when
-            several samplers share one steered model.
+            several samplers share one steered model. Finished records live on the CPU.
     """
 
-    KEEP_RUNS = 8
+    KEEP_RUNS = 4
 
     def __init__(self, plans, patch_size: int):
         self.plans = tuple(plans)
         self.patch_size = int(patch_size)
-        self.record = GateRecord()
+        self.record: GateRecord | None = None
         self.runs: OrderedDict[str, GateRecord] = OrderedDict()
 
     def record_for(self, samples) -> GateRecord | None:
@@ -67,7 +68,12 @@ class SteeringWrapper:
         # its own record, kept by the fingerprint of the LATENT it returns (memory stays bounded).
         check_latent_size(noise.shape[-2], noise.shape[-1], self.patch_size)
         record = self.record = GateRecord()
-        output = executor(noise, latent_image, *args, **kwargs)
+        try:
+            output = executor(noise, latent_image, *args, **kwargs)
+        finally:
+            self.record = None
+        # One device-to-host copy per run, after sampling: the gates leave the accelerator.
+        record.entries = [(c, site, plan, t.cpu(), gate.cpu(), grid) for c, site, plan, t, gate, grid in record.entries]
         key = latent_fingerprint(output)
         self.runs.pop(key, None)
         self.runs[key] = record
