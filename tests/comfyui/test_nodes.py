@@ -204,6 +204,62 @@ def test_build_save_load_steer_two_samplers_heatmap(comfy_env):
     assert torch.equal(loaded.directions, built.directions) and loaded.metadata["prompts_with"] == meta["prompts_with"]
 
 
+@pytest.mark.parametrize(("cfg", "tokens"), [(1.0, (8, 5)), (4.5, (8, 5)), (4.5, (8, 8))])
+def test_built_vector_equals_the_cores_own_capture(comfy_env, cfg, tokens):
+    """The node's per-call row info (via its wrapper) gives the vector the core's capture does on its own."""
+    import comfy.sample
+
+    g = Graph()
+    model = pixart(g)
+    conds = {label: prompt(g, f"{label} the concept", tokens=tokens[0]) for label in ("with", "without")}
+    uncond = prompt(g, "", tokens=tokens[1])
+    build = g.add(
+        "BuildPathologyVector",
+        model=model,
+        with_concept=conds["with"],
+        without_concept=conds["without"],
+        uncond=uncond,
+        latent_image=empty_latent(g, batch=2),
+        seed=7,
+        num_seeds=3,
+        steps=3,
+        cfg=cfg,
+        sampler_name="euler",
+        scheduler="normal",
+    )
+    keep(g, build)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    built = result.output(build.id)
+    patcher = result.output(model.id)
+    core = comfy_env.core
+    estimator = core.VectorEstimator.for_model(patcher.model.diffusion_model)
+    for seeds in ([7, 8], [9]):
+        for label in ("with", "without"):
+            latent = torch.zeros(len(seeds), 4, SIZE // 8, SIZE // 8)
+            noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
+            with (
+                torch.inference_mode(),
+                core.capture(patcher.model.diffusion_model, estimator, label, layout="comfyui"),
+            ):
+                comfy.sample.sample(
+                    patcher,
+                    noise,
+                    3,
+                    cfg,
+                    "euler",
+                    "normal",
+                    result.output(conds[label].id),
+                    result.output(uncond.id),
+                    latent,
+                    seed=seeds[0],
+                )
+    reference = estimator.result()
+    assert torch.equal(built.timesteps, reference.timesteps)
+    assert torch.equal(built.directions, reference.directions)
+    assert built.count_with.tolist() == [3] * built.num_timesteps
+
+
 def test_strength_zero_is_bit_identical_and_strength_changes_the_latents(comfy_env):
     name = comfy_env.write_vector("zero_check", seed=1)
     for preserve_norm in (False, True):
