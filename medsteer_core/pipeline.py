@@ -1194,16 +1194,23 @@ def generate(
     return GenerateReport(out_dir, manifest, written_total, skipped, written)
 
 
-def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture):
-    """The gate grid (rows: layers, columns: steps) and the 0-255 mask of one image of a batch."""
+def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, **style):
+    """The gate grid of one image of a batch as a PIL image (rows: layers, columns: steps, as in
+    the paper's Fig. 3), and the selected ``[steps, layers, h, w]`` maps."""
     from PIL import Image
 
     maps, step_labels, layer_labels = select_maps(gates, steps, layers, image)
-    grid = gate_grid(maps.transpose(0, 1), layer_labels, step_labels, colormap=colormap)
-    grid_image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
+    grid = gate_grid(maps.transpose(0, 1), layer_labels, step_labels, **style)
+    return Image.fromarray((grid.numpy() * 255).round().astype("uint8")), maps
+
+
+def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture):
+    """The gate grid and the 0-255 mask (the selected gates averaged, at image size) of one image."""
+    from PIL import Image
+
+    grid, maps = _gate_picture(gates, image, steps, layers, colormap=colormap)
     mask = to_mask(maps.mean(dim=(0, 1)), (picture.height, picture.width))
-    mask_image = Image.fromarray((mask.numpy() * 255).round().astype("uint8"), mode="L")
-    return grid_image, mask_image
+    return grid, Image.fromarray((mask.numpy() * 255).round().astype("uint8"), mode="L")
 
 
 # ================================================================================ heatmap
@@ -1261,12 +1268,8 @@ def gate_heatmap(
     steered = model.sample(prompt, [seed], spec, plans=plans, record=record, **common)
     unsteered = model.sample(prompt, [seed], spec, **common)
     gates = record.maps(plan)
-    maps, step_labels, layer_labels = select_maps(gates, at_steps, layers, 0)
-    from PIL import Image
-
-    grid = gate_grid(maps.transpose(0, 1), layer_labels, step_labels, cell=cell, colormap=colormap, per_map=per_map)
-    grid_image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
-    return Heatmap(grid_image, model.decode(steered)[0], model.decode(unsteered)[0], gates, at_steps, layers)
+    grid, _ = _gate_picture(gates, 0, at_steps, layers, cell=cell, colormap=colormap, per_map=per_map)
+    return Heatmap(grid, model.decode(steered)[0], model.decode(unsteered)[0], gates, at_steps, layers)
 
 
 # ================================================================================ inspect
