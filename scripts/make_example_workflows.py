@@ -383,7 +383,15 @@ def stitch(w: Workflow, left, right, pos, title) -> Node:
 
 
 def heatmap(
-    w: Workflow, model, latent, image, pos, preset: str, edit: int = -1, title="Where the model steered"
+    w: Workflow,
+    model,
+    latent,
+    image,
+    pos,
+    preset: str,
+    edit: int = -1,
+    title="Where the model steered",
+    steps: str = "all",
 ) -> Node:
     return w.add(
         "GateHeatmap",
@@ -393,7 +401,7 @@ def heatmap(
         latent=latent,
         image=image,
         preset=preset,
-        steps="all",
+        steps=steps,
         layers="mean",
         colormap="viridis",
         opacity=0.5,
@@ -506,7 +514,9 @@ def build_vector() -> Workflow:
     return w
 
 
-def pair(prompt_text: str, vector: str, heatmap_preset: str, note: str, vector_title: str) -> Workflow:
+def pair(
+    prompt_text: str, vector: str, heatmap_preset: str, note: str, vector_title: str, heatmap_steps: str = "all"
+) -> Workflow:
     w = Workflow()
     model, clip, vae = model_stack(w, note)
     positive, negative, (vec,), latent = steering_inputs(w, clip, prompt_text, [(vector, vector_title)])
@@ -536,7 +546,7 @@ def pair(prompt_text: str, vector: str, heatmap_preset: str, note: str, vector_t
     steered_img = decode(w, steered[0], vae, (OUT_X, 70), "Decode steered")
     unsteered_img = decode(w, unsteered[0], vae, (OUT_X, 420), "Decode unsteered")
     pair_image = stitch(w, unsteered_img[0], steered_img[0], (OUT_X + 250, 70), "unsteered | steered")
-    heat = heatmap(w, steer[0], steered[0], steered_img[0], (OUT_X + 250, 380), heatmap_preset)
+    heat = heatmap(w, steer[0], steered[0], steered_img[0], (OUT_X + 250, 380), heatmap_preset, steps=heatmap_steps)
     w.add(
         "PreviewImage",
         (OUT_X + 600, 70),
@@ -569,8 +579,10 @@ def dye_removal() -> Workflow:
         CUSTOM,
         "Dye removal: the prompt keeps *dyed lifted polyps*; the steered sampler removes the blue dye with the "
         "`dye_removal` vector (built in *medsteer_build_vector* from *dyed lifted polyps* vs *polyps*). The "
-        "heatmap overlays the mean gate over all steps and layers on the steered image.",
+        "heatmap overlays the gate of the last step, averaged over the steered layers, on the steered image "
+        "(set `steps` to `all` for one overlay per step).",
         "Pathology vector: dye removal",
+        heatmap_steps="last",
     )
 
 
