@@ -773,7 +773,9 @@ def build_vector(
             contribution = None
             if index < len(units):
                 label, text, _, batch = units[index]
-                contribution = VectorEstimator(depth, width_d)
+                # Apple's MPS has no float64; the per-unit sums there are float32 (the totals stay float64).
+                precision = torch.float32 if model.device.type == "mps" else torch.float64
+                contribution = VectorEstimator(depth, width_d, accumulate_dtype=precision)
                 model.sample(
                     text,
                     batch,
