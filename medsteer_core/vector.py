@@ -213,7 +213,7 @@ class PathologyVector:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         dtype = dtype or torch.float32
         keys, directions = self._on(timesteps.device, dtype)
-        t = timesteps.reshape(-1).to(keys.dtype)
+        t = timesteps.reshape(-1).to(keys.dtype).contiguous()  # searchsorted warns on expanded views
         k = keys.shape[0]
         upper = torch.searchsorted(keys, t).clamp(0, k - 1)
         lower = (upper - 1).clamp_min(0)
