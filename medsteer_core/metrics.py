@@ -54,17 +54,21 @@ def background_mask(*concept_masks: torch.Tensor, fov: torch.Tensor | None = Non
 
 
 def masked_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` PSNR in dB (peak 1) over the masked pixels; ``inf`` where they are identical."""
+    """``[B]`` PSNR in dB (peak 1) over the masked pixels; ``inf`` where they are identical, ``nan``
+    where the mask is empty."""
     se = ((a.float() - b.float()) ** 2).mean(1)  # [B, H, W]
     m = mask.float()
-    mse = (se * m).flatten(1).sum(-1) / m.flatten(1).sum(-1).clamp_min(1)
-    return torch.where(mse > 0, 10 * torch.log10(1 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+    count = m.flatten(1).sum(-1)
+    mse = (se * m).flatten(1).sum(-1) / count.clamp_min(1)
+    psnr = torch.where(mse > 0, 10 * torch.log10(1 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+    return torch.where(count > 0, psnr, torch.full_like(psnr, math.nan))
 
 
 def masked_ssim(
     a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, window: int = 7, sigma: float = 1.5
 ) -> torch.Tensor:
-    """``[B]`` mean SSIM (Wang et al. 2004, Gaussian window, per channel) over the masked pixels."""
+    """``[B]`` mean SSIM (Wang et al. 2004, Gaussian window, per channel) over the masked pixels
+    (``nan`` where the mask is empty)."""
     c1, c2 = 0.01**2, 0.03**2
     coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
@@ -76,13 +80,18 @@ def masked_ssim(
         return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), kernel, groups=3)
 
     a, b = a.float(), b.float()
+    # Outside the mask, b takes a's pixels, so concept edits do not leak into the window statistics
+    # of nearby background pixels: identical backgrounds score exactly 1.
+    b = torch.where(mask[:, None].bool(), b, a)
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
     ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     m = mask.float()
-    return (ssim.mean(1) * m).flatten(1).sum(-1) / m.flatten(1).sum(-1).clamp_min(1)
+    count = m.flatten(1).sum(-1)
+    mean = (ssim.mean(1) * m).flatten(1).sum(-1) / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.full_like(mean, math.nan))
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,9 @@ class PairScores:
         delta_p: mean drop of the source-class probability (original minus edit).
         source_removed: edited images not assigned to the source class.
         dye_detection: edited images in which the oracle still segments dye.
-        bg_psnr: mean background PSNR in dB (identical backgrounds count as 60 dB).
-        bg_ssim: mean background SSIM.
+        bg_psnr: mean background PSNR in dB (identical backgrounds count as 60 dB; images without
+            background pixels are left out).
+        bg_ssim: mean background SSIM (same).
     """
 
     images: int
@@ -149,8 +159,8 @@ def score_pairs(
         delta_p=float((p_source_a - p_source_b).mean()),
         source_removed=float((b.labels != source).float().mean()),
         dye_detection=float(b.dye_detected.float().mean()),
-        bg_psnr=float(psnr.mean()),
-        bg_ssim=float(ssim.mean()),
+        bg_psnr=float(psnr.nanmean()),
+        bg_ssim=float(ssim.nanmean()),
     )
 
 

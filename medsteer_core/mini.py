@@ -84,6 +84,10 @@ TEXT_CONFIG = {
     "relative_attention_max_distance": 16,
 }
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+#: What the transformer predicts. v (Salimans & Ho 2022) rather than epsilon: with epsilon the
+#: low-noise steps of a briefly trained pixel-space model leave visible noise; v keeps both ends
+#: well conditioned.
+PREDICTION = "v_prediction"
 
 
 def vocabulary() -> list[str]:
@@ -140,7 +144,8 @@ class MiniModel:
         """A fresh DDIM scheduler with the training noise schedule and ``clip_sample=True``."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler(**SCHEDULE, clip_sample=True, timestep_spacing="trailing")
+        prediction = self.metadata.get("prediction_type", "epsilon")
+        return DDIMScheduler(**SCHEDULE, clip_sample=True, timestep_spacing="trailing", prediction_type=prediction)
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +208,7 @@ def new_mini(seed: int = 0) -> MiniModel:
     transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
     text_config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **TEXT_CONFIG)
     text_encoder = T5EncoderModel(text_config)
-    return MiniModel(transformer.eval(), text_encoder.eval(), tokenizer, {})
+    return MiniModel(transformer.eval(), text_encoder.eval(), tokenizer, {"prediction_type": PREDICTION})
 
 
 def save_mini(model: MiniModel, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -297,12 +302,13 @@ def train(
     seed: int = 0,
     checkpoint_every: int = 500,
     resume: bool = False,
+    reset_ema: bool = False,
     threads: int | None = None,
     log=print,
 ) -> MiniModel:
-    """Train MedSteer-mini on the synthetic classes (epsilon prediction, linear DDPM schedule).
+    """Train MedSteer-mini on the synthetic classes (v-prediction, linear DDPM schedule).
 
-    Settings: AdamW (lr 6e-4, 300 warm-up steps, no weight decay), batch 64, uniform timesteps,
+    Settings: v-prediction, AdamW (lr 6e-4, 300 warm-up steps, no weight decay), uniform timesteps,
     10 % caption dropout (the unconditional prompt is ``""``, as CFG samples it), EMA 0.999 of both
     networks (the EMA weights are what is saved), gradient clipping at 1. Data: ``per_class``
     frames per class rendered once (seeds 1,000,000 on, disjoint from every evaluation seed),
@@ -324,6 +330,7 @@ def train(
     ema_nets.requires_grad_(False)
     optimiser = torch.optim.AdamW(nets.parameters(), lr=lr, weight_decay=0.0)
     step, elapsed_before = 0, 0.0
+    ema_start = 0
     if resume and state_path.is_file():
         state = torch.load(state_path, weights_only=True)
         nets.load_state_dict(state["nets"])
@@ -331,6 +338,9 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         step, elapsed_before = int(state["step"]), float(state["elapsed"])
         log(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)")
+        if reset_ema:
+            ema_nets.load_state_dict(nets.state_dict())
+            ema_start = step
     noise_schedule = DDPMScheduler(**SCHEDULE)
     alphas = noise_schedule.alphas_cumprod
     t0 = time.time()
@@ -355,6 +365,7 @@ def train(
         "transformer_parameters": params,
         "text_encoder_parameters": text_params,
         "threads": torch.get_num_threads(),
+        "prediction": PREDICTION,
     }
     log(f"training: {params / 1e6:.2f}M transformer + {text_params / 1e6:.2f}M text parameters; {settings}")
     start = time.time()
@@ -394,7 +405,7 @@ def train(
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         noisy = a * x0 + s * noise
         for group in optimiser.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 300)
+            group["lr"] = lr * min(1.0, (step + 1 - ema_start) / 300)
         embeds, mask = _encode_train(model.text_encoder, model.tokenizer, prompts)
         pred = model.transformer(
             noisy,
@@ -404,13 +415,14 @@ def train(
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = a * noise - s * x0 if PREDICTION == "v_prediction" else noise
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
         optimiser.step()
         step += 1
-        decay = min(ema_decay, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step - ema_start) / (10 + step - ema_start))
         with torch.no_grad():
             for p_ema, p in zip(ema_nets.parameters(), nets.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
@@ -448,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    p.add_argument("--reset-ema", action="store_true", help="on resume, restart the EMA from the current weights")
     args = parser.parse_args(argv)
     train(
         args.out,
@@ -459,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        reset_ema=args.reset_ema,
         threads=args.threads,
         log=lambda msg: print(msg, flush=True),
     )

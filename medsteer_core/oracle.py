@@ -65,7 +65,7 @@ class Oracle(nn.Module):
     Input ``[B, 3, 32, 32]`` images in 0-1.
     """
 
-    def __init__(self, classes: int = len(synthetic.CLASSES), width: int = 24) -> None:
+    def __init__(self, classes: int = len(synthetic.CLASSES), width: int = 16) -> None:
         super().__init__()
         w = width
 
@@ -121,9 +121,9 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_oracle(
-    steps: int = 1500,
+    steps: int = 800,
     batch: int = 64,
-    per_class: int = 1500,
+    per_class: int = 1000,
     lr: float = 2e-3,
     seed: int = 0,
     extra: dict[str, torch.Tensor] | None = None,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the oracle on synthetic frames")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.time()
