@@ -454,6 +454,8 @@ def bench_memory_once(args) -> dict:
     rss_before = _rss_bytes()
     tracemalloc.start()
     estimator = ms.VectorEstimator.for_model(model)
+    rss_trace: list[int | None] = []
+    nbytes_trace: list[int] = []
     start = time.perf_counter()
     with _PeakRss() as peak:
         for chunk in chunks:
@@ -468,6 +470,9 @@ def bench_memory_once(args) -> dict:
                     estimator=estimator,
                     label=label,
                 )
+            # Growth after each chunk of seeds: flat if nothing accumulates per seed.
+            rss_trace.append(_rss_bytes())
+            nbytes_trace.append(estimator.nbytes)
     seconds = time.perf_counter() - start
     gc.collect()
     traced_current, traced_peak = tracemalloc.get_traced_memory()
@@ -495,6 +500,10 @@ def bench_memory_once(args) -> dict:
         "rss_after_bytes": rss_after,
         "rss_retained_bytes": None if rss_before is None else rss_after - rss_before,
         "rss_peak_growth_bytes": None if rss_before is None or peak.peak is None else peak.peak - rss_before,
+        "rss_growth_after_each_chunk_bytes": [
+            None if r is None or rss_before is None else r - rss_before for r in rss_trace
+        ],
+        "estimator_nbytes_after_each_chunk": nbytes_trace,
     }
 
 
@@ -587,6 +596,13 @@ def markdown(steps: dict | None, memory: list[dict] | None, command: str) -> str
                 f"{m['tracemalloc_peak_bytes']:,} | {fmt_bytes(m['rss_peak_growth_bytes'])} | "
                 f"{fmt_bytes(m['rss_retained_bytes'])} | {m['seconds']:.0f} |"
             )
+        lines += ["", "RSS growth after each chunk of seeds (MiB) and the estimator's nbytes after each chunk:", ""]
+        for m in memory:
+            growth = ", ".join(
+                "n/a" if b is None else f"{b / 2**20:.1f}" for b in m.get("rss_growth_after_each_chunk_bytes", [])
+            )
+            sizes = sorted(set(m.get("estimator_nbytes_after_each_chunk", [])))
+            lines.append(f"- {m['seeds']} seeds: RSS growth [{growth}]; nbytes values seen {sizes}")
     return "\n".join(lines) + "\n"
 
 
