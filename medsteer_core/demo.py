@@ -143,9 +143,10 @@ def run_demo(
     eval_seeds: int = 32,
     vector_seeds: int = VECTOR_SEEDS,
     grid_seeds: int = 6,
-    strengths: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+    strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0),
     seed_counts: tuple[int, ...] = (5, 10, 20, 40),
-    edits: tuple[str, ...] = tuple(e.name for e in EDITS),
+    windows: tuple[tuple[int, int], ...] | None = None,
+    edits: tuple[str, ...] = ("dye_removal", "polyp_to_normal"),
     model_path: str | None = None,
     oracle_path: str | None = None,
     use_cache: bool = True,
@@ -168,7 +169,7 @@ def run_demo(
     chosen = [e for e in EDITS if e.name in edits]
     seeds = [EVAL_SEED_BASE + i for i in range(eval_seeds)]
     seed_counts = tuple(sorted({min(n, vector_seeds) for n in seed_counts} | {vector_seeds}))
-    windows = _windows(model.transformer.config.num_layers)
+    windows = list(windows) if windows is not None else _windows(model.transformer.config.num_layers)
 
     # Work in images, for the progress bar.
     per_edit = 2 * vector_seeds + 3 * eval_seeds
@@ -176,7 +177,11 @@ def run_demo(
     sweeps = (len(strengths) + len(windows) + len(seed_counts) - 1) * eval_seeds + 2 * (sum(seed_counts) - vector_seeds)
     total = len(synthetic.CLASSES) * eval_seeds + len(chosen) * per_edit + (sweeps if first else 0)
     progress = _Progress(total, quiet)
-    report: dict = {"model": model.metadata.get("training", ""), "eval_seeds": seeds[:1] + seeds[-1:]}
+    report: dict = {
+        "model": model.metadata.get("training", ""),
+        "cfg": model.default_cfg,
+        "eval_seeds": seeds[:1] + seeds[-1:],
+    }
 
     progress.stage("rendering check")
     by_class = {}
@@ -275,7 +280,7 @@ def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit
         "# MedSteer demo on MedSteer-mini",
         "",
         f"Held-out seeds: {eval_seeds} (from {EVAL_SEED_BASE}); vectors from {vector_seeds} seeds per prompt; "
-        f"DDIM 20 steps, CFG 4. Wall time {report['seconds']} s.",
+        f"DDIM 20 steps, CFG {report['cfg']:g}. Wall time {report['seconds']} s.",
         "",
         "## Rendering check (oracle assigns the prompted class)",
         "",
@@ -367,8 +372,8 @@ def calibrate_and_ship(
     out_dir: str | Path = VECTOR_DIR,
     *,
     vector_seeds: int = VECTOR_SEEDS,
-    calibration_seeds: int = 24,
-    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0),
+    calibration_seeds: int = 12,
+    strengths: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0),
     model_path: str | None = None,
     oracle_path: str | None = None,
     quiet: bool = False,
@@ -427,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="medsteer_demo", help="output folder (default medsteer_demo/)")
     parser.add_argument("--seeds", type=int, default=32, help="held-out seeds per table row (default 32)")
     parser.add_argument("--vector-seeds", type=int, default=VECTOR_SEEDS, help="seeds per prompt for each vector")
-    parser.add_argument("--edits", default=",".join(e.name for e in EDITS), help="comma-separated edits to run")
+    parser.add_argument(
+        "--edits",
+        default="dye_removal,polyp_to_normal",
+        help="comma-separated edits (default: the two with calibrated shipped vectors; also colitis_to_normal)",
+    )
     parser.add_argument("--model", default=None, help="a MedSteer-mini .safetensors (default: the shipped one)")
     parser.add_argument("--oracle", default=None, help="an oracle .safetensors (default: the shipped one)")
     parser.add_argument("--no-cache", action="store_true", help="rebuild the vectors even if cached")
@@ -448,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kwargs = {}
     if args.quick:
-        kwargs = {"strengths": (0.0, 1.0), "seed_counts": (2, 4), "grid_seeds": 2}
+        kwargs = {"strengths": (0.0, 1.0), "seed_counts": (2, 4), "grid_seeds": 2, "windows": ((0, 1), (0, 6))}
     run_demo(
         args.out,
         eval_seeds=args.seeds,

@@ -1,0 +1,119 @@
+"""MedSteer-mini: the shipped model loads, renders every class, and steers with its shipped vector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsteer_core import SteeringPlan, synthetic
+from medsteer_core.demo import EDITS, setting_of
+from medsteer_core.metrics import score_pairs
+from medsteer_core.mini import build_tokenizer, load_mini, new_mini, save_mini
+from medsteer_core.scan import prompts_for
+from medsteer_core.sites import find_sites
+from medsteer_core.vector import load_vector
+from tests._mini import shipped_mini, shipped_oracle
+
+
+@pytest.fixture()
+def oracle():
+    return shipped_oracle()
+
+
+@pytest.fixture()
+def mini():
+    return shipped_mini()
+
+
+#: A fixed held-out seed set (disjoint from the vector seeds 0-39 and the calibration seeds).
+HELD_OUT = [950_000 + i for i in range(8)]
+
+
+def test_tokenizer_is_t5_like():
+    tok = build_tokenizer()
+    ids = tok("An endoscopic image of polyps")["input_ids"]
+    assert ids[-1] == tok.eos_token_id == 1
+    assert tok("zebra")["input_ids"] == [tok.unk_token_id, 1]
+    assert tok("")["input_ids"] == [1]
+
+
+def test_save_load_round_trip(tmp_path):
+    model = new_mini(seed=3)
+    path = save_mini(model, tmp_path / "m.safetensors", {"note": "test"})
+    loaded = load_mini(path)
+    assert loaded.metadata["note"] == "test"
+    a = model.generate("polyps", [1], steps=2)
+    b = loaded.generate("polyps", [1], steps=2)
+    assert torch.equal(a, b)
+
+
+def test_not_a_mini_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"), metadata={"format": "other"})
+    with pytest.raises(ValueError, match="not a MedSteer-mini file"):
+        load_mini(tmp_path / "x.safetensors")
+
+
+def test_shipped_model_is_a_pixart_with_six_sites(mini):
+    sites = find_sites(mini.transformer)
+    assert (sites.host, sites.depth, sites.hidden_size, sites.patch_size) == ("diffusers", 6, 128, 4)
+    assert int(mini.metadata["trained_steps"]) > 0
+
+
+def test_shipped_model_renders_every_class(mini, oracle):
+    """Rendering rate by the oracle >= 0.8 for every class (issue 5's precondition)."""
+    for c, name in enumerate(synthetic.CLASSES):
+        images = mini.generate(prompts_for(name, HELD_OUT), HELD_OUT)
+        rate = float((oracle.read(images).labels == c).float().mean())
+        assert rate >= 0.8, f"{name}: rendering rate {rate}"
+
+
+def test_strength_zero_pair_is_identical(mini):
+    vector = load_vector(EDITS[0].shipped_path())
+    seeds = HELD_OUT[:2]
+    plain = mini.generate("an endoscopic image of dyed lifted polyps", seeds)
+    zero = mini.generate(
+        "an endoscopic image of dyed lifted polyps",
+        seeds,
+        plans=[SteeringPlan(vector, strength=0.0, layer_start=0, layer_end=6)],
+    )
+    assert torch.equal(plain, zero)
+
+
+def test_shipped_vector_removes_dye_and_keeps_background(mini, oracle):
+    """With its calibrated window and strength: dye gone in >= 80 % of held-out seeds."""
+    edit = EDITS[0]
+    vector = load_vector(edit.shipped_path())
+    start, end, strength = setting_of(vector)
+    assert "calibrated_strength" in vector.metadata
+    plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
+    source = prompts_for(edit.source, HELD_OUT)
+    originals = mini.generate(source, HELD_OUT)
+    steered = mini.generate(source, HELD_OUT, plans=[plan])
+    s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
+    ours = score_pairs(oracle, originals, steered, s, t)
+    assert oracle.read(originals).dye_detected.float().mean() >= 0.8  # there was dye to remove
+    assert 1 - ours.dye_detection >= 0.8, ours
+    assert ours.bg_psnr > 25, ours  # the background survives the edit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 5): at the calibrated setting (layers 0-6, strength 4, CFG 2) the "
+    "shipped vector keeps the background slightly LESS well than re-prompting the same seed "
+    "(8 held-out seeds: Bg-PSNR 31.2 vs 32.8 dB); the pixel-space mini's backgrounds are seed-locked",
+)
+def test_shipped_vector_background_at_least_reprompting(mini, oracle):
+    edit = EDITS[0]
+    vector = load_vector(edit.shipped_path())
+    start, end, strength = setting_of(vector)
+    plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
+    source = prompts_for(edit.source, HELD_OUT)
+    originals = mini.generate(source, HELD_OUT)
+    steered = mini.generate(source, HELD_OUT, plans=[plan])
+    reprompted = mini.generate(prompts_for(edit.target, HELD_OUT), HELD_OUT)
+    s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
+    ours = score_pairs(oracle, originals, steered, s, t)
+    baseline = score_pairs(oracle, originals, reprompted, s, t)
+    assert ours.bg_psnr >= baseline.bg_psnr, (ours, baseline)
