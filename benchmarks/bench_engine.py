@@ -568,7 +568,7 @@ def markdown(steps: dict | None, memory: list[dict] | None, command: str) -> str
             lines.append(
                 f"| {variant} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} ({s['iqr_pct']:.1f}%) | {overhead} | {pct} |"
             )
-        lines += ["", "## Raw step times (ms), in the order measured per round", ""]
+        lines += ["", "## Raw step times (ms) per round (fixed column order; the run order rotates each round)", ""]
         lines.append("| round | " + " | ".join(VARIANTS) + " |")
         lines.append("|---:|" + "---:|" * len(VARIANTS))
         full = steps["timings_s"]["full"]
