@@ -75,7 +75,11 @@ class VectorEstimator:
             counts[key] = counts.get(key, 0) + 1
 
     def _observe(self, label: str, site: int, h: torch.Tensor, cond_rows: list[int]) -> None:
-        rows = h.index_select(0, torch.tensor(cond_rows, device=h.device)) if len(cond_rows) < h.shape[0] else h
+        first, last = cond_rows[0], cond_rows[-1]
+        if last - first + 1 == len(cond_rows):
+            rows = h[first : last + 1]  # contiguous (always, for [uncond, cond]): a view, no copy
+        else:
+            rows = h.index_select(0, torch.tensor(cond_rows, device=h.device))
         means = rows.to(self.accumulate_dtype).mean(dim=1)  # [b, D]
         sums = self._sums[label]
         keys = self._call_keys
