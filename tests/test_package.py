@@ -54,6 +54,10 @@ def test_wheel_contains_medsteer_core_only(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     packages = {t for t in tops if not t.endswith(".dist-info")}
     assert packages == {"medsteer_core"}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # The demo's default model, oracle and vectors ship inside the package (issue 5).
+    for asset in ("mini/medsteer_mini.safetensors", "mini/oracle.safetensors", "mini/vectors/dye_removal.safetensors"):
+        assert f"medsteer_core/assets/{asset}" in names, asset
     entry_points = (
         zipfile.ZipFile(wheel)
         .read(next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt")))
