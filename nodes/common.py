@@ -49,10 +49,11 @@ def pixart_sites(model) -> Sites:
 
 
 def model_family(model) -> str:
-    """``pixart_alpha`` / ``pixart_sigma`` (ComfyUI's image_model name), or the config's class name."""
+    """``pixart-alpha`` / ``pixart-sigma``, the names the CLI writes too (so vectors built in
+    either host merge), from ComfyUI's image_model name; else the config's class name."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     unet_config = getattr(config, "unet_config", None) or {}
-    return str(unet_config.get("image_model") or type(config).__name__)
+    return str(unet_config.get("image_model") or type(config).__name__).replace("_", "-")
 
 
 def call_info(base_model, x, sigma, transformer_options) -> CallInfo:

@@ -286,7 +286,7 @@ def test_build_metadata_is_strings_and_survives_a_file_round_trip(tmp_path):
         scheduler="normal",
         height=512,
         width=512,
-        model_family="pixart_alpha",
+        model_family="pixart-alpha",
         host="ComfyUI BuildPathologyVector",
     )
     assert all(isinstance(v, str) for v in meta.values())

@@ -154,7 +154,7 @@ def test_build_save_load_steer_two_samplers_heatmap(comfy_env):
     assert json.loads(meta["prompts_without"]) == ["An endoscopic image of polyps"]
     assert json.loads(meta["seeds"]) == [100, 101, 102]
     assert (meta["steps"], meta["sampler"], meta["scheduler"], meta["width"]) == ("4", "euler", "normal", str(SIZE))
-    assert meta["model_family"] == "pixart_alpha"
+    assert meta["model_family"] == "pixart-alpha"
     assert (built.depth, built.hidden_size) == (4, 48)
     assert int(built.count_with.max()) == 3 and int(built.count_without.max()) == 3
     assert result.output(build.id, 1)["samples"].shape == (3, 4, SIZE // 8, SIZE // 8)
