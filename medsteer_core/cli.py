@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 from .errors import MedSteerError
+from .heatmap import COLORMAPS
 
 log = logging.getLogger("medsteer")
 
@@ -562,9 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     go.add_argument("--heatmap-layers", help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8)")
     go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
-    go.add_argument(
-        "--colormap", default="viridis", choices=["viridis", "magma", "cividis", "gray"], help="heatmap colours"
-    )
+    go.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="heatmap colours")
     _model_options(gen)
     gen.set_defaults(run=_cmd_generate)
 
@@ -602,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--at-steps", help="steps to draw: 8,12,14,19 / all / last (default: the paper's, scaled)")
     hp.add_argument("--layers", help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8)")
     hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")
-    hp.add_argument("--colormap", default="viridis", choices=["viridis", "magma", "cividis", "gray"], help="colours")
+    hp.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="colours")
     hp.add_argument("--cell", type=int, default=128, help="pixels per map (default 128)")
     hp.add_argument("--global-scale", action="store_true", help="one colour scale for all maps (default: each its own)")
     hp.add_argument("--save-images", action="store_true", help="also write OUT-unsteered.png and OUT-steered.png")
