@@ -9,13 +9,13 @@ row layout (``[uncond, cond]`` with CFG), so no step counting or guessing is inv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .hooks import CallInfo, GateRecord, SteeringPlan, attach_capture, attach_steering
+from .hooks import GateRecord, SteeringPlan, attach_capture, attach_steering
 from .sites import find_sites
 
 __all__ = ["SamplingSpec", "initial_latents", "sample"]
@@ -96,7 +96,7 @@ def sample(
     Returns:
         ``[B, C, H, W]`` final latents (float32, CPU).
     """
-    sites = find_sites(transformer)
+    find_sites(transformer)  # a clear error for a model that is not PixArt, steered or not
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
     batch = len(seeds)
@@ -122,12 +122,9 @@ def sample(
             cond_mask = cond_mask if cond_mask is not None else torch.ones(cond.shape[:2], device=device)
             uncond_mask = uncond_mask if uncond_mask is not None else torch.ones(uncond.shape[:2], device=device)
             mask = _pad_cat(uncond_mask[..., None], cond_mask[..., None])[..., 0]
-        conditional = (False,) * batch + (True,) * batch
     else:
         context, mask = cond, cond_mask
-        conditional = (True,) * batch
-    rows = len(conditional)
-    grid = (spec.height // sites.patch_size, spec.width // sites.patch_size)
+    rows = 2 * batch if guided else batch
     added = {"resolution": None, "aspect_ratio": None}
     if getattr(transformer, "use_additional_conditions", False):
         added = {
@@ -136,28 +133,34 @@ def sample(
         }
 
     scheduler.set_timesteps(spec.steps, device=device)
-    for i, t in enumerate(scheduler.timesteps):
-        model_in = torch.cat([latents, latents]) if guided else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        t_rows = t.to(device).reshape(1).expand(rows)
-        call = CallInfo(t_rows, conditional, grid)
-        with _hooks(transformer, plans, record, estimator, label, call):
+    # Hooks for this sampling run only: attached (and validated) once, removed in any case. Each
+    # call's timesteps and grid are read from the transformer's own arguments; the row layout is
+    # the one built above ([uncond, cond] with CFG).
+    layout = "uncond_cond" if guided else "cond"
+    with ExitStack() as hooks:
+        if estimator is not None:
+            hooks.callback(attach_capture(transformer, estimator, label, layout=layout).remove)
+        if plans:
+            hooks.callback(attach_steering(transformer, list(plans), layout=layout, record=record).remove)
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            model_in = scheduler.scale_model_input(model_in, t)
             out = transformer(
                 model_in.to(dtype),
                 encoder_hidden_states=context,
                 encoder_attention_mask=mask,
-                timestep=t_rows,
+                timestep=t.to(device).reshape(1).expand(rows),
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0].float()
-        if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise prediction
-            out = out[:, : latents.shape[1]]
-        if guided:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + spec.cfg * (out_cond - out_uncond)
-        latents = scheduler.step(out, t, latents, return_dict=False)[0]
-        if progress is not None:
-            progress(i + 1, spec.steps)
+            if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise prediction
+                out = out[:, : latents.shape[1]]
+            if guided:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + spec.cfg * (out_cond - out_uncond)
+            latents = scheduler.step(out, t, latents, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, spec.steps)
     return latents.cpu()
 
 
@@ -166,27 +169,3 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = max(a.shape[1], b.shape[1])
     pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1])) if x.shape[1] < n else x  # noqa: E731
     return torch.cat([pad(a), pad(b.to(a.dtype))])
-
-
-class _Handles(AbstractContextManager):
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
-
-    def __exit__(self, *exc) -> None:
-        for handle in reversed(self.handles):
-            handle.remove()
-
-
-def _hooks(transformer, plans, record, estimator, label, call) -> AbstractContextManager:
-    if not plans and estimator is None:
-        return nullcontext()
-    handles: list = []
-    try:
-        if estimator is not None:
-            handles.append(attach_capture(transformer, estimator, label, call_info=call))
-        if plans:
-            handles.append(attach_steering(transformer, list(plans), call_info=call, record=record))
-    except BaseException:
-        _Handles(handles).__exit__(None, None, None)
-        raise
-    return _Handles(handles)
