@@ -368,61 +368,115 @@ def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit
     return "\n".join(parts)
 
 
+#: Calibration seeds: disjoint from the vector seeds (0..), the demo's (900000..) and the tests'.
+CALIBRATION_SEED_BASE = 800_000
+#: The strengths a calibration tries (the mini needs more than the paper's 2.5: see README).
+CALIBRATION_STRENGTHS = (1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
+
+
 def calibrate_and_ship(
     out_dir: str | Path = VECTOR_DIR,
     *,
+    edits: tuple[str, ...] | None = None,
     vector_seeds: int = VECTOR_SEEDS,
-    calibration_seeds: int = 12,
-    strengths: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0),
+    screen_seeds: int = 16,
+    confirm_seeds: int = 64,
+    confirm_top: int = 6,
+    strengths: tuple[float, ...] = CALIBRATION_STRENGTHS,
+    windows: list[tuple[int, int]] | None = None,
     model_path: str | None = None,
     oracle_path: str | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Build every edit's vector, scan layers, sweep windows x strengths on calibration seeds
-    (disjoint from the demo's held-out seeds), and save the vectors with the chosen setting in their
-    metadata (``calibrated_layer_start``, ``calibrated_layer_end``, ``calibrated_strength``)."""
+    """Choose each edit's window and strength on calibration seeds and save its vector with them.
+
+    For every edit: build the vector, scan the layers, then
+
+    1. **screen**: score every contiguous window (or ``windows``) x ``strengths`` on ``screen_seeds`` seeds;
+    2. **confirm**: re-score the ``confirm_top`` settings of ``scan.shortlist`` on ``confirm_seeds``
+       seeds, together with re-prompting those seeds (the baseline);
+    3. **choose** by ``scan.calibrate`` on the confirmation scores: among settings that remove the
+       concept in at least 85 % of the seeds, the best background.
+
+    The vector is saved with ``calibrated_layer_start`` / ``_end`` / ``calibrated_strength`` and a
+    ``calibration`` record (seeds, rule, the baseline, whether the choice meets issue 5's bar of
+    removal >= 0.8 and Bg-PSNR >= re-prompting, every confirmed row). Every seed used here is
+    disjoint from the demo's held-out seeds, so the demo's numbers are out-of-sample.
+    """
     from .mini import load_mini
     from .oracle import load_oracle
+    from .scan import MIN_REMOVAL, all_windows, removal, shortlist, sweep_settings
 
     model = load_mini(model_path)
     oracle = load_oracle(oracle_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = [800_000 + i for i in range(calibration_seeds)]
-    windows = _windows(model.transformer.config.num_layers)
+    chosen_edits = [e for e in EDITS if edits is None or e.name in edits]
+    seeds = [CALIBRATION_SEED_BASE + i for i in range(max(screen_seeds, confirm_seeds))]
+    screen, confirm = seeds[:screen_seeds], seeds[:confirm_seeds]
+    if windows is None:
+        windows = all_windows(model.transformer.config.num_layers)
+    settings = [(a, b, float(k)) for a, b in windows for k in strengths]
+    per_edit = 2 * vector_seeds + screen_seeds * (len(settings) + 1) + confirm_seeds * (confirm_top + 2)
+    progress = _Progress(len(chosen_edits) * per_edit, quiet)
     summary = {}
-    for edit in EDITS:
-        vector = build_vector(model, edit.source, edit.target, list(range(vector_seeds)))
+    for edit in chosen_edits:
+        progress.stage(f"{edit.name}: vector")
+        vector = build_vector(model, edit.source, edit.target, list(range(vector_seeds)), progress=progress)
         kind = "dye" if edit.dye else "lesion"
         local, positive, _ = gate_localisation(model, oracle, vector, edit.source, seeds[:8], kind)
-        rows = sweep(model, oracle, vector, edit.source, edit.target, seeds, windows, strengths)
-        best = calibrate(rows, edit.dye)
+        progress.stage(f"{edit.name}: screen {len(settings)} settings")
+        step = lambda k, n=screen_seeds: progress(k * n)  # noqa: E731
+        originals = model.generate(prompts_for(edit.source, screen), screen)
+        progress(screen_seeds)
+        rows = sweep_settings(
+            model, oracle, vector, edit.source, edit.target, screen, settings, originals=originals, progress=step
+        )
+        picks = shortlist(rows, edit.dye, confirm_top)
+        progress.stage(f"{edit.name}: confirm {len(picks)} on {confirm_seeds} seeds")
+        s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
+        originals = model.generate(prompts_for(edit.source, confirm), confirm)
+        reprompted = model.generate(prompts_for(edit.target, confirm), confirm)
+        baseline = score_pairs(oracle, originals, reprompted, s, t)
+        progress(2 * confirm_seeds)
+        confirmed = sweep_settings(
+            model, oracle, vector, edit.source, edit.target, confirm,
+            [(r.layer_start, r.layer_end, r.strength) for r in picks],
+            originals=originals, progress=lambda k, n=confirm_seeds: progress(k * n),
+        )  # fmt: skip
+        progress(confirm_seeds * (confirm_top - len(picks)))
+        best = calibrate(confirmed, edit.dye)
+        meets = removal(best, edit.dye) >= 0.8 and best.bg_psnr >= baseline.bg_psnr
+        record = {
+            "seeds": f"{confirm[0]}..{confirm[-1]}",
+            "screen_seeds": f"{screen[0]}..{screen[-1]}",
+            "rule": f"removal >= {MIN_REMOVAL} on the confirmation seeds, then the best Bg-PSNR",
+            "layer_profile": [round(x, 4) for x in layer_profile(vector)],
+            "gate_localisation": [round(x, 3) for x in local],
+            "gate_positive_fraction": [round(x, 3) for x in positive],
+            "reprompting": baseline.as_dict(),
+            "chosen": best.as_dict(),
+            "meets_issue_bar": meets,
+            "confirmed": [r.as_dict() for r in confirmed],
+        }
         vector.metadata.update(
             {
                 "calibrated_layer_start": str(best.layer_start),
                 "calibrated_layer_end": str(best.layer_end),
                 "calibrated_strength": f"{best.strength:g}",
-                "calibration": json.dumps(
-                    {
-                        "seeds": f"{seeds[0]}..{seeds[-1]}",
-                        "layer_profile": [round(x, 4) for x in layer_profile(vector)],
-                        "gate_localisation": [round(x, 3) for x in local],
-                        "gate_positive_fraction": [round(x, 3) for x in positive],
-                        "chosen": best.as_dict(),
-                    }
-                ),
+                "calibration": json.dumps(record),
             }
         )
         save_vector(vector, out_dir / f"{edit.name}.safetensors")
-        summary[edit.name] = {
-            "chosen": best.as_dict(),
-            "layer_profile": layer_profile(vector),
-            "gate_localisation": local,
-            "gate_positive_fraction": positive,
-            "sweep": [r.as_dict() for r in rows],
-        }
+        summary[edit.name] = record | {"screen": [r.as_dict() for r in rows]}
         if not quiet:
-            print(f"{edit.name}: {best}", flush=True)
+            margin = best.bg_psnr - baseline.bg_psnr
+            progress.bar.write(
+                f"{edit.name}: layers {best.layer_start}-{best.layer_end} strength {best.strength:g}: "
+                f"removed {removal(best, edit.dye):.2f}, Bg-PSNR {best.bg_psnr:.2f} dB "
+                f"({margin:+.2f} vs re-prompting) on {confirm_seeds} seeds"
+            )
+    progress.close()
     return summary
 
 
@@ -452,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown edit(s) {unknown}; choose from {sorted(known)}")
     if args.calibrate:
-        summary = calibrate_and_ship(args.out, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet)
+        summary = calibrate_and_ship(
+            args.out, edits=edits, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet
+        )
         Path(args.out, "calibration.json").write_text(json.dumps(summary, indent=2))
         return 0
     kwargs = {}

@@ -11,8 +11,9 @@ steering there only added noise). So the window is measured, per model:
   pixels (from the oracle's mask of the unsteered image) compared with an even spread (1 = no better
   than uniform), and the fraction of tokens with a positive gate;
 - ``sweep``: windows x strengths scored with the oracle (``metrics.score_pairs``);
-- ``calibrate``: picks the setting that removes the concept most often, breaking ties by the
-  background PSNR, and returns it with the whole sweep.
+- ``calibrate``: among the settings that remove the concept in at least 85 % of the calibration
+  seeds, picks the one that keeps the background best (``shortlist`` names the candidates a
+  screening sweep on few seeds should confirm on more).
 
 These work on any model that ``MiniModel.generate`` wraps; ``vectors_for`` builds the vectors the
 way ``medsteer build-vector`` does (varied caption templates, one seed per image, both prompts).
@@ -33,14 +34,19 @@ from .metrics import score_pairs
 from .vector import PathologyVector
 
 __all__ = [
+    "MIN_REMOVAL",
     "LayerStats",
     "SweepRow",
     "build_vector",
+    "all_windows",
     "calibrate",
     "gate_localisation",
     "layer_profile",
     "prompts_for",
+    "removal",
+    "shortlist",
     "sweep",
+    "sweep_settings",
 ]
 
 
@@ -177,6 +183,11 @@ class SweepRow:
         return asdict(self)
 
 
+def all_windows(depth: int) -> list[tuple[int, int]]:
+    """Every contiguous window ``[start, end)`` of a ``depth``-layer model (``depth * (depth + 1) / 2``)."""
+    return [(start, end) for start in range(depth) for end in range(start + 1, depth + 1)]
+
+
 def sweep(
     model,
     oracle,
@@ -196,31 +207,49 @@ def sweep(
         originals: the unsteered images of these seeds, if already sampled.
         progress: called with 1 after every setting.
     """
+    settings = [(start, end, float(strength)) for start, end in windows for strength in strengths]
+    return sweep_settings(
+        model, oracle, vector, source, target, seeds, settings, originals=originals, progress=progress
+    )
+
+
+def sweep_settings(
+    model,
+    oracle,
+    vector: PathologyVector,
+    source: str,
+    target: str,
+    seeds: Sequence[int],
+    settings: Sequence[tuple[int, int, float]],
+    *,
+    originals: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[SweepRow]:
+    """Score each ``(layer_start, layer_end, strength)`` on the seeds, in order (see ``sweep``)."""
     prompts = prompts_for(source, seeds)
     if originals is None:
         originals = model.generate(prompts, list(seeds))
     s, t = synthetic.CLASSES.index(source), synthetic.CLASSES.index(target)
     rows = []
-    for start, end in windows:
-        for strength in strengths:
-            plan = SteeringPlan(vector, strength=float(strength), layer_start=start, layer_end=end)
-            edits = model.generate(prompts, list(seeds), plans=[plan])
-            scores = score_pairs(oracle, originals, edits, s, t)
-            rows.append(
-                SweepRow(
-                    start,
-                    end,
-                    float(strength),
-                    scores.flip_rate,
-                    scores.delta_p,
-                    scores.source_removed,
-                    scores.dye_detection,
-                    scores.bg_psnr,
-                    scores.bg_ssim,
-                )
+    for start, end, strength in settings:
+        plan = SteeringPlan(vector, strength=float(strength), layer_start=start, layer_end=end)
+        edits = model.generate(prompts, list(seeds), plans=[plan])
+        scores = score_pairs(oracle, originals, edits, s, t)
+        rows.append(
+            SweepRow(
+                start,
+                end,
+                float(strength),
+                scores.flip_rate,
+                scores.delta_p,
+                scores.source_removed,
+                scores.dye_detection,
+                scores.bg_psnr,
+                scores.bg_ssim,
             )
-            if progress is not None:
-                progress(1)
+        )
+        if progress is not None:
+            progress(1)
     return rows
 
 
@@ -229,8 +258,35 @@ def removal(row: SweepRow, dye: bool) -> float:
     return 1 - row.dye_detection if dye else row.flip_rate
 
 
-def calibrate(rows: Sequence[SweepRow], dye: bool) -> SweepRow:
-    """The setting that removes the concept most often (within 0.05 of the best), then the best PSNR."""
-    best = max(removal(r, dye) for r in rows)
-    good = [r for r in rows if removal(r, dye) >= best - 0.05]
-    return max(good, key=lambda r: r.bg_psnr)
+#: Calibration asks for the concept to go in at least this fraction of the calibration seeds: a
+#: margin above the 0.8 that issue 5 asks of held-out seeds.
+MIN_REMOVAL = 0.85
+
+
+def calibrate(rows: Sequence[SweepRow], dye: bool, min_removal: float = MIN_REMOVAL) -> SweepRow:
+    """The calibration rule: among the settings that remove the concept in at least ``min_removal``
+    of the seeds, the one that keeps the background best (highest Bg-PSNR; scored against the same
+    unsteered images, so also the largest margin over re-prompting those seeds).
+
+    If no setting reaches ``min_removal``, the one that removes it most often (within 0.05 of the
+    best), then the best Bg-PSNR.
+    """
+    if not rows:
+        raise ValueError("calibrate needs at least one sweep row")
+    eligible = [r for r in rows if removal(r, dye) >= min_removal]
+    if not eligible:
+        best = max(removal(r, dye) for r in rows)
+        eligible = [r for r in rows if removal(r, dye) >= best - 0.05]
+    return max(eligible, key=lambda r: r.bg_psnr)
+
+
+def shortlist(
+    rows: Sequence[SweepRow], dye: bool, count: int, min_removal: float = MIN_REMOVAL, slack: float = 0.1
+) -> list[SweepRow]:
+    """Up to ``count`` settings worth confirming on more seeds: those within ``slack`` of
+    ``min_removal`` on the screening seeds, best background first; always includes ``calibrate``'s
+    choice (a screen of few seeds is noisy near the threshold)."""
+    near = sorted((r for r in rows if removal(r, dye) >= min_removal - slack), key=lambda r: -r.bg_psnr)
+    chosen = calibrate(rows, dye, min_removal)
+    picks = [chosen] + [r for r in near if r != chosen]
+    return picks[: max(1, count)]

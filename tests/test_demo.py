@@ -37,3 +37,27 @@ def test_unknown_edit_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--edits", "esophagitis", "--out", str(tmp_path)])
     assert "unknown edit" in capsys.readouterr().err
+
+
+def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
+    from medsteer_core.demo import calibrate_and_ship, setting_of
+    from medsteer_core.scan import SweepRow, calibrate, removal
+    from medsteer_core.vector import load_vector
+
+    summary = calibrate_and_ship(
+        tmp_path, edits=("dye_removal",), vector_seeds=2, screen_seeds=2, confirm_seeds=3, confirm_top=2,
+        strengths=(0.0, 6.0), windows=[(0, 1), (1, 4)], quiet=True,
+    )  # fmt: skip
+    record = summary["dye_removal"]
+    assert len(record["screen"]) == 4 and len(record["confirmed"]) <= 2
+    assert record["seeds"] == "800000..800002" and record["screen_seeds"] == "800000..800001"
+    rows = [SweepRow(**r) for r in record["confirmed"]]
+    chosen = calibrate(rows, dye=True)
+    assert record["chosen"] == chosen.as_dict()
+    # Strength 0 is the unsteered image: background identical (the PSNR cap) wherever it was confirmed.
+    assert all(r.bg_psnr == 60.0 for r in rows if r.strength == 0.0)
+    bar = removal(chosen, True) >= 0.8 and chosen.bg_psnr >= record["reprompting"]["bg_psnr"]
+    assert record["meets_issue_bar"] == bar
+    vector = load_vector(tmp_path / "dye_removal.safetensors")
+    assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
+    assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]

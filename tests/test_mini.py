@@ -81,39 +81,44 @@ def test_strength_zero_pair_is_identical(mini):
     assert torch.equal(plain, zero)
 
 
-def test_shipped_vector_removes_dye_and_keeps_background(mini, oracle):
-    """With its calibrated window and strength: dye gone in >= 80 % of held-out seeds."""
+#: Issue 5's bar (dye removed in >= 80 %, background at least re-prompting's) is checked on these 32
+#: held-out seeds. They were fixed before the calibration of 2026-11-22 looked at anything; the
+#: earlier 8 seeds (the first 8 here) could not tell the shipped setting's ~0.5-1.4 dB margin from
+#: noise (per-seed differences have an SD of about 2 dB).
+BAR_SEEDS = [950_000 + i for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def dye_pairs():
+    """Scores of the shipped dye-removal setting and of re-prompting, on BAR_SEEDS."""
+    mini, oracle = shipped_mini(), shipped_oracle()
     edit = EDITS[0]
     vector = load_vector(edit.shipped_path())
-    start, end, strength = setting_of(vector)
     assert "calibrated_strength" in vector.metadata
+    start, end, strength = setting_of(vector)
     plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
-    source = prompts_for(edit.source, HELD_OUT)
-    originals = mini.generate(source, HELD_OUT)
-    steered = mini.generate(source, HELD_OUT, plans=[plan])
+    source = prompts_for(edit.source, BAR_SEEDS)
+    originals = mini.generate(source, BAR_SEEDS)
+    steered = mini.generate(source, BAR_SEEDS, plans=[plan])
+    reprompted = mini.generate(prompts_for(edit.target, BAR_SEEDS), BAR_SEEDS)
     s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
-    ours = score_pairs(oracle, originals, steered, s, t)
-    assert oracle.read(originals).dye_detected.float().mean() >= 0.8  # there was dye to remove
+    had_dye = float(oracle.read(originals).dye_detected.float().mean())
+    return had_dye, score_pairs(oracle, originals, steered, s, t), score_pairs(oracle, originals, reprompted, s, t)
+
+
+def test_shipped_vector_removes_dye(dye_pairs):
+    """With its calibrated window and strength: dye gone in >= 80 % of held-out seeds."""
+    had_dye, ours, _ = dye_pairs
+    assert had_dye >= 0.8  # there was dye to remove
     assert 1 - ours.dye_detection >= 0.8, ours
-    assert ours.bg_psnr > 25, ours  # the background survives the edit
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="known gap (issue 5): at the calibrated setting (layers 0-6, strength 4, CFG 2) the "
-    "shipped vector keeps the background slightly LESS well than re-prompting the same seed "
-    "(8 held-out seeds: Bg-PSNR 31.2 vs 32.8 dB); the pixel-space mini's backgrounds are seed-locked",
+    "shipped vector keeps the background slightly LESS well than re-prompting the same seed; "
+    "the pixel-space mini's backgrounds are seed-locked",
 )
-def test_shipped_vector_background_at_least_reprompting(mini, oracle):
-    edit = EDITS[0]
-    vector = load_vector(edit.shipped_path())
-    start, end, strength = setting_of(vector)
-    plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
-    source = prompts_for(edit.source, HELD_OUT)
-    originals = mini.generate(source, HELD_OUT)
-    steered = mini.generate(source, HELD_OUT, plans=[plan])
-    reprompted = mini.generate(prompts_for(edit.target, HELD_OUT), HELD_OUT)
-    s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
-    ours = score_pairs(oracle, originals, steered, s, t)
-    baseline = score_pairs(oracle, originals, reprompted, s, t)
+def test_shipped_vector_background_at_least_reprompting(dye_pairs):
+    _, ours, baseline = dye_pairs
     assert ours.bg_psnr >= baseline.bg_psnr, (ours, baseline)

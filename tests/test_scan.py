@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from medsteer_core.scan import SweepRow, calibrate, layer_profile, prompts_for
+from medsteer_core.scan import SweepRow, all_windows, calibrate, layer_profile, prompts_for, shortlist
 from medsteer_core.vector import PathologyVector
 
 
@@ -24,15 +25,45 @@ def _row(start, end, strength, flip=0.0, dye=1.0, psnr=30.0):
     return SweepRow(start, end, strength, flip, 0.0, flip, dye, psnr, 0.9)
 
 
-def test_calibrate_prefers_removal_then_background():
+def test_calibrate_takes_the_best_background_among_settings_that_remove_enough():
     rows = [
-        _row(0, 1, 1.0, dye=0.10, psnr=35.0),
-        _row(0, 1, 2.0, dye=0.05, psnr=30.0),  # removes a little more, background worse: within 0.05
+        _row(0, 1, 1.0, dye=0.10, psnr=35.0),  # removes in 90 %: eligible
+        _row(0, 1, 2.0, dye=0.00, psnr=30.0),  # removes more, background worse
+        _row(1, 4, 5.0, dye=0.12, psnr=36.0),  # eligible (88 %), best background: chosen
         _row(0, 6, 3.0, dye=0.50, psnr=40.0),  # keeps the dye: never chosen
     ]
-    assert calibrate(rows, dye=True) == rows[0]
+    assert calibrate(rows, dye=True) == rows[2]
+    assert calibrate(rows, dye=True, min_removal=0.95) == rows[1]
     rows = [_row(0, 1, 1.0, flip=0.3, psnr=50.0), _row(2, 3, 2.0, flip=0.9, psnr=25.0)]
     assert calibrate(rows, dye=False) == rows[1]
+
+
+def test_calibrate_falls_back_to_most_removal_when_nothing_reaches_the_bar():
+    rows = [
+        _row(0, 1, 1.0, flip=0.5, psnr=40.0),
+        _row(0, 2, 1.0, flip=0.6, psnr=30.0),
+        _row(0, 3, 1.0, flip=0.58, psnr=33.0),
+    ]
+    assert calibrate(rows, dye=False) == rows[2]  # within 0.05 of the best removal, better background
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate([], dye=False)
+
+
+def test_shortlist_keeps_the_choice_first_then_near_misses_by_background():
+    rows = [
+        _row(0, 1, 1.0, flip=0.90, psnr=30.0),
+        _row(0, 2, 1.0, flip=0.80, psnr=38.0),  # within the slack of 0.85: worth confirming
+        _row(0, 3, 1.0, flip=0.70, psnr=45.0),  # too far below the bar
+        _row(1, 2, 1.0, flip=0.95, psnr=32.0),
+    ]
+    picks = shortlist(rows, dye=False, count=3)
+    assert picks == [rows[3], rows[1], rows[0]]
+    assert shortlist(rows, dye=False, count=1) == [rows[3]]
+
+
+def test_all_windows_are_every_contiguous_span():
+    assert all_windows(3) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert len(all_windows(6)) == 21
 
 
 def test_prompts_cycle_templates_with_one_concept():
