@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from . import synthetic
+from ._assets import read_tagged
 from .driver import SamplingSpec, sample
-from .errors import MedSteerError
 
 __all__ = [
     "DEFAULT_PATH",
@@ -280,20 +280,16 @@ def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
         MedSteerError: the file is missing or is not a MedSteer-mini file.
     """
     from diffusers import PixArtTransformer2DModel
-    from safetensors import safe_open
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path) if path is not None else DEFAULT_PATH
-    if not path.is_file():
-        raise MedSteerError(
-            f"no MedSteer-mini model at {path}: pass the path of a file written by "
-            "`python -m medsteer_core.mini train`, or reinstall the package to restore the shipped one"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT_NAME:
-            raise MedSteerError(f"{path} is not a MedSteer-mini file (format {meta.get('format')!r})")
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    meta, tensors = read_tagged(
+        path,
+        FORMAT_NAME,
+        "MedSteer-mini",
+        "pass the path of a file written by `python -m medsteer_core.mini train`, or reinstall the "
+        "package to restore the shipped one",
+    )
     transformer = PixArtTransformer2DModel(**json.loads(meta["transformer_config"]))
     tokenizer = build_tokenizer(json.loads(meta["vocabulary"]))
     text_encoder = T5EncoderModel(T5Config(**json.loads(meta["text_encoder_config"])))

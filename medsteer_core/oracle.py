@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import synthetic
+from ._assets import read_tagged
 from .errors import MedSteerError
 
 __all__ = ["DEFAULT_PATH", "Oracle", "OracleOutput", "load_oracle", "save_oracle", "train_oracle"]
@@ -196,19 +197,14 @@ def save_oracle(oracle: Oracle, path: str | os.PathLike, metadata: dict[str, str
 
 def load_oracle(path: str | os.PathLike | None = None) -> Oracle:
     """Load the oracle (default: the one shipped in the package)."""
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else DEFAULT_PATH
-    if not path.is_file():
-        raise MedSteerError(
-            f"no oracle at {path}: pass a file written by `python -m medsteer_core.oracle train`, or "
-            "reinstall the package to restore the shipped one"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT_NAME:
-            raise MedSteerError(f"{path} is not a MedSteer oracle file (format {meta.get('format')!r})")
-        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    _, state = read_tagged(
+        path,
+        FORMAT_NAME,
+        "MedSteer oracle",
+        "pass a file written by `python -m medsteer_core.oracle train`, or reinstall the package to "
+        "restore the shipped one",
+    )
     oracle = Oracle()
     oracle.load_state_dict(state)
     return oracle.eval()

@@ -55,6 +55,17 @@ def test_not_a_mini_file_is_refused(tmp_path):
         load_mini(tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{not json", b"garbage" * 10])
+def test_corrupt_or_missing_mini_file_gets_a_clear_error(tmp_path, content):
+    path = tmp_path / "mini.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable MedSteer-mini file.*mini train"):
+        load_mini(path)
+    assert path.read_bytes() == content  # nothing is lost
+    with pytest.raises(ValueError, match="no MedSteer-mini file at .*missing"):
+        load_mini(tmp_path / "missing.safetensors")
+
+
 def test_shipped_model_is_a_pixart_with_six_sites(mini):
     sites = find_sites(mini.transformer)
     assert (sites.host, sites.depth, sites.hidden_size, sites.patch_size) == ("diffusers", 6, 128, 4)

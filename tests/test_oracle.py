@@ -33,5 +33,19 @@ def test_missing_oracle_file_says_what_to_do(tmp_path):
         oracle_module.load_oracle(tmp_path / "nope.safetensors")
 
 
+def test_corrupt_or_foreign_oracle_file_is_refused_clearly(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable MedSteer oracle file.*oracle train"):
+        oracle_module.load_oracle(corrupt)
+    foreign = tmp_path / "mini.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign), metadata={"format": "medsteer.mini"})
+    with pytest.raises(ValueError, match="not a MedSteer oracle file \\(format 'medsteer.mini'\\)"):
+        oracle_module.load_oracle(foreign)
+
+
 def test_classes_are_the_generators():
     assert len(synthetic.CLASSES) == oracle_module.Oracle().classify.out_features
