@@ -41,6 +41,8 @@ VECTOR_DIR = Path(__file__).parent / "assets" / "mini" / "vectors"
 VECTOR_SEEDS = 40
 #: Held-out seeds of every table: disjoint from the vector seeds.
 EVAL_SEED_BASE = 900_000
+#: The demo's strength sweep (Table 3); the calibrated strength is added.
+DEMO_STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def run_demo(
     eval_seeds: int = 32,
     vector_seeds: int = VECTOR_SEEDS,
     grid_seeds: int = 6,
-    strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0),
+    strengths: tuple[float, ...] | None = None,
     seed_counts: tuple[int, ...] = (5, 10, 20, 40),
     windows: tuple[tuple[int, int], ...] | None = None,
     edits: tuple[str, ...] = ("dye_removal", "polyp_to_normal"),
@@ -152,7 +154,11 @@ def run_demo(
     use_cache: bool = True,
     quiet: bool = False,
 ) -> dict:
-    """Run the demo and write its folder; returns the numbers of ``report.json``."""
+    """Run the demo and write its folder; returns the numbers of ``report.json``.
+
+    The strength sweep defaults to 0-6 in steps of 1 and the window sweep to single layers and a few
+    spans; both always include the first edit's calibrated setting.
+    """
     from .mini import DEFAULT_PATH as MODEL_PATH
     from .mini import load_mini
     from .oracle import load_oracle
@@ -170,6 +176,8 @@ def run_demo(
     seeds = [EVAL_SEED_BASE + i for i in range(eval_seeds)]
     seed_counts = tuple(sorted({min(n, vector_seeds) for n in seed_counts} | {vector_seeds}))
     windows = list(windows) if windows is not None else _windows(model.transformer.config.num_layers)
+    strengths = DEMO_STRENGTHS if strengths is None else tuple(strengths)
+    sweep_points = len(strengths) + len(windows)
 
     # Work in images, for the progress bar.
     per_edit = 2 * vector_seeds + 3 * eval_seeds
@@ -236,6 +244,9 @@ def run_demo(
         shipped = load_vector(first.shipped_path()) if first.shipped_path().is_file() else None
         start, end, strength = setting_of(shipped)
         originals = by_class[synthetic.CLASSES.index(first.source)]
+        strengths = tuple(sorted(set(strengths) | {strength}))
+        windows = sorted(set(windows) | {(start, end)}, key=lambda w: (w[1] - w[0], w))
+        progress.bar.total += (len(strengths) + len(windows) - sweep_points) * eval_seeds
         progress.stage(f"{first.name}: strength sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, [(start, end)], strengths,
