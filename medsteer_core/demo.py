@@ -393,6 +393,7 @@ def calibrate_and_ship(
     screen_seeds: int = 16,
     confirm_seeds: int = 64,
     confirm_top: int = 6,
+    refine: float = 0.25,
     strengths: tuple[float, ...] = CALIBRATION_STRENGTHS,
     windows: list[tuple[int, int]] | None = None,
     model_path: str | None = None,
@@ -404,8 +405,9 @@ def calibrate_and_ship(
     For every edit: build the vector, scan the layers, then
 
     1. **screen**: score every contiguous window (or ``windows``) x ``strengths`` on ``screen_seeds`` seeds;
-    2. **confirm**: re-score the ``confirm_top`` settings of ``scan.shortlist`` on ``confirm_seeds``
-       seeds, together with re-prompting those seeds (the baseline);
+    2. **confirm**: re-score the ``confirm_top`` settings of ``scan.shortlist``, each also at
+       ``strength -/+ refine`` (removal jumps over a narrow range of strengths, finer than the
+       screening grid), on ``confirm_seeds`` seeds, together with re-prompting them (the baseline);
     3. **choose** by ``scan.calibrate`` on the confirmation scores: among settings that remove the
        concept in at least 85 % of the seeds, the best background.
 
@@ -428,7 +430,7 @@ def calibrate_and_ship(
     if windows is None:
         windows = all_windows(model.transformer.config.num_layers)
     settings = [(a, b, float(k)) for a, b in windows for k in strengths]
-    per_edit = 2 * vector_seeds + screen_seeds * (len(settings) + 1) + confirm_seeds * (confirm_top + 2)
+    per_edit = 2 * vector_seeds + screen_seeds * (len(settings) + 1) + confirm_seeds * (3 * confirm_top + 2)
     progress = _Progress(len(chosen_edits) * per_edit, quiet)
     summary = {}
     for edit in chosen_edits:
@@ -444,7 +446,15 @@ def calibrate_and_ship(
             model, oracle, vector, edit.source, edit.target, screen, settings, originals=originals, progress=step
         )
         picks = shortlist(rows, edit.dye, confirm_top)
-        progress.stage(f"{edit.name}: confirm {len(picks)} on {confirm_seeds} seeds")
+        candidates = list(
+            dict.fromkeys(
+                (r.layer_start, r.layer_end, k)
+                for r in picks
+                for k in (r.strength, r.strength - refine, r.strength + refine)
+                if k > 0 or k == r.strength
+            )
+        )
+        progress.stage(f"{edit.name}: confirm {len(candidates)} settings on {confirm_seeds} seeds")
         s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
         originals = model.generate(prompts_for(edit.source, confirm), confirm)
         reprompted = model.generate(prompts_for(edit.target, confirm), confirm)
@@ -452,10 +462,10 @@ def calibrate_and_ship(
         progress(2 * confirm_seeds)
         confirmed = sweep_settings(
             model, oracle, vector, edit.source, edit.target, confirm,
-            [(r.layer_start, r.layer_end, r.strength) for r in picks],
+            candidates,
             originals=originals, progress=lambda k, n=confirm_seeds: progress(k * n),
         )  # fmt: skip
-        progress(confirm_seeds * (confirm_top - len(picks)))
+        progress(confirm_seeds * (3 * confirm_top - len(candidates)))
         best = calibrate(confirmed, edit.dye)
         meets = removal(best, edit.dye) >= 0.8 and best.bg_psnr >= baseline.bg_psnr
         record = {

@@ -54,7 +54,13 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
         strengths=(0.0, 6.0), windows=[(0, 1), (1, 4)], quiet=True,
     )  # fmt: skip
     record = summary["dye_removal"]
-    assert len(record["screen"]) == 4 and len(record["confirmed"]) <= 2
+    assert len(record["screen"]) == 4
+    confirmed = {(r["layer_start"], r["layer_end"], r["strength"]) for r in record["confirmed"]}
+    assert any(k == 6.0 for *_, k in confirmed)
+    for start, end, strength in list(confirmed):  # every non-zero pick is refined by +/- 0.25
+        if strength == 6.0:
+            assert {(start, end, 5.75), (start, end, 6.25)} <= confirmed
+    assert len(confirmed) == len(record["confirmed"]) <= 3 * 2
     assert record["seeds"] == "800000..800002" and record["screen_seeds"] == "800000..800001"
     rows = [SweepRow(**r) for r in record["confirmed"]]
     chosen = calibrate(rows, dye=True)
