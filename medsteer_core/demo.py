@@ -148,7 +148,7 @@ def run_demo(
     strengths: tuple[float, ...] | None = None,
     seed_counts: tuple[int, ...] = (5, 10, 20, 40),
     windows: tuple[tuple[int, int], ...] | None = None,
-    edits: tuple[str, ...] = ("dye_removal", "polyp_to_normal"),
+    edits: tuple[str, ...] = ("dye_removal", "polyp_to_normal", "colitis_to_normal"),
     model_path: str | None = None,
     oracle_path: str | None = None,
     use_cache: bool = True,
@@ -509,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vector-seeds", type=int, default=VECTOR_SEEDS, help="seeds per prompt for each vector")
     parser.add_argument(
         "--edits",
-        default="dye_removal,polyp_to_normal",
-        help="comma-separated edits (default: the two with calibrated shipped vectors; also colitis_to_normal)",
+        default=",".join(e.name for e in EDITS),
+        help="comma-separated edits (default: all three, each with its calibrated shipped vector)",
     )
     parser.add_argument("--model", default=None, help="a MedSteer-mini .safetensors (default: the shipped one)")
     parser.add_argument("--oracle", default=None, help="an oracle .safetensors (default: the shipped one)")

@@ -124,12 +124,39 @@ def test_shipped_vector_removes_dye(dye_pairs):
     assert 1 - ours.dye_detection >= 0.8, ours
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 5): at the calibrated setting (layers 0-6, strength 4, CFG 2) the "
-    "shipped vector keeps the background slightly LESS well than re-prompting the same seed; "
-    "the pixel-space mini's backgrounds are seed-locked",
-)
 def test_shipped_vector_background_at_least_reprompting(dye_pairs):
+    """Issue 5's second half: the steered pair keeps the background at least as well as re-prompting
+    the same seed (Bg-PSNR over the background mask; 34.60 vs 34.30 dB when this was written)."""
     _, ours, baseline = dye_pairs
     assert ours.bg_psnr >= baseline.bg_psnr, (ours, baseline)
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=lambda e: e.name)
+def test_every_edit_ships_a_calibrated_vector_that_met_the_bar_on_calibration_seeds(edit):
+    import json
+
+    vector = load_vector(edit.shipped_path())
+    start, end, strength = setting_of(vector)
+    assert 0 <= start < end <= vector.depth and strength > 0
+    record = json.loads(vector.metadata["calibration"])
+    assert record["chosen"]["layer_start"] == start and record["chosen"]["strength"] == strength
+    assert record["meets_issue_bar"] is True, record["chosen"]
+    assert vector.metadata["class_with"] == edit.source and vector.metadata["class_without"] == edit.target
+
+
+@pytest.mark.parametrize("edit", EDITS[1:], ids=lambda e: e.name)
+def test_lesion_edits_flip_and_keep_the_background_better_than_reprompting(edit, mini, oracle):
+    """Polyp / colitis -> normal at the shipped setting, on the 8 held-out seeds: the source class
+    mostly goes and the background beats re-prompting (calibration margins: +5.5 and +3.1 dB)."""
+    vector = load_vector(edit.shipped_path())
+    start, end, strength = setting_of(vector)
+    plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
+    source = prompts_for(edit.source, HELD_OUT)
+    originals = mini.generate(source, HELD_OUT)
+    steered = mini.generate(source, HELD_OUT, plans=[plan])
+    reprompted = mini.generate(prompts_for(edit.target, HELD_OUT), HELD_OUT)
+    s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
+    ours = score_pairs(oracle, originals, steered, s, t)
+    baseline = score_pairs(oracle, originals, reprompted, s, t)
+    assert ours.delta_p > 0.5 and ours.source_removed >= 0.75, ours
+    assert ours.bg_psnr > baseline.bg_psnr, (ours, baseline)
