@@ -501,6 +501,46 @@ def calibrate_and_ship(
     return summary
 
 
+def calibration_markdown(summary: dict) -> str:
+    """The layer scan and the confirmation table of each edit, from ``calibrate_and_ship``'s summary."""
+    parts = ["# MedSteer-mini calibration", ""]
+    for name, record in summary.items():
+        dye = name == "dye_removal"
+        base = record["reprompting"]
+        parts += [
+            f"## {name}",
+            "",
+            "Layer scan (concept difference from the vector; gate on the first 8 calibration seeds):",
+            "",
+        ]
+        rows = [
+            [str(i), _fmt(d), _fmt(g), _fmt(f)]
+            for i, (d, g, f) in enumerate(
+                zip(
+                    record["layer_profile"],
+                    record["gate_localisation"],
+                    record["gate_positive_fraction"],
+                    strict=True,
+                )
+            )
+        ]
+        parts.append(
+            _table(["layer", "relative concept difference", "gate on concept / area share", "positive gate"], rows)
+        )
+        parts += ["", f"Confirmed on seeds {record['seeds']} (rule: {record['rule']}):", ""]
+        key = "dye_detection" if dye else "flip_rate"
+        label = "dye detection" if dye else "flip rate"
+        rows = [["re-prompting", _fmt(base[key]), _fmt(base["bg_psnr"], 2), _fmt(base["bg_ssim"], 4), ""]]
+        for r in record["confirmed"]:
+            mark = "chosen" if r == record["chosen"] else ""
+            setting = f"layers {r['layer_start']}-{r['layer_end']}, strength {r['strength']:g}"
+            rows.append([setting, _fmt(r[key]), _fmt(r["bg_psnr"], 2), _fmt(r["bg_ssim"], 4), mark])
+        parts.append(_table(["setting", label, "Bg-PSNR", "Bg-SSIM", ""], rows))
+        verdict = "meets" if record["meets_issue_bar"] else "does NOT meet"
+        parts += ["", f"The choice {verdict} the bar (removal >= 0.8, Bg-PSNR >= re-prompting's).", ""]
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``medsteer demo [options]`` (every option has a default; no flags runs the full demo)."""
     parser = argparse.ArgumentParser(prog="medsteer demo", description=__doc__.split("\n")[0])
@@ -531,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out, edits=edits, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet
         )
         Path(args.out, "calibration.json").write_text(json.dumps(summary, indent=2))
+        text = calibration_markdown(summary)
+        Path(args.out, "calibration.md").write_text(text)
+        if not args.quiet:
+            print(text)
         return 0
     kwargs = {}
     if args.quick:

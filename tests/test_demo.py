@@ -72,3 +72,6 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
     vector = load_vector(tmp_path / "dye_removal.safetensors")
     assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
     assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]
+    text = demo.calibration_markdown(summary)
+    assert text.count("| chosen |") == 1 and "| re-prompting |" in text
+    assert ("The choice meets the bar" in text) == bar
