@@ -10,6 +10,9 @@ The paper's measures (method.md, "Reported results"), written for any images the
 - **background PSNR / SSIM**: between the unsteered image and its counterfactual, over a
   background mask: the field of view minus the (dilated) concept masks of both images, so only
   what should not change is scored;
+- **effective background PSNR / SSIM**: the same, over only the pairs whose edit succeeded (the
+  target class for a lesion edit, no dye left for a dye edit). A pair whose concept survived
+  naturally keeps its background, so the plain means flatter a weak edit; these do not;
 - the **re-prompting baseline**: the same seed sampled with the without-concept prompt, scored the
   same way. Because both counterfactuals come from the same seed, the two are directly comparable.
 
@@ -107,6 +110,9 @@ class PairScores:
         bg_psnr: mean background PSNR in dB (identical backgrounds count as 60 dB; images without
             background pixels are left out).
         bg_ssim: mean background SSIM (same).
+        succeeded: pairs whose edit succeeded (target class; for a dye edit, no dye left).
+        effective_bg_psnr / effective_bg_ssim: the background means over those pairs only
+            (``nan`` when none succeeded).
     """
 
     images: int
@@ -116,6 +122,9 @@ class PairScores:
     dye_detection: float
     bg_psnr: float
     bg_ssim: float
+    succeeded: int = 0
+    effective_bg_psnr: float = math.nan
+    effective_bg_ssim: float = math.nan
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -133,6 +142,7 @@ def score_pairs(
     target: int,
     fov: torch.Tensor | None = None,
     dilate: int = 1,
+    dye_edit: bool = False,
 ) -> PairScores:
     """Score counterfactual pairs with the oracle.
 
@@ -142,6 +152,7 @@ def score_pairs(
         source / target: class indices of the edit (e.g. ``dyed`` -> ``polyp``).
         fov: field-of-view mask (default: pixels that are not black in the original).
         dilate: background mask dilation in pixels.
+        dye_edit: success means "no dye left" instead of "assigned to the target class".
     """
     if originals.shape != edits.shape:
         raise ValueError(f"originals {tuple(originals.shape)} and edits {tuple(edits.shape)} must have one shape")
@@ -153,6 +164,7 @@ def score_pairs(
     ssim = masked_ssim(originals, edits, keep)
     p_source_a = a.probabilities[:, source]
     p_source_b = b.probabilities[:, source]
+    success = ~b.dye_detected.bool() if dye_edit else b.labels == target
     return PairScores(
         images=len(originals),
         flip_rate=float((b.labels == target).float().mean()),
@@ -161,6 +173,9 @@ def score_pairs(
         dye_detection=float(b.dye_detected.float().mean()),
         bg_psnr=float(psnr.nanmean()),
         bg_ssim=float(ssim.nanmean()),
+        succeeded=int(success.sum()),
+        effective_bg_psnr=float(psnr[success].nanmean()) if success.any() else math.nan,
+        effective_bg_ssim=float(ssim[success].nanmean()) if success.any() else math.nan,
     )
 
 

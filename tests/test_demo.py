@@ -19,6 +19,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert data["strength_sweep"][0]["strength"] == 0.0
     # Strength 0 is the unsteered image: nothing flips, the background is identical (PSNR cap).
     assert data["strength_sweep"][0]["flip_rate"] == 0.0 and data["strength_sweep"][0]["bg_psnr"] == 60.0
+    medsteer = data["edits"]["dye_removal"]["medsteer"]
+    assert 0 <= medsteer["succeeded"] <= medsteer["images"] == 2 and "eff. Bg-PSNR" in report
     # The sweeps always contain the calibrated setting that Table 2 reports.
     setting = data["edits"]["dye_removal"]["setting"]
     assert setting["strength"] in [r["strength"] for r in data["strength_sweep"]]

@@ -63,3 +63,25 @@ def test_ground_truth_counterfactuals_score_perfectly(oracle):
     # A different background (another seed) is what re-rolling looks like: PSNR drops.
     other = torch.stack([synthetic.render(s + 100, "normal").image for s in seeds])
     assert score_pairs(oracle, polyp, other, source=1, target=0).bg_psnr < 30
+
+
+def test_effective_background_counts_only_the_pairs_whose_edit_succeeded(oracle):
+    """Half the 'edits' are the unchanged source image: they keep the background perfectly but did
+    not edit anything. The plain mean counts them; the effective mean does not."""
+    seeds = range(60, 68)
+    polyp = torch.stack([synthetic.render(s, "polyp").image for s in seeds])
+    rerolled = torch.stack([synthetic.render(s + 100, "normal").image for s in seeds])
+    edits = torch.cat([polyp[:4], rerolled[4:]])  # 4 failed (still polyps), 4 flipped but re-rolled
+    scores = score_pairs(oracle, polyp, edits, source=1, target=0)
+    honest = score_pairs(oracle, polyp[4:], rerolled[4:], source=1, target=0)
+    assert scores.succeeded == 4 and scores.flip_rate == 0.5
+    assert scores.bg_psnr > honest.bg_psnr + 10  # flattered by the failures (60 dB each)
+    assert math.isclose(scores.effective_bg_psnr, honest.bg_psnr, rel_tol=1e-6)
+    assert math.isclose(scores.effective_bg_ssim, honest.bg_ssim, rel_tol=1e-6)
+    # For a dye edit, success is "no dye left": the unchanged dyed images do not count.
+    dyed = torch.stack([synthetic.render(s, "dyed").image for s in seeds])
+    half = torch.cat([dyed[:4], polyp[4:]])
+    dye = score_pairs(oracle, dyed, half, source=2, target=1, dye_edit=True)
+    assert dye.succeeded == 4 and dye.effective_bg_psnr == PSNR_CAP
+    nothing = score_pairs(oracle, polyp, polyp, source=1, target=0)
+    assert nothing.succeeded == 0 and math.isnan(nothing.effective_bg_psnr)
