@@ -385,58 +385,11 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_report(report: dict) -> str:
     """The text ``medsteer inspect`` prints for an ``inspect_vector`` report."""
-    meta = report["metadata"]
-    shapes = report["shapes"]
-    lines = [f"vector: {report['file']}" + (f"  (sha256 {report['sha256'][:16]}...)" if report["sha256"] else "")]
-    lines.append(
-        f"concept: {meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r}   gain {report['gain']:g}"
-    )
-    lines.append(
-        f"shape: {shapes['timesteps']} timesteps x {shapes['layers']} layers x {shapes['hidden_size']}; "
-        f"images per timestep: {report['images']['with']} with, {report['images']['without']} without"
-    )
-    lines.append("metadata:")
-    for key in sorted(meta):
-        value = meta[key]
-        lines.append(f"  {key}: {value if len(value) <= 100 else value[:97] + '...'}")
-    lines.append("")
-    lines.append("per layer (means over timesteps; |diff| = norm of mean-with minus mean-without):")
-    lines.append("  layer      |diff|   relative  adjacent-t cos  first-last cos  seed-halves cos")
-    for e in report["per_layer"]:
-        lines.append(
-            f"  {e['layer']:>5}  {_fmt(e['difference_norm'], '10.4g')}  {_fmt(e['relative_norm'], '9.4f')}"
-            f"  {_fmt(e['adjacent_cosine'], '14.4f')}  {_fmt(e['first_last_cosine'], '14.4f')}"
-            f"  {_fmt(e['halves_cosine'], '15.4f')}"
-        )
-    lines.append("")
-    lines.append("per timestep (means over layers):")
-    lines.append("  timestep      |diff|   relative  images with/without")
-    for e in report["per_step"]:
-        lines.append(
-            f"  {e['timestep']:>8.1f}  {_fmt(e['difference_norm'], '10.4g')}  {_fmt(e['relative_norm'], '9.4f')}"
-            f"  {e['images_with']}/{e['images_without']}"
-        )
-    lines.append("")
-    ts = report["timestep_stability"]
-    lines.append(
-        f"stability across timesteps: mean cosine of adjacent timesteps {_fmt(ts['mean_adjacent_cosine'])}, "
-        f"first vs last {_fmt(ts['mean_first_last_cosine'])}"
-    )
-    ss = report["seed_stability"]
-    if ss["available"]:
-        lines.append(
-            f"stability across seeds (two halves, {ss['images'][0]} + {ss['images'][1]} images per class): "
-            f"mean cosine {_fmt(ss['mean'])}, min {_fmt(ss['min'])} (1 = the direction does not depend on the seeds)"
-        )
-    else:
-        lines.append(f"stability across seeds: not available ({ss['reason']})")
-    return "\n".join(lines)
+    from .pipeline import format_inspection
+
+    return format_inspection(report)
 
 
 def _cmd_demo(args) -> int:

@@ -1382,3 +1382,90 @@ def inspect_vector(
         },
         "seed_stability": seed_stability,
     }
+
+
+def _fmt_value(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_inspection(report: dict) -> str:
+    """The text ``medsteer inspect`` and the InspectPathologyVector node show for an ``inspect_vector`` report."""
+    meta = report["metadata"]
+    shapes = report["shapes"]
+    lines = [f"vector: {report['file']}" + (f"  (sha256 {report['sha256'][:16]}...)" if report["sha256"] else "")]
+    lines.append(
+        f"concept: {meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r}   gain {report['gain']:g}"
+    )
+    lines.append(
+        f"shape: {shapes['timesteps']} timesteps x {shapes['layers']} layers x {shapes['hidden_size']}; "
+        f"images per timestep: {report['images']['with']} with, {report['images']['without']} without"
+    )
+    lines.append("metadata:")
+    for key in sorted(meta):
+        value = meta[key]
+        lines.append(f"  {key}: {value if len(value) <= 100 else value[:97] + '...'}")
+    lines.append("")
+    lines.append("per layer (means over timesteps; |diff| = norm of mean-with minus mean-without):")
+    lines.append("  layer      |diff|   relative  adjacent-t cos  first-last cos  seed-halves cos")
+    for e in report["per_layer"]:
+        lines.append(
+            f"  {e['layer']:>5}  {_fmt_value(e['difference_norm'], '10.4g')}  {_fmt_value(e['relative_norm'], '9.4f')}"
+            f"  {_fmt_value(e['adjacent_cosine'], '14.4f')}  {_fmt_value(e['first_last_cosine'], '14.4f')}"
+            f"  {_fmt_value(e['halves_cosine'], '15.4f')}"
+        )
+    lines.append("")
+    lines.append("per timestep (means over layers):")
+    lines.append("  timestep      |diff|   relative  images with/without")
+    for e in report["per_step"]:
+        lines.append(
+            f"  {e['timestep']:>8.1f}  {_fmt_value(e['difference_norm'], '10.4g')}  {_fmt_value(e['relative_norm'], '9.4f')}"
+            f"  {e['images_with']}/{e['images_without']}"
+        )
+    lines.append("")
+    ts = report["timestep_stability"]
+    lines.append(
+        f"stability across timesteps: mean cosine of adjacent timesteps {_fmt_value(ts['mean_adjacent_cosine'])}, "
+        f"first vs last {_fmt_value(ts['mean_first_last_cosine'])}"
+    )
+    ss = report["seed_stability"]
+    if ss["available"]:
+        lines.append(
+            f"stability across seeds (two halves, {ss['images'][0]} + {ss['images'][1]} images per class): "
+            f"mean cosine {_fmt_value(ss['mean'])}, min {_fmt_value(ss['min'])} (1 = the direction does not depend on the seeds)"
+        )
+    else:
+        lines.append(f"stability across seeds: not available ({ss['reason']})")
+    return "\n".join(lines)
+
+
+def profile_image(report: dict, colormap: str = "viridis", cell: int = 12) -> torch.Tensor:
+    """The relative concept difference of an ``inspect_vector`` report as a labelled heatmap.
+
+    Rows are the vector's timesteps in sampling order (noisiest first), columns its layers; each
+    cell is ``|mean with - mean without| / |mean|`` at that layer and timestep, scaled to the
+    largest (the brightest cells are where the concept is most of the activation). Returns
+    ``[H, W, 3]`` float in 0-1.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from .heatmap import apply_colormap
+
+    values = torch.tensor(report["relative_norms"], dtype=torch.float32)  # [K, L]
+    order = sorted(range(len(report["timesteps"])), key=lambda i: -report["timesteps"][i])
+    values = torch.nan_to_num(values[order], nan=0.0)
+    top = float(values.max())
+    colours = apply_colormap(values / top if top > 0 else values, colormap)  # [K, L, 3]
+    k, layers = values.shape
+    left, head = 44, 14
+    cells = (colours * 255).round().to(torch.uint8).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    canvas = Image.new("RGB", (left + layers * cell, head + k * cell), (255, 255, 255))
+    canvas.paste(Image.fromarray(cells.numpy()), (left, head))
+    draw = ImageDraw.Draw(canvas)
+    layer_step = 1 if layers <= 10 else 2  # two-digit labels need two cells
+    for layer in range(0, layers, layer_step):
+        draw.text((left + layer * cell + 1, 1), str(layer), fill=(0, 0, 0))
+    row_step = 1 if cell >= 12 else 2
+    for row in range(0, k, row_step):
+        draw.text((1, head + row * cell), f"t={report['timesteps'][order[row]]:.0f}", fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(canvas).copy()).float() / 255

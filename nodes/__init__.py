@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .build import BuildPathologyVector
 from .heatmap import GateHeatmap
+from .inspect_vector import InspectPathologyVector
 from .steer import ApplySSPSSteer
 from .vector_io import LoadPathologyVector, SavePathologyVector
 
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     GateHeatmap,
     SavePathologyVector,
     LoadPathologyVector,
+    InspectPathologyVector,
 ]
 
 try:  # the checkpoint loader and LoRA nodes (nodes/loaders.py) are optional in a partial checkout

@@ -282,3 +282,40 @@ def test_steer_defaults_come_from_a_vectors_calibrated_metadata(model):
     assert (plan.strength, plan.layer_start, plan.layer_end) == (1.5, 0, 2)
     assert mp.Steer(vector, strength=3.0).resolve()[0].strength == 3.0  # an explicit value wins
     assert entry["file"] is None and len(entry["sha256"]) == 64
+
+
+def test_profile_image_puts_the_noisiest_timestep_first_and_scales_to_the_largest_cell():
+    from medsteer_core.heatmap import apply_colormap
+
+    timesteps = [49.0, 549.0, 999.0]  # stored ascending; shown noisiest first
+    relative = [[0.1, 0.2], [0.3, 0.4], [0.5, 2.0]]  # [K, L]: the largest is t=999, layer 1
+    report = {"timesteps": timesteps, "relative_norms": relative}
+    image = mp.profile_image(report, "viridis", cell=12)
+    left, head = 44, 14
+    assert image.shape == (head + 3 * 12, left + 2 * 12, 3)
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+    def cell(row, layer):  # centre pixel of a cell
+        return image[head + row * 12 + 6, left + layer * 12 + 6]
+
+    top = apply_colormap(torch.tensor(1.0), "viridis")
+    assert torch.allclose(cell(0, 1), (top * 255).round() / 255, atol=1 / 255)  # t=999 is row 0
+    low = apply_colormap(torch.tensor(0.1 / 2.0), "viridis")
+    assert torch.allclose(cell(2, 0), (low * 255).round() / 255, atol=1 / 255)  # t=49 is the last row
+    text = mp.format_inspection(mp.inspect_vector(_tiny_vector()))
+    assert "per layer" in text and "per timestep" in text
+
+
+def _tiny_vector():
+    from medsteer_core.vector import PathologyVector
+
+    g = torch.Generator().manual_seed(5)
+    counts = torch.full((3,), 2, dtype=torch.int64)
+    return PathologyVector.from_sums(
+        torch.tensor([49.0, 549.0, 999.0]),
+        torch.randn(3, 2, 8, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, 8, generator=g, dtype=torch.float64),
+        counts,
+        counts.clone(),
+        {"concept_with": "x", "concept_without": "y"},
+    )

@@ -16,7 +16,14 @@ import pytest
 import torch
 from comfy_boot import SAMPLE, SIZE, Graph, empty_latent, keep, ksampler, pixart, prompt, steer
 
-MEDSTEER_NODES = ("BuildPathologyVector", "ApplySSPSSteer", "GateHeatmap", "SavePathologyVector", "LoadPathologyVector")
+MEDSTEER_NODES = (
+    "BuildPathologyVector",
+    "ApplySSPSSteer",
+    "GateHeatmap",
+    "SavePathologyVector",
+    "LoadPathologyVector",
+    "InspectPathologyVector",
+)
 CUSTOM = "custom (steps and layers below)"
 FIGURE_3 = "paper Fig. 3 (layer 8; steps 8, 12, 14, 19)"
 
@@ -742,6 +749,22 @@ def test_vector_folder_lists_safetensors_only_and_honours_extra_model_paths(comf
         paths = folder_paths.folder_names_and_paths["medsteer"][0]
         if str(extra) in paths:
             paths.remove(str(extra))
+
+
+def test_inspect_node_shows_the_cores_layer_profile_and_report(comfy_env):
+    name = comfy_env.write_vector("inspect_me", seed=23, depth=4, keys=8)
+    g = Graph()
+    inspected = g.add("InspectPathologyVector", pathology_vector=load(g, name), colormap="magma")
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    image, text = result.output(inspected.id, 0), result.output(inspected.id, 1)
+    core = comfy_env.core
+    report = core.pipeline.inspect_vector(vector_of(comfy_env, name))
+    assert torch.equal(image, core.pipeline.profile_image(report, "magma")[None])
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and 0 <= float(image.min()) <= float(image.max()) <= 1
+    assert text == core.pipeline.format_inspection(report)
+    assert "concept: 'concept 23'" in text and "per layer" in text
+    assert result.ui[inspected.id]["text"] == [text]
 
 
 def test_save_refuses_names_outside_the_folder(comfy_env):
