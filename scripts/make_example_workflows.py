@@ -96,6 +96,11 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
     ),
     "SavePathologyVector": ([("pathology_vector", "PATHOLOGY_VECTOR")], [("filename_prefix", "STRING", False)], []),
     "LoadPathologyVector": ([], [("vector_name", "COMBO", False)], [("pathology_vector", "PATHOLOGY_VECTOR")]),
+    "InspectPathologyVector": (
+        [("pathology_vector", "PATHOLOGY_VECTOR")],
+        [("colormap", "COMBO", False)],
+        [("layer_profile", "IMAGE"), ("report", "STRING")],
+    ),
     "ApplySSPSSteer": (
         [("model", "MODEL"), ("pathology_vector", "PATHOLOGY_VECTOR")],
         [
@@ -505,7 +510,22 @@ def build_vector() -> Workflow:
         filename_prefix="polyp_to_normal",
         title="Save to models/medsteer/",
     )
-    w.group("3  Build + save", (STEER_X + 20, 0, 400, 700), "#88A")
+    inspect = w.add(
+        "InspectPathologyVector",
+        (STEER_X + 40, 630),
+        (360, 90),
+        pathology_vector=build[0],
+        colormap="viridis",
+        title="Inspect: which layers carry the concept",
+    )
+    w.add(
+        "PreviewImage",
+        (STEER_X + 40, 760),
+        (360, 300),
+        images=inspect[0],
+        title="Layer profile (rows = steps, columns = layers)",
+    )
+    w.group("3  Build + save + inspect", (STEER_X + 20, 0, 400, 1080), "#88A")
     with_img = decode(w, build[1], vae, (1450, 70), "Decode (with)")
     without_img = decode(w, build[2], vae, (1450, 400), "Decode (without)")
     w.add("PreviewImage", (1700, 70), (480, 300), images=with_img[0], title="Built from: with the concept")
@@ -743,7 +763,14 @@ TYPE_COLORS = {
     "INT": "#A1E88B",
     "PATHOLOGY_VECTOR": "#4DD0E1",
 }
-MEDSTEER = {"BuildPathologyVector", "ApplySSPSSteer", "GateHeatmap", "SavePathologyVector", "LoadPathologyVector"}
+MEDSTEER = {
+    "BuildPathologyVector",
+    "ApplySSPSSteer",
+    "GateHeatmap",
+    "SavePathologyVector",
+    "LoadPathologyVector",
+    "InspectPathologyVector",
+}
 TITLE_H, SLOT_H, WIDGET_H = 30, 22, 22
 
 
