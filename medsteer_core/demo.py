@@ -58,6 +58,11 @@ class Edit:
     def shipped_path(self) -> Path:
         return VECTOR_DIR / f"{self.name}.safetensors"
 
+    def shipped_setting(self) -> tuple[int, int, float]:
+        """``setting_of`` the shipped vector (the fallback setting when none is shipped)."""
+        path = self.shipped_path()
+        return setting_of(load_vector(path) if path.is_file() else None)
+
 
 EDITS = (
     Edit("dye_removal", "dyed", "polyp", "Dye removal (dyed lifted polyps -> polyps)", dye=True),
@@ -177,11 +182,15 @@ def run_demo(
     seed_counts = tuple(sorted({min(n, vector_seeds) for n in seed_counts} | {vector_seeds}))
     windows = list(windows) if windows is not None else _windows(model.transformer.config.num_layers)
     strengths = DEMO_STRENGTHS if strengths is None else tuple(strengths)
-    sweep_points = len(strengths) + len(windows)
+    first = chosen[0] if chosen else None
+    if first is not None:  # the sweeps always include the setting that Table 2 reports
+        first_setting = first.shipped_setting()
+        start, end, strength = first_setting
+        strengths = tuple(sorted(set(strengths) | {strength}))
+        windows = sorted(set(windows) | {(start, end)}, key=lambda w: (w[1] - w[0], w))
 
     # Work in images, for the progress bar.
     per_edit = 2 * vector_seeds + 3 * eval_seeds
-    first = chosen[0] if chosen else None
     sweeps = (len(strengths) + len(windows) + len(seed_counts) - 1) * eval_seeds + 2 * (sum(seed_counts) - vector_seeds)
     total = len(synthetic.CLASSES) * eval_seeds + len(chosen) * per_edit + (sweeps if first else 0)
     progress = _Progress(total, quiet)
@@ -203,8 +212,7 @@ def run_demo(
     vectors: dict[str, PathologyVector] = {}
     for edit in chosen:
         progress.stage(f"{edit.name}: vector")
-        shipped = load_vector(edit.shipped_path()) if edit.shipped_path().is_file() else None
-        start, end, strength = setting_of(shipped)
+        start, end, strength = edit.shipped_setting()
         vector = _vector(model, edit, list(range(vector_seeds)), cache, tag, progress)
         vectors[edit.name] = vector
         progress.stage(f"{edit.name}: pairs")
@@ -241,12 +249,8 @@ def run_demo(
 
     if first is not None:
         vector = vectors[first.name]
-        shipped = load_vector(first.shipped_path()) if first.shipped_path().is_file() else None
-        start, end, strength = setting_of(shipped)
+        start, end, strength = first_setting
         originals = by_class[synthetic.CLASSES.index(first.source)]
-        strengths = tuple(sorted(set(strengths) | {strength}))
-        windows = sorted(set(windows) | {(start, end)}, key=lambda w: (w[1] - w[0], w))
-        progress.bar.total += (len(strengths) + len(windows) - sweep_points) * eval_seeds
         progress.stage(f"{first.name}: strength sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, [(start, end)], strengths,
@@ -441,12 +445,12 @@ def calibrate_and_ship(
         kind = "dye" if edit.dye else "lesion"
         local, positive, _ = gate_localisation(model, oracle, vector, edit.source, seeds[:8], kind)
         progress.stage(f"{edit.name}: screen {len(settings)} settings")
-        step = lambda k, n=screen_seeds: progress(k * n)  # noqa: E731
         originals = model.generate(prompts_for(edit.source, screen), screen)
         progress(screen_seeds)
         rows = sweep_settings(
-            model, oracle, vector, edit.source, edit.target, screen, settings, originals=originals, progress=step
-        )
+            model, oracle, vector, edit.source, edit.target, screen, settings,
+            originals=originals, progress=lambda k: progress(k * screen_seeds),
+        )  # fmt: skip
         picks = shortlist(rows, edit.dye, confirm_top)
         candidates = list(
             dict.fromkeys(
@@ -465,7 +469,7 @@ def calibrate_and_ship(
         confirmed = sweep_settings(
             model, oracle, vector, edit.source, edit.target, confirm,
             candidates,
-            originals=originals, progress=lambda k, n=confirm_seeds: progress(k * n),
+            originals=originals, progress=lambda k: progress(k * confirm_seeds),
         )  # fmt: skip
         progress(confirm_seeds * (3 * confirm_top - len(candidates)))
         best = calibrate(confirmed, edit.dye)
@@ -507,7 +511,7 @@ def calibration_markdown(summary: dict) -> str:
     """The layer scan and the confirmation table of each edit, from ``calibrate_and_ship``'s summary."""
     parts = ["# MedSteer-mini calibration", ""]
     for name, record in summary.items():
-        dye = name == "dye_removal"
+        dye = next(e.dye for e in EDITS if e.name == name)
         base = record["reprompting"]
         parts += [
             f"## {name}",

@@ -277,7 +277,7 @@ def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
     """Load MedSteer-mini (default: the model shipped in the package).
 
     Raises:
-        MedSteerError: the file is missing or is not a MedSteer-mini file.
+        MedSteerError: the file is missing, unreadable or not a MedSteer-mini file.
     """
     from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
