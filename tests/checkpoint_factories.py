@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-CAPTION_CHANNELS = 32
+from tests.conftest import CAPTION_CHANNELS, make_transformer  # noqa: F401 (CAPTION_CHANNELS: re-exported for the loader tests)
+
 HEAD_DIM = 72  # PixArt-XL-2: 1152 = 16 heads x 72
 
 # PixArt-alpha/PixArt-XL-2-512x512, transformer/config.json (published as a Transformer2DModel).
@@ -56,24 +57,14 @@ COMFY_T5_TINY_CONFIG = {
 
 def tiny_pixart(heads: int = 2, layers: int = 2, micro_condition: bool = False, seed: int = 0):
     """A random diffusers ``PixArtTransformer2DModel`` (hidden ``72 * heads``), every tensor non-zero."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
+    model = make_transformer(
+        layers,
+        heads,
+        HEAD_DIM,
+        seed,
         sample_size=128 if micro_condition else 64,
-        num_layers=layers,
-        patch_size=2,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=heads,
-        caption_channels=CAPTION_CHANNELS,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=HEAD_DIM * heads,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
         use_additional_conditions=micro_condition,
-    ).eval()
+    )
     with torch.no_grad():  # diffusers zero-initialises some layers; a zero tensor would hide a mapping error
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

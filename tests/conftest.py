@@ -8,12 +8,22 @@ import torch
 CAPTION_CHANNELS = 32
 
 
-def make_transformer(num_layers: int = 4, heads: int = 2, head_dim: int = 8, seed: int = 0):
+def make_transformer(
+    num_layers: int = 4,
+    heads: int = 2,
+    head_dim: int = 8,
+    seed: int = 0,
+    *,
+    sample_size: int = 8,
+    use_additional_conditions: bool | None = None,
+):
+    """A random-weight diffusers ``PixArtTransformer2DModel`` (hidden ``heads * head_dim``,
+    ``CAPTION_CHANNELS`` caption channels), the one tiny PixArt the core and checkpoint tests build."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
-        sample_size=8,
+        sample_size=sample_size,
         num_layers=num_layers,
         patch_size=2,
         attention_head_dim=head_dim,
@@ -25,6 +35,7 @@ def make_transformer(num_layers: int = 4, heads: int = 2, head_dim: int = 8, see
         norm_type="ada_norm_single",
         norm_elementwise_affine=False,
         norm_eps=1e-6,
+        use_additional_conditions=use_additional_conditions,
     )
     return model.eval()
 
