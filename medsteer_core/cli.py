@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import MedSteerError
+from .errors import MedSteerError, VectorFileError
 from .heatmap import COLORMAPS
 
 log = logging.getLogger("medsteer")
@@ -323,13 +323,13 @@ def _cmd_generate(args) -> int:
 
 
 def _vector_prompts(path: str) -> list[str]:
-    from .vector import load_vector
+    from .vector import load_vector, metadata_list
 
     vector = load_vector(path)
     try:
-        prompts = [p for p in json.loads(vector.metadata.get("prompts_with", "[]")) if p]
-    except json.JSONDecodeError:
-        prompts = []
+        prompts = [p for p in metadata_list(vector.metadata, "prompts_with") if p.strip()]
+    except VectorFileError as exc:
+        raise ValueError(f"no --prompt given and {path!r} has unreadable prompts ({exc}): pass --prompt") from None
     if not prompts:
         raise ValueError(f"no --prompt given and {path!r} records no prompts_with: pass --prompt")
     log.info("no --prompt given: using the vector's prompts with the concept: %s", prompts)

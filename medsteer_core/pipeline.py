@@ -44,7 +44,7 @@ from .heatmap import gate_grid, select_maps, to_mask
 from .hooks import GateMaps, GateRecord, SteeringPlan
 from .plans import PAPER_FIGURE_3, build_metadata
 from .sites import find_sites
-from .vector import PathologyVector, load_vector, save_vector
+from .vector import PathologyVector, load_vector, metadata_list, save_vector
 
 __all__ = [
     "DTYPES",
@@ -869,7 +869,7 @@ def check_new_seeds(existing: PathologyVector, seeds: Iterable[int]) -> None:
     Raises:
         VectorMismatchError: some seeds overlap; the message lists them and the free range.
     """
-    held = set(json.loads(existing.metadata.get("seeds") or "[]"))
+    held = set(metadata_list(existing.metadata, "seeds", int))
     overlap = sorted(held & {int(s) for s in seeds})
     if overlap:
         raise VectorMismatchError(

@@ -21,6 +21,7 @@ way ``medsteer build-vector`` does (varied caption templates, one seed per image
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -91,9 +92,11 @@ def build_vector(
         "concept_without": synthetic.CONCEPTS[without_class],
         "class_with": with_class,
         "class_without": without_class,
-        "prompts_with": repr(sorted(set(prompts_for(with_class, seeds)))),
-        "prompts_without": repr(sorted(set(prompts_for(without_class, seeds)))),
-        "seeds": ",".join(str(s) for s in seeds),
+        # JSON like every other vector (plans.build_metadata); vector.metadata_list also reads the
+        # repr / comma forms of the vectors shipped before issue 11.
+        "prompts_with": json.dumps(sorted(set(prompts_for(with_class, seeds)))),
+        "prompts_without": json.dumps(sorted(set(prompts_for(without_class, seeds)))),
+        "seeds": json.dumps([int(s) for s in seeds]),
         "steps": str(spec.steps),
         "cfg": str(spec.cfg),
         "sampler": "ddim",

@@ -10,6 +10,7 @@ Files are safetensors with string metadata (never pickle); see ``save_vector`` /
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PathologyVector",
     "load_vector",
+    "metadata_list",
     "save_vector",
 ]
 
@@ -423,15 +425,53 @@ def _directions_from_sums(
     return torch.where(keep, directions, torch.zeros_like(directions))
 
 
-def _seed_list(metadata: Mapping[str, str]) -> list:
-    raw = metadata.get("seeds", "")
-    if not raw:
+def metadata_list(metadata: Mapping[str, str], key: str, item: type = str) -> list:
+    """The list of prompts or seeds stored under ``key`` in a vector's metadata (``[]`` if absent).
+
+    medsteer writes JSON (``["a", "b"]``, ``[0, 1]``). The MedSteer-mini vectors shipped before
+    issue 11 hold prompts as a Python list ``repr`` and seeds as ``0,1,2``; both are read too, with
+    ``ast.literal_eval`` (literals only, never code). A bare string reads as one prompt.
+
+    Args:
+        metadata: a vector's metadata.
+        key: ``"prompts_with"``, ``"prompts_without"``, ``"seeds"``, ...
+        item: ``str`` for prompts, ``int`` for seeds; every element must be one.
+
+    Returns:
+        The list, each element of type ``item``.
+
+    Raises:
+        VectorFileError: the value is not a list of ``item`` in any of these forms.
+
+    Example:
+        >>> metadata_list({"seeds": "0,1,2"}, "seeds", int)
+        [0, 1, 2]
+    """
+    raw = metadata.get(key, "")
+    if not raw.strip():
         return []
     try:
-        seeds = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
-        return []
-    return seeds if isinstance(seeds, list) else []
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = None
+    if item is str and not isinstance(value, (list, tuple, str)) and not raw.lstrip().startswith(("[", "(")):
+        value = raw  # one prompt, written by hand
+    if isinstance(value, item) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(x, item) and not isinstance(x, bool) for x in value):
+        return list(value)
+    kind = "prompts (strings)" if item is str else "integers"
+    raise VectorFileError(
+        f"metadata {key}={raw[:80]!r} is not a list of {kind}: write it as JSON, e.g. "
+        + ('["a prompt", "another"]' if item is str else "[0, 1, 2]")
+    )
+
+
+def _seed_list(metadata: Mapping[str, str]) -> list[int]:
+    return metadata_list(metadata, "seeds", int)
 
 
 def _provenance(vector: PathologyVector) -> dict:

@@ -327,3 +327,16 @@ def test_demo_is_dispatched_lazily(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "medsteer_core.demo", stub)
     assert main(["demo", "--seeds", "8", "--out", "x"]) == 0
     assert seen == [["--seeds", "8", "--out", "x"]]
+
+
+# ----------------------------------------------------------------------------------- MedSteer-mini defaults (issue 11)
+SHIPPED_VECTORS = REPO / "medsteer_core" / "assets" / "mini" / "vectors"
+
+
+def test_generate_with_a_shipped_vector_and_no_prompt_uses_its_prompts(tmp_path, capsys):
+    vector = SHIPPED_VECTORS / "dye_removal.safetensors"
+    out = tmp_path / "pairs"
+    assert main(["generate", "-q", "--vector", str(vector), "--num-seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    records = manifest(out)
+    prompts = {r["prompt"] for r in records}
+    assert len(records) > 1 and all("dyed lifted polyps" in p for p in prompts), prompts

@@ -319,3 +319,17 @@ def _tiny_vector():
         counts.clone(),
         {"concept_with": "x", "concept_without": "y"},
     )
+
+
+# ----------------------------------------------------------------------------------- shipped vectors (issue 11)
+def test_check_new_seeds_reads_the_shipped_vectors_comma_seeds():
+    from pathlib import Path
+
+    from medsteer_core import VectorMismatchError, load_vector
+
+    shipped = Path(mp.__file__).parent / "assets" / "mini" / "vectors" / "dye_removal.safetensors"
+    vector = load_vector(shipped)
+    with pytest.raises(VectorMismatchError, match=r"already holds seeds \[0, 1, 2\] .* start the new seeds at --seed"):
+        mp.check_new_seeds(vector, [0, 1, 2])
+    held = int(vector.count_with.max())
+    mp.check_new_seeds(vector, [held, held + 1])  # fresh seeds pass

@@ -70,3 +70,16 @@ def test_prompts_cycle_templates_with_one_concept():
     prompts = prompts_for("dyed", range(10))
     assert len(set(prompts)) == 8 and prompts[0] == prompts[8]
     assert all("dyed lifted polyps" in p for p in prompts)
+
+
+def test_build_vector_writes_prompts_and_seeds_as_json():
+    """Issue 11: the shipped vectors stored a Python repr and a comma list, which JSON readers missed."""
+    import json
+
+    from medsteer_core.mini import load_mini
+    from medsteer_core.scan import build_vector
+
+    vector = build_vector(load_mini(), "dyed", "polyp", [3, 5])
+    assert json.loads(vector.metadata["seeds"]) == [3, 5]
+    assert json.loads(vector.metadata["prompts_with"]) == sorted(set(prompts_for("dyed", [3, 5])))
+    assert json.loads(vector.metadata["prompts_without"]) == sorted(set(prompts_for("polyp", [3, 5])))

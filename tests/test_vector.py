@@ -3,13 +3,15 @@
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
+import medsteer_core
 from medsteer_core import PathologyVector, VectorFileError, VectorMismatchError, load_vector, save_vector
-from medsteer_core.vector import FORMAT_NAME, vector_from_bytes
+from medsteer_core.vector import FORMAT_NAME, metadata_list, vector_from_bytes
 
 
 def make_vector(k=3, layers=4, d=6, seed=0, seeds=(0, 1, 2), timesteps=None) -> PathologyVector:
@@ -244,3 +246,48 @@ def test_missing_truncated_and_non_safetensors_files(tmp_path):
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     save_vector(make_vector(), tmp_path / "v.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+# ---------------------------------------------------------------------------------- shipped metadata (issue 11)
+SHIPPED = sorted((Path(medsteer_core.__file__).parent / "assets" / "mini" / "vectors").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_vectors_prompts_and_seeds_read_and_merge_refuses_their_overlap(path):
+    vector = load_vector(path)
+    prompts = metadata_list(vector.metadata, "prompts_with")
+    assert len(prompts) > 1 and all(vector.concept_with in p for p in prompts)
+    seeds = metadata_list(vector.metadata, "seeds", int)
+    assert seeds == list(range(len(seeds))) and len(seeds) == int(vector.count_with.max())
+    with pytest.raises(VectorMismatchError, match=r"share seeds \[0, 1, 2"):
+        vector.merge(vector)
+
+
+@pytest.mark.parametrize(
+    ("raw", "item", "expected"),
+    [
+        ('["a, b", "c"]', str, ["a, b", "c"]),  # JSON, what medsteer writes
+        ("['a, b', 'c']", str, ["a, b", "c"]),  # the legacy Python repr
+        ("An endoscopic image of polyps", str, ["An endoscopic image of polyps"]),  # one prompt by hand
+        ("[0, 1, 2]", int, [0, 1, 2]),
+        ("0,1,2", int, [0, 1, 2]),  # the legacy comma list
+        ("7", int, [7]),
+        ("", int, []),
+    ],
+)
+def test_metadata_list_reads_json_and_the_legacy_forms(raw, item, expected):
+    assert metadata_list({"k": raw}, "k", item) == expected
+
+
+@pytest.mark.parametrize(("raw", "item"), [("a,b", int), ("[1.5]", int), ("[true]", int), ("[1, 2]", str)])
+def test_metadata_list_refuses_other_values_by_name(raw, item):
+    with pytest.raises(VectorFileError, match=r"metadata k=.* is not a list of .*write it as JSON"):
+        metadata_list({"k": raw}, "k", item)
+
+
+def test_metadata_list_never_evaluates_code(tmp_path):
+    marker = tmp_path / "ran"
+    raw = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    with pytest.raises(VectorFileError):
+        metadata_list({"k": raw}, "k", int)
+    assert not marker.exists()
