@@ -1,6 +1,6 @@
 """Write the example workflows (ComfyUI UI format) and their thumbnails into example_workflows/.
 
-    python scripts/make_example_workflows.py            # JSON + PNG
+    python scripts/make_example_workflows.py            # JSON + JPEG thumbnails
     python scripts/make_example_workflows.py --check    # fail if the files on disk are stale
 
 The graphs are described here once (nodes, links, widget values by name) and written in the format
@@ -309,7 +309,7 @@ class Workflow:
             "links": [list(link) for link in self.links],
             "groups": self.groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.55, "offset": [40, 80]}},
+            "extra": {"ds": {"scale": VIEW_SCALE, "offset": [40, 80]}},
             "version": 0.4,
         }
 
@@ -346,7 +346,7 @@ def model_stack(w: Workflow, note: str):
     )
     vae = w.add("VAELoader", (x, 600), (380, 58), vae_name=VAE, title="VAE (sd-vae-ft-ema)")
     w.group("1  Load", (20, 0, 420, 700))
-    w.note((x, 760), (380, 470), NOTE_HEAD + note + "\n\n" + FILES_NOTE)
+    w.note((x, 760), (380, 600), NOTE_HEAD + note + "\n\n" + FILES_NOTE)
     return lora[0], lora[1], vae[0]
 
 
@@ -415,11 +415,24 @@ def heatmap(
     )
 
 
+# The zoom a template opens at. Frontend 1.27.10 draws node text only at zoom >= min_font_size_for_lod
+# / (NODE_TEXT_SIZE * sqrt(devicePixelRatio)) = 8 / 14 = 0.571 on a plain screen (LGraphCanvas
+# updateLowQualityThreshold); below it every node is a blank box. 0.6 keeps text and the whole graph
+# (about 3000 x 1250 canvas units) on a 1920 x 1080 screen.
+VIEW_SCALE = 0.6
+
 NOTE_HEAD = "**MedSteer** steers PixArt's cross-attention off a *pathology vector* (Pham et al.).\n\n"
 FILES_NOTE = (
-    "Files: `models/checkpoints/PixArt-XL-2-512x512.pth`, `models/text_encoders/t5xxl_fp16.safetensors`, "
-    "`models/vae/sd-vae-ft-ema.safetensors`, `models/loras/MedSteer-Kvasir/` (transformer_lora/ + "
-    "text_encoder_lora/) and vectors in `models/medsteer/`."
+    "**Model: real PixArt-alpha 512 px + the MedSteer LoRA** (none of these files ships with the pack):\n"
+    "- `models/checkpoints/PixArt-XL-2-512x512.pth`: from the Hugging Face repo `PixArt-alpha/PixArt-alpha` "
+    "(or the diffusers folder `PixArt-alpha/PixArt-XL-2-512x512`)\n"
+    "- `models/text_encoders/t5xxl_fp16.safetensors`: T5-XXL, e.g. from `comfyanonymous/flux_text_encoders`\n"
+    "- `models/vae/sd-vae-ft-ema.safetensors`: `stabilityai/sd-vae-ft-ema` "
+    "(its `diffusion_pytorch_model.safetensors`, renamed)\n"
+    "- `models/loras/MedSteer-Kvasir/` (`transformer_lora/` + `text_encoder_lora/`): the MedSteer authors' "
+    "Kvasir LoRA, from their release of the paper (not redistributed here)\n"
+    "- vectors in `models/medsteer/`, made by *medsteer_build_vector*.\n"
+    "README, *Loading PixArt-XL-2-512x512 and the MedSteer LoRA*, has the details."
 )
 # columns: 1 load (x 40), 2 prompts (x 490) + steering (x 950), 3 samplers (x 1350), 4 outputs (x 1750+)
 PROMPT_X, STEER_X, SAMPLER_X, OUT_X = 490, 950, 1350, 1750
@@ -709,7 +722,7 @@ def batch_pairs() -> Workflow:
         w, "Unsteered sampler", model, positive, negative, latent, (SAMPLER_X, 420), seed=0, control="increment"
     )
     w.primitive((STEER_X, 90), "seed (+1 per run)", "INT", 0, "increment", [(steered, "seed"), (unsteered, "seed")])
-    w.group("3  One seed per run, 8 noises per batch", (SAMPLER_X - 20, 0, 360, 760), "#88A")
+    w.group("3  8 pairs per run", (SAMPLER_X - 20, 0, 360, 760), "#88A")
     steered_img = decode(w, steered[0], vae, (OUT_X, 70), "Decode steered")
     unsteered_img = decode(w, unsteered[0], vae, (OUT_X, 420), "Decode unsteered")
     w.add(
@@ -933,10 +946,9 @@ def build_files() -> dict[str, bytes]:
         workflow = make().to_json()
         files[f"{name}.json"] = (json.dumps(workflow, indent=2) + "\n").encode()
         buffer = io.BytesIO()
-        render(workflow).quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            buffer, "PNG", optimize=True
-        )
-        files[f"{name}.png"] = buffer.getvalue()
+        # JPEG: the template browser asks for `<name>.jpg` for custom-node templates (frontend 1.27.10).
+        render(workflow).convert("RGB").save(buffer, "JPEG", quality=90, optimize=True)
+        files[f"{name}.jpg"] = buffer.getvalue()
     return files
 
 

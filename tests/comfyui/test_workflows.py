@@ -219,7 +219,7 @@ def test_there_are_five_example_workflows_with_thumbnails():
         "medsteer_dye_removal",
     ]
     for path in WORKFLOWS:
-        with Image.open(path.with_suffix(".png")) as thumbnail:
+        with Image.open(path.with_suffix(".jpg")) as thumbnail:
             assert thumbnail.width >= 800 and thumbnail.height >= 300
 
 
