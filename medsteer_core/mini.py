@@ -44,7 +44,11 @@ from .driver import SamplingSpec, sample
 
 __all__ = [
     "DEFAULT_PATH",
+    "VECTOR_DIR",
     "MiniModel",
+    "MiniParts",
+    "encode_unpadded",
+    "load_mini_parts",
     "build_tokenizer",
     "load_mini",
     "new_mini",
@@ -273,13 +277,36 @@ def _text_config_of(text_encoder) -> dict:
     return {k: getattr(config, k) for k in keys}
 
 
-def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
-    """Load MedSteer-mini (default: the model shipped in the package).
+#: Where the calibrated vectors of the shipped model live inside the package.
+VECTOR_DIR = DEFAULT_PATH.parent / "vectors"
+
+
+@dataclass
+class MiniParts:
+    """The pieces of a MedSteer-mini file, without diffusers: what a host that builds its own
+    transformer class (ComfyUI) needs.
+
+    Attributes:
+        metadata: the file's string metadata (configs, calibrated defaults, provenance).
+        transformer_config: the diffusers ``PixArtTransformer2DModel`` config.
+        transformer_state: the transformer's weights, diffusers keys.
+        text_encoder: the ``T5EncoderModel`` (eval mode, weights loaded).
+        tokenizer: the ``PreTrainedTokenizerFast``.
+    """
+
+    metadata: dict[str, str]
+    transformer_config: dict
+    transformer_state: dict[str, torch.Tensor]
+    text_encoder: nn.Module
+    tokenizer: object
+
+
+def load_mini_parts(path: str | os.PathLike | None = None) -> MiniParts:
+    """Read a MedSteer-mini file (default: the shipped one) into its parts; needs transformers only.
 
     Raises:
         MedSteerError: the file is missing, unreadable or not a MedSteer-mini file.
     """
-    from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path) if path is not None else DEFAULT_PATH
@@ -290,14 +317,45 @@ def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
         "pass the path of a file written by `python -m medsteer_core.mini train`, or reinstall the "
         "package to restore the shipped one",
     )
-    transformer = PixArtTransformer2DModel(**json.loads(meta["transformer_config"]))
     tokenizer = build_tokenizer(json.loads(meta["vocabulary"]))
     text_encoder = T5EncoderModel(T5Config(**json.loads(meta["text_encoder_config"])))
-    transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
     text_state = {k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
     text_state["encoder.embed_tokens.weight"] = text_state["shared.weight"]
     text_encoder.load_state_dict(text_state)
-    return MiniModel(transformer.eval(), text_encoder.eval(), tokenizer, dict(meta))
+    return MiniParts(
+        metadata=dict(meta),
+        transformer_config=json.loads(meta["transformer_config"]),
+        transformer_state={k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")},
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+    )
+
+
+def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
+    """Load MedSteer-mini (default: the model shipped in the package).
+
+    Raises:
+        MedSteerError: the file is missing, unreadable or not a MedSteer-mini file.
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    parts = load_mini_parts(path)
+    transformer = PixArtTransformer2DModel(**parts.transformer_config)
+    transformer.load_state_dict(parts.transformer_state)
+    return MiniModel(transformer.eval(), parts.text_encoder, parts.tokenizer, parts.metadata)
+
+
+@torch.no_grad()
+def encode_unpadded(text_encoder: nn.Module, tokenizer, prompt: str) -> torch.Tensor:
+    """Caption embedding ``[1, n, 64]`` of one prompt, its ``n`` real tokens only (``</s>`` included).
+
+    Equal to the real rows of ``MiniModel.encode`` (T5 masks the padding, and the transformer's
+    cross-attention mask drops it), so a host whose cross-attention takes no mask (ComfyUI's
+    PixArt) sees what the model was trained with.
+    """
+    ids = tokenizer([prompt], truncation=True, max_length=MAX_TOKENS, return_tensors="pt")["input_ids"]
+    device = next(text_encoder.parameters()).device
+    return text_encoder(input_ids=ids.to(device)).last_hidden_state
 
 
 # ---------------------------------------------------------------------------------------- training

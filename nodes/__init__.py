@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 from .build import BuildPathologyVector
 from .heatmap import GateHeatmap
 from .inspect_vector import InspectPathologyVector
+from .mini import LoadMedSteerMini, register_shipped_vectors
 from .steer import ApplySSPSSteer
 from .vector_io import LoadPathologyVector, SavePathologyVector
 
@@ -20,7 +21,11 @@ NODES: list[type[io.ComfyNode]] = [
     SavePathologyVector,
     LoadPathologyVector,
     InspectPathologyVector,
+    LoadMedSteerMini,
 ]
+
+# After vector_io registered models/medsteer (first, where vectors are saved).
+register_shipped_vectors()
 
 try:  # the checkpoint loader and LoRA nodes (nodes/loaders.py) are optional in a partial checkout
     from . import loaders

@@ -17,8 +17,17 @@ import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import VectorEstimator, capture
-from ..medsteer_core.plans import build_metadata, check_latent_size, prompt_text, seed_batches
-from .common import CATEGORY, PathologyVectorSocket, call_info, model_family, pixart_sites, split_call
+from ..medsteer_core.plans import build_metadata, prompt_text, seed_batches
+from .common import (
+    CATEGORY,
+    PathologyVectorSocket,
+    call_info,
+    check_latent_fits,
+    model_family,
+    pixart_sites,
+    pixel_scale,
+    split_call,
+)
 
 CAPTURE_KEY = "medsteer.capture"
 
@@ -155,7 +164,8 @@ class BuildPathologyVector(io.ComfyNode):
         sites = pixart_sites(model)
         shape = latent_image["samples"].shape
         batch, height, width = int(shape[0]), int(shape[-2]), int(shape[-1])
-        check_latent_size(height, width, sites.patch_size)
+        check_latent_fits(sites.transformer, height, width)
+        scale = pixel_scale(sites.transformer)
         batches = seed_batches(seed, num_seeds, batch)
         if _same_conditioning(with_concept, without_concept):
             raise ValueError(
@@ -172,8 +182,8 @@ class BuildPathologyVector(io.ComfyNode):
             cfg=cfg,
             sampler_name=sampler_name,
             scheduler=scheduler,
-            height=height * 8,
-            width=width * 8,
+            height=height * scale,
+            width=width * scale,
             model_family=model_family(model),
             host="ComfyUI BuildPathologyVector",
         )

@@ -10,15 +10,39 @@ latent's shape. No step counting, so every sampler, scheduler and step count wor
 
 from __future__ import annotations
 
+import os
+
 from comfy_api.latest import io
 
 from ..medsteer_core import CallInfo, UnsupportedModelError
+from ..medsteer_core.plans import check_latent_size
 from ..medsteer_core.sites import Sites, find_sites
 
 #: The one custom socket type of the pack: a ``medsteer_core.PathologyVector``.
 PathologyVectorSocket = io.Custom("PATHOLOGY_VECTOR")
 
 CATEGORY = "medsteer"
+
+
+def model_name_problem(name: object, where: str) -> str | None:
+    """Why ``name`` cannot be a file or folder name inside the model folder ``where``; None if it can.
+
+    Model names are paths relative to a registered model folder. An absolute path or a ``..`` step
+    could reach outside it, so both are refused instead of being silently normalised.
+    """
+    if not isinstance(name, str) or not name.strip("/\\ "):
+        return f"no file chosen ({name!r}): put one in {where} and refresh the page (press R)"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts:
+        return f"{name!r} is not a name inside {where}: use a path relative to that folder, without '..'"
+    return None
+
+
+def inside(root: str, name: str) -> str | None:
+    """``root/name`` when ``name`` (checked by ``model_name_problem``) stays inside ``root``, else None."""
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root, name))
+    return path if os.path.commonpath([root, path]) == root else None
 
 
 def pixart_sites(model) -> Sites:
@@ -54,6 +78,30 @@ def model_family(model) -> str:
     config = getattr(getattr(model, "model", None), "model_config", None)
     unet_config = getattr(config, "unet_config", None) or {}
     return str(unet_config.get("image_model") or type(config).__name__).replace("_", "-")
+
+
+#: Image pixels per latent pixel of PixArt's VAE (SD1.5 / SDXL autoencoders).
+VAE_SCALE = 8
+
+
+def pixel_scale(diffusion_model) -> int:
+    """Image pixels per latent pixel: the model's ``pixel_scale`` (1 for MedSteer-mini, which works
+    in pixel space) or PixArt's VAE factor 8."""
+    return int(getattr(diffusion_model, "pixel_scale", VAE_SCALE))
+
+
+def check_latent_fits(diffusion_model, height: int, width: int) -> None:
+    """The model's own latent-size rule (``check_latent_size`` method, MedSteer-mini) or PixArtMS's.
+
+    Raises:
+        MedSteerError: the latent cannot be sampled by this model; the message says what to use.
+    """
+    rule = getattr(diffusion_model, "check_latent_size", None)
+    if callable(rule):
+        rule(int(height), int(width))
+        return
+    patch = getattr(diffusion_model, "patch_size", 2)
+    check_latent_size(height, width, int(patch[0] if isinstance(patch, (tuple, list)) else patch))
 
 
 def call_info(base_model, x, sigma, transformer_options) -> CallInfo:

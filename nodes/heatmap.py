@@ -15,11 +15,8 @@ from comfy_api.latest import io
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, select_maps, to_mask
 from ..medsteer_core.plans import HEATMAP_PRESETS, heatmap_selection, resolve_edit
-from .common import CATEGORY
+from .common import CATEGORY, pixel_scale
 from .steer import steering_of
-
-#: Image pixels per latent pixel (PixArt's SD VAE).
-VAE_SCALE = 8
 
 
 class GateHeatmap(io.ComfyNode):
@@ -161,7 +158,8 @@ class GateHeatmap(io.ComfyNode):
                 f"image has {int(image.shape[0])} images but the latent has {batch}: connect the decoded "
                 "steered latent (or a single image)"
             )
-        mask_size = tuple(image.shape[1:3]) if image is not None else (height * VAE_SCALE, width * VAE_SCALE)
+        scale = pixel_scale(model.model.diffusion_model)
+        mask_size = tuple(image.shape[1:3]) if image is not None else (height * scale, width * scale)
 
         pictures, masks = [], []
         for b in range(batch):

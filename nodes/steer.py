@@ -18,9 +18,9 @@ import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import GateRecord, steering
-from ..medsteer_core.plans import ROW_OPTIONS, chain_plans, check_latent_size, make_plan, timestep_window
+from ..medsteer_core.plans import ROW_OPTIONS, chain_plans, make_plan, timestep_window
 from ..medsteer_core.vector import INTERPOLATIONS
-from .common import CATEGORY, PathologyVectorSocket, call_info, pixart_sites, split_call
+from .common import CATEGORY, PathologyVectorSocket, call_info, check_latent_fits, pixart_sites, split_call
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 #: The key of MedSteer's wrappers on a ModelPatcher (one per wrapper type).
@@ -66,7 +66,7 @@ class SteeringWrapper:
     def outer_sample(self, executor, noise, latent_image, *args, **kwargs):
         # Before any model call: a clear error instead of PixArt's division by zero. Each run gets
         # its own record, kept by the fingerprint of the LATENT it returns (memory stays bounded).
-        check_latent_size(noise.shape[-2], noise.shape[-1], self.patch_size)
+        check_latent_fits(executor.class_obj.model_patcher.model.diffusion_model, noise.shape[-2], noise.shape[-1])
         record = self.record = GateRecord()
         try:
             output = executor(noise, latent_image, *args, **kwargs)
