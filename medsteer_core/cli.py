@@ -131,13 +131,15 @@ def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--layer-start",
         type=int,
         action="append",
-        help="first steered block (default: the vector's calibrated one, else 8)",
+        help="first steered block (default: the vector's calibrated window; else the paper's 8-16 on models "
+        "with at least 16 layers, or all layers of a smaller model: 0-6 on MedSteer-mini)",
     )
     group.add_argument(
         "--layer-end",
         type=int,
         action="append",
-        help="one past the last steered block, exclusive (default: calibrated, else 16)",
+        help="one past the last steered block, exclusive (default: as --layer-start: calibrated, else 16, "
+        "or the model's depth when it has fewer than 16 layers)",
     )
     group.add_argument(
         "--timestep-min", type=float, default=0.0, help="steer only model timesteps >= this (0-1000; default 0)"
@@ -514,7 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument(
         "--heatmap-steps", help="steps of the gate grid, e.g. 8,12,14,19 (default: the paper's Fig. 3, scaled)"
     )
-    go.add_argument("--heatmap-layers", help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8)")
+    go.add_argument(
+        "--heatmap-layers",
+        help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8 when steered, else the window's first)",
+    )
     go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
     go.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="heatmap colours")
     _model_options(gen)
@@ -552,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     hp.add_argument("--negative-prompt", default="", help="unconditional prompt (default empty)")
     hp.add_argument("--at-steps", help="steps to draw: 8,12,14,19 / all / last (default: the paper's, scaled)")
-    hp.add_argument("--layers", help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8)")
+    hp.add_argument(
+        "--layers",
+        help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8, the paper's, when steered, else the window's first)",
+    )
     hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")
     hp.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="colours")
     hp.add_argument("--cell", type=int, default=128, help="pixels per map (default 128)")

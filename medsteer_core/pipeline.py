@@ -60,6 +60,7 @@ __all__ = [
     "Steer",
     "build_vector",
     "check_new_seeds",
+    "default_window",
     "gate_heatmap",
     "generate",
     "halves_paths",
@@ -893,6 +894,26 @@ def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:
 
 
 # ================================================================================ generate
+#: The paper's steering window: blocks 8-15 (end exclusive) of the 28-layer PixArt-XL-2.
+PAPER_WINDOW = (8, 16)
+
+
+def default_window(depth: int | None) -> tuple[int, int]:
+    """The layer window ``(start, end)`` used when neither the caller nor the vector's calibration gives one.
+
+    The paper's 8-16 where the model has those layers (PixArt-XL-2 has 28), else every layer of the
+    model: MedSteer-mini has 6, so its default is 0-6 (issue 11: 8-16 made ``build-vector`` then
+    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window.
+
+    Example:
+        >>> default_window(28), default_window(6)
+        ((8, 16), (0, 6))
+    """
+    if depth is None or depth >= PAPER_WINDOW[1]:
+        return PAPER_WINDOW
+    return 0, int(depth)
+
+
 @dataclass(frozen=True)
 class Steer:
     """One vector and how to apply it (the CLI's ``--vector`` with its steering flags).
@@ -901,7 +922,9 @@ class Steer:
         vector: a vector file or a ``PathologyVector``.
         strength / layer_start / layer_end / timestep_min / timestep_max / rows / preserve_norm /
         interpolation: as in ``SteeringPlan``. ``None`` for strength or the layer window means the
-            vector's ``calibrated_*`` metadata (MedSteer-mini vectors carry it), else the paper's 2.5 and 8-16.
+            vector's ``calibrated_*`` metadata (the shipped MedSteer-mini vectors carry it), else the
+            paper's strength 2.5 and ``default_window`` (8-16, or the whole model when it has fewer
+            than 16 layers, as MedSteer-mini's 6).
     """
 
     vector: str | os.PathLike | PathologyVector
@@ -914,8 +937,12 @@ class Steer:
     preserve_norm: bool = False
     interpolation: str = "nearest"
 
-    def resolve(self) -> tuple[SteeringPlan, dict]:
-        """The ``SteeringPlan`` and its manifest entry (file, sha256 and every setting)."""
+    def resolve(self, depth: int | None = None) -> tuple[SteeringPlan, dict]:
+        """The ``SteeringPlan`` and its manifest entry (file, sha256 and every setting).
+
+        Args:
+            depth: the model's number of layers, for ``default_window`` (``None``: the paper's 8-16).
+        """
         if isinstance(self.vector, PathologyVector):
             vector, file = self.vector, None
             hasher = hashlib.sha256()  # of what steers: directions, keys and provenance
@@ -934,11 +961,12 @@ class Steer:
             stored = vector.metadata.get(f"calibrated_{key}")
             return cast(stored) if stored not in (None, "") else default
 
+        window = default_window(depth)
         plan = SteeringPlan(
             vector,
             strength=pick(self.strength, "strength", 2.5, float),
-            layer_start=pick(self.layer_start, "layer_start", 8, int),
-            layer_end=pick(self.layer_end, "layer_end", 16, int),
+            layer_start=pick(self.layer_start, "layer_start", window[0], int),
+            layer_end=pick(self.layer_end, "layer_end", window[1], int),
             timestep_min=float(self.timestep_min),
             timestep_max=float(self.timestep_max),
             rows=self.rows,
@@ -1102,7 +1130,7 @@ def generate(
         raise ValueError("generate needs at least one non-empty prompt (the prompt WITH the concept)")
     cfg = model.default_cfg if cfg is None else cfg
     spec = model.spec(steps, cfg, height, width)
-    resolved = [steer.resolve() for steer in steers]
+    resolved = [steer.resolve(model.sites.depth) for steer in steers]
     plans = [plan for plan, _ in resolved]
     for plan in plans:
         plan.validate(model.sites)
@@ -1257,7 +1285,7 @@ def gate_heatmap(
         cell: pixels per map side.
         (the rest as in ``generate``)
     """
-    resolved = [steer.resolve() for steer in steers]
+    resolved = [steer.resolve(model.sites.depth) for steer in steers]
     plans = [p for p, _ in resolved]
     if not 0 <= plan < len(plans):
         raise ValueError(f"plan {plan} is out of range: {len(plans)} vector(s) given")

@@ -340,3 +340,22 @@ def test_generate_with_a_shipped_vector_and_no_prompt_uses_its_prompts(tmp_path,
     records = manifest(out)
     prompts = {r["prompt"] for r in records}
     assert len(records) > 1 and all("dyed lifted polyps" in p for p in prompts), prompts
+
+
+def test_build_vector_then_generate_on_the_defaults_works_on_the_mini(tmp_path, capsys):
+    """No --model (MedSteer-mini, 6 layers) and no window flags: the paper's 8-16 does not fit, so the
+    default is the model's whole window, and --help says so."""
+    vector = tmp_path / "v.safetensors"
+    build = ["build-vector", "-q", "--with", "a colonoscopy image of dyed lifted polyps"]
+    build += ["--without", "a colonoscopy image of polyps", "--num-seeds", "2", "--steps", "2", "--out", str(vector)]
+    assert main(build) == 0
+    out = tmp_path / "pairs"
+    assert main(["generate", "-q", "--vector", str(vector), "--num-seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    (record,) = manifest(out)
+    (steer,) = record["settings"]["vectors"]
+    assert (steer["layer_start"], steer["layer_end"], steer["strength"]) == (0, 6, 2.5)
+    assert record["prompt"] == "a colonoscopy image of dyed lifted polyps"  # the vector's, JSON written
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the paper's 8-16 on models with at least 16 layers, or all layers of a smaller model" in help_text

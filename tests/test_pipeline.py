@@ -333,3 +333,12 @@ def test_check_new_seeds_reads_the_shipped_vectors_comma_seeds():
         mp.check_new_seeds(vector, [0, 1, 2])
     held = int(vector.count_with.max())
     mp.check_new_seeds(vector, [held, held + 1])  # fresh seeds pass
+
+
+def test_default_window_is_the_paper_s_where_it_fits_else_the_whole_model(model):
+    assert mp.default_window(28) == (8, 16) and mp.default_window(16) == (8, 16)
+    assert mp.default_window(6) == (0, 6) and mp.default_window(None) == (8, 16)
+    plan, _ = mp.Steer(_random_vector(model)).resolve(model.sites.depth)  # the tiny model has 4 layers
+    assert (plan.layer_start, plan.layer_end) == (0, model.sites.depth)
+    plan, _ = mp.Steer(_random_vector(model), layer_start=1).resolve(model.sites.depth)
+    assert (plan.layer_start, plan.layer_end) == (1, model.sites.depth)
