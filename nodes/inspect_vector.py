@@ -5,11 +5,19 @@ how large the concept difference is relative to the cross-attention output, show
 heatmap (rows = timesteps, noisiest first; columns = layers) plus the full text report (metadata,
 per-layer and per-timestep numbers, stability across timesteps). The paper's window (layers 8-16)
 belongs to its model; on another model, the bright columns are where to start looking.
+
+The report is the node's ``text`` UI output (``ui.PreviewText``, kept in the history) and is also
+sent to the node as progress text, which is what frontend 1.27 draws on a node that is not
+PreviewAny (core's GetImageSize shows its numbers the same way).
 """
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+import html
+import logging
+import sys
+
+from comfy_api.latest import io, ui
 
 from ..medsteer_core.heatmap import COLORMAPS
 from ..medsteer_core.pipeline import format_inspection, inspect_vector, profile_image
@@ -49,12 +57,41 @@ class InspectPathologyVector(io.ComfyNode):
                     "numbers, stability across timesteps.",
                 ),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, pathology_vector, colormap: str) -> io.NodeOutput:
         report = inspect_vector(pathology_vector)
+        report["file"] = vector_label(pathology_vector, cls.hidden.prompt, cls.hidden.unique_id)
         text = format_inspection(report)
         image = profile_image(report, colormap)[None]  # [1, H, W, 3]
-        return io.NodeOutput(image, text, ui={"text": [text]})
+        show_on_node(text, cls.hidden.unique_id)
+        return io.NodeOutput(image, text, ui=ui.PreviewText(text))
+
+
+def vector_label(vector, prompt: dict | None, node_id: str | None) -> str:
+    """What the report calls the vector: the file a LoadPathologyVector feeding this node read, else
+    its concepts (a vector built in the graph has no file)."""
+    node = (prompt or {}).get(str(node_id)) if node_id is not None else None
+    link = (node or {}).get("inputs", {}).get("pathology_vector")
+    if isinstance(link, list) and len(link) == 2:
+        source = (prompt or {}).get(str(link[0])) or {}
+        name = source.get("inputs", {}).get("vector_name")
+        if source.get("class_type") == "LoadPathologyVector" and isinstance(name, str):
+            return f"{name} (models/medsteer)"
+    meta = vector.metadata
+    return f"{meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r} (built in the graph, not read from a file)"
+
+
+def show_on_node(text: str, node_id: str | None) -> None:
+    """Draw ``text`` on the node in the web UI (nothing to do when no server is running)."""
+    server = sys.modules.get("server")  # ComfyUI's server module, imported by main.py when it serves
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or node_id is None:
+        return
+    try:  # the frontend renders this text as HTML
+        instance.send_progress_text(html.escape(text), str(node_id))
+    except Exception as error:  # showing the report must never fail the graph
+        logging.warning("MedSteer: could not send the inspect report to the UI: %s", error)

@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import checkpoints as ck
+from .common import inside, model_name_problem
 
 CATEGORY = "medsteer/loaders"
 _CHECKPOINT_FOLDERS = ("diffusion_models", "checkpoints")
@@ -39,22 +40,34 @@ def checkpoint_choices() -> list[str]:
     return sorted(names)
 
 
+CHECKPOINT_PLACE = "models/diffusion_models or models/checkpoints"
+LORA_PLACE = "models/loras"
+
+
 def resolve_checkpoint(name: str) -> str:
-    """The full path of a ``checkpoint_choices()`` entry."""
+    """The full path of a ``checkpoint_choices()`` entry, looked up only inside the registered folders.
+
+    Raises:
+        CheckpointError: the name leaves the folders, or nothing of that name is there; the message
+            names the value and where the weights belong (it never lists a folder's contents).
+    """
+    problem = model_name_problem(name, CHECKPOINT_PLACE)
+    if problem is not None:
+        raise ck.CheckpointError(f"PixArt checkpoint: {problem}")
     for folder in _CHECKPOINT_FOLDERS:
         if name.endswith("/"):
             for root in _roots(folder):
-                path = os.path.join(root, name)
-                if os.path.isdir(path):
+                path = inside(root, name)
+                if path is not None and os.path.isdir(path):
                     return path
         else:
             path = folder_paths.get_full_path(folder, name)
             if path is not None:
                 return path
     raise ck.CheckpointError(
-        f"checkpoint {name!r} was not found in models/diffusion_models or models/checkpoints "
-        "(or their extra_model_paths); put the PixArt-alpha .pth/.safetensors or the diffusers "
-        "transformer folder there and refresh"
+        f"PixArt checkpoint {name!r} is not in {CHECKPOINT_PLACE} (nor in their extra_model_paths.yaml "
+        "folders): put the PixArt-alpha .pth/.safetensors file there (e.g. PixArt-XL-2-512x512.pth), or a "
+        "diffusers transformer folder (listed with a trailing '/'), then refresh the page (press R) and pick it"
     )
 
 
@@ -64,14 +77,35 @@ def lora_choices() -> list[str]:
 
 
 def resolve_lora(name: str) -> str:
+    """The full path of a ``lora_choices()`` folder, looked up only inside the registered ``loras`` folders."""
+    problem = model_name_problem(name, LORA_PLACE)
+    if problem is not None:
+        raise ck.CheckpointError(f"MedSteer LoRA: {problem}")
     for root in _roots("loras"):
-        path = os.path.join(root, name)
-        if os.path.isdir(path):
+        path = inside(root, name)
+        if path is not None and os.path.isdir(path):
             return path
     raise ck.CheckpointError(
-        f"LoRA folder {name!r} was not found under models/loras; put the folder that holds "
-        "transformer_lora/ and text_encoder_lora/ there and refresh"
+        f"MedSteer LoRA folder {name!r} is not in {LORA_PLACE} (nor in its extra_model_paths.yaml folders): "
+        "put the folder that holds transformer_lora/ and text_encoder_lora/ there (e.g. models/loras/medsteer/), "
+        "then refresh the page (press R) and pick it"
     )
+
+
+def _queue_time_check(resolve, name) -> bool | str:
+    """What a V3 ``validate_inputs`` returns: True, or the message ComfyUI shows at queue time.
+
+    ComfyUI 0.3.64 does not check V3 combo values against their options, so without this a missing
+    file is only found when the graph runs, one node at a time. A linked (not widget) value arrives
+    as None at validation and is checked when the node runs.
+    """
+    if name is None:
+        return True
+    try:
+        resolve(name)
+    except ck.CheckpointError as error:
+        return str(error)
+    return True
 
 
 def build_pixart_alpha(state_dict: dict, geometry: ck.PixArtGeometry, dtype: torch.dtype | None = None):
@@ -137,6 +171,10 @@ class LoadPixArtAlphaCheckpoint(io.ComfyNode):
                 )
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
+        return _queue_time_check(resolve_checkpoint, ckpt_name)
 
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
@@ -225,6 +263,10 @@ class LoadPeftLora(io.ComfyNode):
                 io.Clip.Output(display_name="clip", tooltip="A clone of the text encoder with the T5 LoRA applied."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str | None = None) -> bool | str:
+        return _queue_time_check(resolve_lora, lora_name)
 
     @classmethod
     def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float) -> io.NodeOutput:

@@ -2,11 +2,13 @@
 
 Files are safetensors only (never pickle), validated on load by ``medsteer_core.load_vector``.
 The ``medsteer`` model folder is registered with ``folder_paths`` so ``extra_model_paths.yaml``
-entries named ``medsteer`` are listed too.
+entries named ``medsteer`` are listed too, and ``models/medsteer/`` is created when the pack loads
+(so a new user finds the folder the nodes talk about).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -14,31 +16,39 @@ from comfy_api.latest import io
 
 from ..medsteer_core import load_vector, save_vector
 from ..medsteer_core.plans import check_save_name
-from .common import CATEGORY, PathologyVectorSocket
+from .common import CATEGORY, PathologyVectorSocket, model_name_problem
 
 FOLDER = "medsteer"
 EXTENSIONS = {".safetensors"}
 
 
 def register_vector_folder() -> None:
-    """Register ``models/medsteer`` (first, where vectors are saved) with a .safetensors filter.
+    """Register ``models/medsteer`` (first, where vectors are saved) with a .safetensors filter, and create it.
 
     Keeps folders that ``extra_model_paths.yaml`` registered earlier under the same name. Without
-    the filter, ``add_model_folder_path`` would list every file in the folder.
+    the filter, ``add_model_folder_path`` would list every file in the folder. A folder that cannot
+    be created (read-only install) is logged, not fatal: loading vectors from other folders still works.
     """
     default = os.path.join(folder_paths.models_dir, FOLDER)
     folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
     paths, _ = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+    try:
+        os.makedirs(paths[0], exist_ok=True)
+    except OSError as error:
+        logging.warning("MedSteer: cannot create the vector folder %s (%s)", paths[0], error.strerror or error)
 
 
 def vector_path(vector_name: str) -> str:
-    """The full path of a listed vector file, or a clear error."""
+    """The full path of a listed vector file (looked up only inside the medsteer folders), or a clear error."""
+    problem = model_name_problem(vector_name, "models/medsteer/")
+    if problem is not None:
+        raise FileNotFoundError(f"pathology vector: {problem}")
     path = folder_paths.get_full_path(FOLDER, vector_name)
     if path is None:
         raise FileNotFoundError(
-            f"no pathology vector {vector_name!r} in {folder_paths.get_folder_paths(FOLDER)}: save one with "
-            "SavePathologyVector or copy a .safetensors vector into models/medsteer/, then refresh"
+            f"no pathology vector {vector_name!r} in models/medsteer/ (searched {folder_paths.get_folder_paths(FOLDER)}): "
+            "save one with SavePathologyVector or copy a .safetensors vector there, then refresh the page (press R)"
         )
     return path
 

@@ -342,3 +342,60 @@ def test_lora_errors_name_the_problem(comfy_env, files):
     graph.prompt[ids["lora"]]["inputs"]["model"] = ["90", 0]
     result = comfy_env.run(graph, fresh=True)
     assert not result.success and "not a PixArt transformer" in result.error
+
+
+# ------------------------------------------------------------------------------------------------
+# Queue-time checks (ComfyUI 0.3.64 does not check V3 combo values against their options)
+# ------------------------------------------------------------------------------------------------
+def _errors_by_node(comfy_env, graph) -> dict[str, list[str]]:
+    valid, _, _, node_errors = comfy_env.validate(graph)
+    assert not valid
+    return {node: [e["details"] for e in v["errors"]] for node, v in node_errors.items()}
+
+
+def test_missing_checkpoint_lora_and_vector_are_all_reported_at_queue_time(comfy_env, files):
+    from comfy_boot import STEER
+
+    graph, ids = text_graph("PixArt-XL-2-512x512.pth", files.t5_folder, ("MedSteer_LoRA/", 1.0, 1.0))
+    vector = graph.add("LoadPathologyVector", vector_name="no_such_vector.safetensors")
+    steered = graph.add("ApplySSPSSteer", model=[ids["lora"], 0], pathology_vector=vector, **STEER)
+    graph.prompt[ids["sampler"]]["inputs"]["model"] = steered[0]
+    errors = _errors_by_node(comfy_env, graph)
+    assert set(errors) == {ids["loader"], ids["lora"], vector.id}  # every missing file, in one validation
+    (checkpoint,) = errors[ids["loader"]]
+    assert "'PixArt-XL-2-512x512.pth' is not in models/diffusion_models or models/checkpoints" in checkpoint
+    assert "put the PixArt-alpha .pth/.safetensors file there" in checkpoint
+    (lora,) = errors[ids["lora"]]
+    assert "'MedSteer_LoRA/' is not in models/loras" in lora and "transformer_lora/ and text_encoder_lora/" in lora
+    (missing_vector,) = errors[vector.id]
+    assert "'no_such_vector.safetensors'" in missing_vector and "models/medsteer/" in missing_vector
+    # never a listing of what is there
+    for message in (checkpoint, lora):
+        assert "tiny_pixart" not in message and "medsteer/'" not in message
+    # nothing ran: a queue-time refusal
+    result = comfy_env.run(graph, fresh=True)
+    assert result.error_type == "validation" and not result.outputs
+
+
+def test_present_checkpoint_and_lora_pass_queue_time_validation(comfy_env, files):
+    torch.save({"state_dict": {}}, files.root / "checkpoints" / "present.pth")  # only existence is checked here
+    for ckpt in ("tiny_pixart/", "present.pth"):
+        graph, _ = text_graph(ckpt, files.t5_folder, ("medsteer/", 1.0, 1.0))
+        valid, error, _, node_errors = comfy_env.validate(graph)
+        assert valid and node_errors == {}, (error, node_errors)
+
+
+def test_model_names_resolve_only_inside_the_registered_folders(comfy_env, files):
+    # each of these names reaches a real checkpoint / LoRA, but from outside the folder it names
+    escaping_checkpoints = [
+        "../diffusion_models/tiny_pixart/",
+        str(files.root / "diffusion_models" / "tiny_pixart") + "/",
+    ]
+    escaping_loras = ["../loras/medsteer/", str(files.root / "loras" / "medsteer") + "/"]
+    for ckpt, lora in zip(escaping_checkpoints, escaping_loras, strict=True):
+        graph, ids = text_graph(ckpt, files.t5_folder, (lora, 1.0, 1.0))
+        errors = _errors_by_node(comfy_env, graph)
+        assert set(errors) == {ids["loader"], ids["lora"]}
+        for node, name in ((ids["loader"], ckpt), (ids["lora"], lora)):
+            (message,) = errors[node]
+            assert repr(name) in message and "use a path relative to that folder, without '..'" in message

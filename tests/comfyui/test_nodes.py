@@ -7,10 +7,12 @@ executor, so no result comes from ComfyUI's cache.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -751,6 +753,46 @@ def test_vector_folder_lists_safetensors_only_and_honours_extra_model_paths(comf
             paths.remove(str(extra))
 
 
+def test_vector_folder_exists_from_the_start(comfy_env, tmp_path, monkeypatch):
+    import folder_paths
+
+    # the booted ComfyUI's models/medsteer (its base directory is a fresh temporary folder)
+    assert Path(folder_paths.get_folder_paths("medsteer")[0]) == Path(folder_paths.models_dir) / "medsteer"
+    assert (Path(folder_paths.models_dir) / "medsteer").is_dir()
+    # what the pack does when it loads, on a ComfyUI whose models/ has no medsteer folder yet, with an
+    # extra_model_paths.yaml folder registered first: models/medsteer is created, the extra one is not
+    vector_io = sys.modules[comfy_env.pack.__name__ + ".nodes.vector_io"]
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    saved = folder_paths.folder_names_and_paths.pop("medsteer")
+    try:
+        folder_paths.add_model_folder_path("medsteer", str(tmp_path / "elsewhere"))
+        vector_io.register_vector_folder()
+        assert folder_paths.get_folder_paths("medsteer")[0] == str(models / "medsteer")
+        assert (models / "medsteer").is_dir() and not (tmp_path / "elsewhere").exists()
+    finally:
+        folder_paths.folder_names_and_paths["medsteer"] = saved
+
+
+def test_missing_or_escaping_vector_names_are_refused_at_queue_time(comfy_env):
+    name = comfy_env.write_vector("queue_time_ok", seed=24)
+    for bad, words in (
+        ("no_such_vector.safetensors", "no pathology vector 'no_such_vector.safetensors' in models/medsteer/"),
+        ("../" + name, "without '..'"),
+        (str(comfy_env.vector_dir / name), "without '..'"),
+    ):
+        g, _ = pair_graph(bad)
+        (loader,) = [i for i, n in g.prompt.items() if n["class_type"] == "LoadPathologyVector"]
+        _, _, outputs, node_errors = comfy_env.validate(g)  # the unsteered sampler's output stays valid
+        assert list(node_errors) == [loader] and len(outputs) == 1
+        (message,) = [e["details"] for e in node_errors[loader]["errors"]]
+        assert words in message and repr(bad) in message and name not in message.replace(bad, "")
+    g, _ = pair_graph(name)
+    valid, _, outputs, node_errors = comfy_env.validate(g)
+    assert valid and node_errors == {} and len(outputs) == 2
+
+
 def test_inspect_node_shows_the_cores_layer_profile_and_report(comfy_env):
     name = comfy_env.write_vector("inspect_me", seed=23, depth=4, keys=8)
     g = Graph()
@@ -762,9 +804,59 @@ def test_inspect_node_shows_the_cores_layer_profile_and_report(comfy_env):
     report = core.pipeline.inspect_vector(vector_of(comfy_env, name))
     assert torch.equal(image, core.pipeline.profile_image(report, "magma")[None])
     assert image.shape[0] == 1 and image.shape[-1] == 3 and 0 <= float(image.min()) <= float(image.max()) <= 1
+    report["file"] = f"{name} (models/medsteer)"
     assert text == core.pipeline.format_inspection(report)
+    assert text.splitlines()[0] == f"vector: {name} (models/medsteer)"
     assert "concept: 'concept 23'" in text and "per layer" in text
-    assert result.ui[inspected.id]["text"] == [text]
+    assert list(result.ui[inspected.id]["text"]) == [text]  # the report on the node (history / "executed")
+
+
+def test_inspect_names_a_vector_built_in_the_graph_and_draws_the_report_on_the_node(comfy_env):
+    import server
+
+    g = Graph()
+    build = g.add(
+        "BuildPathologyVector",
+        model=pixart(g),
+        with_concept=prompt(g, "dyed polyps"),
+        without_concept=prompt(g, "polyps"),
+        uncond=prompt(g, "", tokens=5),
+        latent_image=empty_latent(g),
+        seed=0,
+        num_seeds=1,
+        steps=2,
+        cfg=4.5,
+        sampler_name="euler",
+        scheduler="normal",
+    )
+    inspected = g.add("InspectPathologyVector", pathology_vector=build, colormap="viridis")
+
+    class Recorder:  # stands in for the running server's PromptServer.instance (no sockets here)
+        def __init__(self):
+            self.sent = []
+
+        def send_progress_text(self, text, node_id, sid=None):
+            self.sent.append((node_id, text))
+
+    recorder = Recorder()
+    had, before = hasattr(server.PromptServer, "instance"), getattr(server.PromptServer, "instance", None)
+    server.PromptServer.instance = recorder
+    try:
+        result = comfy_env.run(g, fresh=True)
+    finally:
+        if had:
+            server.PromptServer.instance = before
+        else:
+            del server.PromptServer.instance
+    assert result.success, result.error
+    text = result.output(inspected.id, 1)
+    first = text.splitlines()[0]
+    assert first == "vector: 'dyed polyps' vs 'polyps' (built in the graph, not read from a file)"
+    assert list(result.ui[inspected.id]["text"]) == [text]
+    # frontend 1.27 draws only PreviewAny's text output, so the report also goes to the node as
+    # progress text (rendered as HTML there: escaped)
+    assert recorder.sent == [(inspected.id, html.escape(text))]
+    assert "&#x27;dyed polyps&#x27;" in recorder.sent[0][1]
 
 
 def test_save_refuses_names_outside_the_folder(comfy_env):
