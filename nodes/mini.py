@@ -86,6 +86,7 @@ class MiniPixArtMS(PixArtMS):
 
     def forward_orig(self, x, timestep, y, mask=None, c_size=None, c_ar=None, **kwargs):
         _, _, height, width = x.shape
+        self.check_latent_size(height, width)  # unsteered samplers too: a clear error, not a shape mismatch
         rows, cols = height // self.patch_size, width // self.patch_size
         position = get_2d_sincos_pos_embed_torch(
             self.hidden_size,

@@ -127,6 +127,27 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
         ],
         [("heatmap", "IMAGE"), ("mask", "MASK")],
     ),
+    "LoadMedSteerMini": ([], [], [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")]),
+    "EmptyChromaRadianceLatentImage": (
+        [],
+        [("width", "INT", False), ("height", "INT", False), ("batch_size", "INT", False)],
+        [("LATENT", "LATENT")],
+    ),
+    "ImageScaleBy": (
+        [("image", "IMAGE")],
+        [("upscale_method", "COMBO", False), ("scale_by", "FLOAT", False)],
+        [("IMAGE", "IMAGE")],
+    ),
+    "EmptyImage": (
+        [],
+        [("width", "INT", False), ("height", "INT", False), ("batch_size", "INT", False), ("color", "INT", False)],
+        [("IMAGE", "IMAGE")],
+    ),
+    "ImageCompositeMasked": (
+        [("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
+        [("x", "INT", False), ("y", "INT", False), ("resize_source", "BOOLEAN", False)],
+        [("IMAGE", "IMAGE")],
+    ),
     "MarkdownNote": ([], [("text", "STRING", False)], []),
     "PrimitiveNode": ([], [], []),  # outputs are set per use
 }
@@ -754,7 +775,156 @@ def batch_pairs() -> Workflow:
     return w
 
 
+MINI_SAMPLING = {"steps": 20, "cfg": 2.0, "sampler_name": "ddim", "scheduler": "simple"}
+#: dye_removal.safetensors' calibrated setting (its metadata; `medsteer inspect` shows it).
+MINI_STEER = {**PAPER_STEER, "strength": 5.25, "layer_start": 1, "layer_end": 4}
+MINI_NOTE = (
+    "**Model: MedSteer-mini, shipped with the pack** (no downloads): a 6-layer PixArt transformer trained on a "
+    "synthetic endoscopy world, 32x32 px in pixel space, with its own T5 text encoder. It stands in for "
+    "PixArt-alpha + the MedSteer LoRA so you can see the method work in seconds on a CPU.\n\n"
+    "**Queue it.** One seed feeds two samplers: unsteered and steered with the shipped `dye_removal` vector "
+    "(built from *dyed lifted polyps* vs *polyps*; its calibrated setting: layers 1-4, strength 5.25). The "
+    "blue dye should disappear while the polyp and the background stay. The gate heatmap shows where the "
+    "model steered, and the last preview paints the gate MASK in red onto the unsteered image. The seed "
+    "increments after every run: queue again for the next pair.\n\n"
+    "**Try** `polyp_to_normal.safetensors` with the prompt *an endoscopic image of polyps* (layers 2-4, "
+    "strength 2) or `colitis_to_normal.safetensors` with *an endoscopic image of ulcerative colitis* "
+    "(layers 3-5, strength 1.25). Strength 0 gives the unsteered image exactly.\n\n"
+    "**Sampling** as the mini was trained: 32x32 latent (EmptyChromaRadianceLatentImage), ddim + simple "
+    "(trailing) schedule, 20 steps, CFG 2, empty negative prompt. The previews are upscaled 8x (nearest) "
+    "so the 32 px images are visible.\n\n"
+    "For real PixArt-alpha open *medsteer_counterfactual_pair* (README: where to get the weights)."
+)
+
+
+def quickstart_mini() -> Workflow:
+    w = Workflow()
+    mini = w.add("LoadMedSteerMini", (40, 70), (380, 100), title="MedSteer-mini (shipped, no downloads)")
+    w.group("1  Load", (20, 0, 420, 240))
+    w.note((40, 290), (380, 760), NOTE_HEAD + MINI_NOTE)
+    positive = w.add(
+        "CLIPTextEncode",
+        (PROMPT_X, 70),
+        (420, 100),
+        clip=mini[1],
+        text="an endoscopic image of dyed lifted polyps",
+        title="Prompt (with the concept)",
+    )
+    negative = w.add("CLIPTextEncode", (PROMPT_X, 230), (420, 90), clip=mini[1], text="", title="Negative (empty)")
+    vector = w.add(
+        "LoadPathologyVector",
+        (PROMPT_X, 380),
+        (420, 60),
+        vector_name="dye_removal.safetensors",
+        title="Pathology vector: dye removal (shipped)",
+    )
+    latent = w.add(
+        "EmptyChromaRadianceLatentImage",
+        (PROMPT_X, 500),
+        (420, 106),
+        width=32,
+        height=32,
+        batch_size=1,
+        title="32x32 px (pixel space)",
+    )
+    steer = w.add(
+        "ApplySSPSSteer",
+        (STEER_X, 330),
+        (340, 262),
+        model=mini[0],
+        pathology_vector=vector[0],
+        title="Steer (calibrated: layers 1-4, strength 5.25)",
+        **MINI_STEER,
+    )
+    w.group("2  Prompt, vector, steering", (470, 0, 850, 700), "#8A8")
+    steered = w.add(
+        "KSampler",
+        (SAMPLER_X, 70),
+        (320, 262),
+        title="Steered sampler",
+        model=steer[0],
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=950000,
+        denoise=1.0,
+        **MINI_SAMPLING,
+    )
+    unsteered = w.add(
+        "KSampler",
+        (SAMPLER_X, 420),
+        (320, 262),
+        title="Unsteered sampler",
+        model=mini[0],
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=950000,
+        denoise=1.0,
+        **MINI_SAMPLING,
+    )
+    for node in (steered, unsteered):
+        node.widgets["seed_control"] = "increment"
+    w.primitive(
+        (STEER_X, 90),
+        "seed (shared by both samplers)",
+        "INT",
+        950000,
+        "increment",
+        [(steered, "seed"), (unsteered, "seed")],
+    )
+    w.group("3  One seed, two samplers", (SAMPLER_X - 20, 0, 360, 760), "#88A")
+    steered_img = decode(w, steered[0], mini[2], (OUT_X, 70), "Decode steered")
+    unsteered_img = decode(w, unsteered[0], mini[2], (OUT_X, 420), "Decode unsteered")
+    pair_image = w.add(
+        "ImageStitch",
+        (OUT_X + 250, 70),
+        (300, 150),
+        image1=unsteered_img[0],
+        image2=steered_img[0],
+        direction="right",
+        match_image_size=True,
+        spacing_width=2,
+        spacing_color="white",
+        title="unsteered | steered",
+    )
+    heat = heatmap(w, steer[0], steered[0], steered_img[0], (OUT_X + 250, 270), CUSTOM, steps="last")
+    red = w.add("EmptyImage", (OUT_X, 560), (210, 130), width=32, height=32, batch_size=1, color=0xFF0000, title="Red")
+    painted = w.add(
+        "ImageCompositeMasked",
+        (OUT_X + 250, 560),
+        (300, 140),
+        destination=unsteered_img[0],
+        source=red[0],
+        mask=heat[1],
+        x=0,
+        y=0,
+        resize_source=False,
+        title="Gate MASK in red on the unsteered image",
+    )
+    # (image, preview title, scale node position, preview position and size)
+    previews = (
+        (pair_image, "Counterfactual pair: unsteered | steered", (OUT_X + 600, 70), (OUT_X + 900, 70, 560, 300)),
+        (heat, "Gate heatmap (last step, layers 1-3)", (OUT_X + 600, 420), (OUT_X + 900, 420, 270, 300)),
+        (painted, "Gate MASK on the unsteered image", (OUT_X + 600, 560), (OUT_X + 1190, 420, 270, 300)),
+    )
+    for image, title, scale_pos, (px, py, pw, ph) in previews:
+        big = w.add(
+            "ImageScaleBy",
+            scale_pos,
+            (260, 82),
+            image=image[0],
+            upscale_method="nearest-exact",
+            scale_by=8.0,
+            title="8x (nearest)",
+        )
+        w.add("PreviewImage", (px, py), (pw, ph), images=big[0], title=title)
+    w.group("4  See the pair and where the model steered", (OUT_X - 20, 0, 1500, 760), "#A88")
+    return w
+
+
 WORKFLOWS = {
+    "medsteer_quickstart_mini": quickstart_mini,
     "medsteer_build_vector": build_vector,
     "medsteer_counterfactual_pair": counterfactual_pair,
     "medsteer_dye_removal": dye_removal,

@@ -208,7 +208,7 @@ def placeholders(comfy_env, classes, tmp_path_factory):
     return root
 
 
-def test_there_are_five_example_workflows_with_thumbnails():
+def test_there_are_six_example_workflows_with_thumbnails():
     from PIL import Image
 
     assert [p.stem for p in WORKFLOWS] == [
@@ -217,6 +217,7 @@ def test_there_are_five_example_workflows_with_thumbnails():
         "medsteer_compositional_edit",
         "medsteer_counterfactual_pair",
         "medsteer_dye_removal",
+        "medsteer_quickstart_mini",
     ]
     for path in WORKFLOWS:
         with Image.open(path.with_suffix(".jpg")) as thumbnail:
@@ -261,7 +262,9 @@ def test_converter_rejects_broken_workflows(classes):
         ui_to_api(broken, classes)
 
 
-@pytest.mark.parametrize("name", ["medsteer_counterfactual_pair", "medsteer_dye_removal", "medsteer_batch_pairs"])
+@pytest.mark.parametrize(
+    "name", ["medsteer_counterfactual_pair", "medsteer_dye_removal", "medsteer_batch_pairs", "medsteer_quickstart_mini"]
+)
 def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, name):
     prompt = ui_to_api(json.loads((REPO / "example_workflows" / f"{name}.json").read_text()), classes)
     samplers = [n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler"]
@@ -276,7 +279,10 @@ def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, nam
 
 
 def test_workflows_use_the_paper_settings(classes):
+    """The real-PixArt templates use the paper's settings (the mini's template: its own, tested below)."""
     for path in WORKFLOWS:
+        if path.stem == "medsteer_quickstart_mini":
+            continue
         prompt = ui_to_api(json.loads(path.read_text()), classes)
         for node in prompt.values():
             inputs = node["inputs"]
@@ -292,3 +298,28 @@ def test_workflows_use_the_paper_settings(classes):
     )
     heatmaps = [n["inputs"] for n in pair.values() if n["class_type"] == "GateHeatmap"]
     assert heatmaps and heatmaps[0]["preset"].startswith("paper Fig. 3")
+
+
+def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, classes):
+    """The mini's template steers with what dye_removal.safetensors records as calibrated, and
+    samples as the mini was calibrated (20 steps, CFG 2, ddim on the trailing 'simple' schedule)."""
+    prompt = ui_to_api(json.loads((REPO / "example_workflows" / "medsteer_quickstart_mini.json").read_text()), classes)
+    by_type = {}
+    for node in prompt.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    (vector_input,) = by_type["LoadPathologyVector"]
+    vector = comfy_env.core.load_vector(comfy_env.pack.nodes.vector_io.vector_path(vector_input["vector_name"]))
+    (steer,) = by_type["ApplySSPSSteer"]
+    assert (steer["layer_start"], steer["layer_end"], steer["strength"]) == (
+        int(vector.metadata["calibrated_layer_start"]),
+        int(vector.metadata["calibrated_layer_end"]),
+        float(vector.metadata["calibrated_strength"]),
+    )
+    for sampler in by_type["KSampler"]:
+        assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+            int(vector.metadata["steps"]),
+            float(vector.metadata["cfg"]),
+            "ddim",
+            "simple",
+        )
+    assert by_type["LoadMedSteerMini"] == [{}]
