@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checkpoints import looks_like_local_path
 from .driver import SamplingSpec, sample
 from .errors import MedSteerError, VectorMismatchError
 from .estimate import VectorEstimator
@@ -469,6 +470,8 @@ def load_model(
         loaded.text_encoder.to(torch_device, torch_dtype)
         return _MiniPixArt(loaded, "mini" if source in (None, "mini") else str(source), torch_dtype, torch_device)
 
+    if lora is not None and not Path(lora).expanduser().is_dir():  # before minutes of loading the model
+        raise ModelLoadError(f"no LoRA folder at {str(lora)!r}: check the path")
     pipe, family = _load_pipeline(str(source), torch_dtype, _offline(offline))
     model_lora, lora_sha = None, None
     if lora is not None:
@@ -508,10 +511,11 @@ def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the pipeline in {str(path)!r}: {exc}") from None
         return pipe, _PIPELINE_FAMILIES[index["_class_name"]]
-    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1:
+    # A path that looks local never reaches the hub (issue 11: `models/x` meant ~30 s of retries).
+    if looks_like_local_path(source) or source.count("/") != 1:
         raise ModelLoadError(
-            f"no model folder at {source!r} (and it is not a hub id like 'PixArt-alpha/PixArt-XL-2-512x512'): "
-            "check the path"
+            f"no model folder or file at {source!r} ({str(path.absolute())!r} does not exist): check the path, "
+            "or pass a hub id like 'PixArt-alpha/PixArt-XL-2-512x512' (or no --model for MedSteer-mini)"
         )
     try:  # the local cache first: offline whenever the files are already here
         index = DiffusionPipeline.load_config(source, local_files_only=True)
@@ -522,7 +526,15 @@ def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
                 f"{source!r} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE / "
                 "--offline): download it once with network access, or pass a local diffusers folder"
             ) from None
-        index = DiffusionPipeline.load_config(source)
+        try:
+            index = DiffusionPipeline.load_config(source)
+        except (OSError, ValueError) as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(
+                f"{source!r} is neither a local folder nor a model the Hugging Face hub returned ({first_line}): "
+                "check the path or the hub id (e.g. PixArt-alpha/PixArt-XL-2-512x512), or download the "
+                "model and pass its folder"
+            ) from None
         cached = False
     name = index.get("_class_name")
     if name not in classes:

@@ -359,3 +359,17 @@ def test_build_vector_then_generate_on_the_defaults_works_on_the_mini(tmp_path, 
         main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "the paper's 8-16 on models with at least 16 layers, or all layers of a smaller model" in help_text
+
+
+def test_missing_local_model_path_is_one_line_and_exit_2_without_the_hub(tmp_path, monkeypatch, capsys):
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", lambda *a, **k: pytest.fail(f"hub asked for {a[:1]}"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    vector = SHIPPED_VECTORS / "dye_removal.safetensors"
+    for source in ("./nope", "models/x"):
+        assert main(["generate", "-q", "--model", source, "--vector", str(vector), "--out", "o"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"no model folder or file at '{source}'" in err and "check the path" in err
+    assert not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -342,3 +343,43 @@ def test_default_window_is_the_paper_s_where_it_fits_else_the_whole_model(model)
     assert (plan.layer_start, plan.layer_end) == (0, model.sites.depth)
     plan, _ = mp.Steer(_random_vector(model), layer_start=1).resolve(model.sites.depth)
     assert (plan.layer_start, plan.layer_end) == (1, model.sites.depth)
+
+
+# ----------------------------------------------------------------------------------- local paths (issue 11)
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """cwd = an empty folder with models/ in it; any hub lookup fails the test."""
+    from diffusers import DiffusionPipeline
+
+    def reached(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args[:1]}")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", reached)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "source", ["./nope", "../nope", "~/nope-medsteer", "models/x", "x.safetensors", "other/x.ckpt", "a/b/c", "x"]
+)
+def test_missing_local_path_fails_at_once_without_the_hub(no_hub, source):
+    from medsteer_core.checkpoints import looks_like_local_path
+
+    assert looks_like_local_path(source) or source == "x"
+    with pytest.raises(mp.ModelLoadError, match=rf"no model folder or file at '{re.escape(source)}' .*check the path"):
+        mp.load_model(source, device="cpu")
+
+
+def test_hub_ids_do_not_look_local(no_hub):
+    from medsteer_core.checkpoints import looks_like_local_path
+
+    assert not looks_like_local_path("PixArt-alpha/PixArt-XL-2-512x512")
+    assert not looks_like_local_path("other/x")  # ./other does not exist: may be a hub id
+    (no_hub / "PixArt-alpha").mkdir()
+    assert looks_like_local_path("PixArt-alpha/PixArt-XL-2-512x512")  # ./PixArt-alpha exists: local
+
+
+def test_missing_lora_folder_is_refused_before_loading_the_model(no_hub):
+    with pytest.raises(mp.ModelLoadError, match="no LoRA folder at 'loras/medsteer'"):
+        mp.load_model("models/x", lora="loras/medsteer", device="cpu")
