@@ -192,7 +192,8 @@ def placeholders(comfy_env, classes, tmp_path_factory):
                 if folder is None or not isinstance(value, str):
                     continue
                 if folder == "medsteer":  # LoadPathologyVector reads the file while validating: a real one
-                    comfy_env.write_vector(value)
+                    if value not in folder_paths.get_filename_list("medsteer"):  # never shadow a shipped vector
+                        comfy_env.write_vector(value)
                     continue
                 target = root / folder / value
                 if value.endswith("/"):
