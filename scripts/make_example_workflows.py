@@ -902,11 +902,12 @@ def quickstart_mini() -> Workflow:
         resize_source=False,
         title="Gate MASK in red on the unsteered image",
     )
-    # (image, preview title, scale node position, preview position and size)
+    # (image, preview title, scale node position, preview position and size). The scale nodes sit
+    # under the images they enlarge so that the graph fits a 1920 px wide screen at the stored zoom.
     previews = (
-        (pair_image, "Counterfactual pair: unsteered | steered", (OUT_X + 600, 70), (OUT_X + 900, 70, 560, 300)),
-        (heat, "Gate heatmap (last step, layers 1-3)", (OUT_X + 600, 420), (OUT_X + 900, 420, 270, 300)),
-        (painted, "Gate MASK on the unsteered image", (OUT_X + 600, 560), (OUT_X + 1190, 420, 270, 300)),
+        (pair_image, "Counterfactual pair: unsteered | steered", (OUT_X + 250, 760), (OUT_X + 600, 70, 560, 300)),
+        (heat, "Gate heatmap (last step, layers 1-3)", (OUT_X + 250, 870), (OUT_X + 600, 420, 270, 300)),
+        (painted, "Gate MASK on the unsteered image", (OUT_X + 250, 980), (OUT_X + 890, 420, 270, 300)),
     )
     for image, title, scale_pos, (px, py, pw, ph) in previews:
         big = w.add(
@@ -919,7 +920,7 @@ def quickstart_mini() -> Workflow:
             title="8x (nearest)",
         )
         w.add("PreviewImage", (px, py), (pw, ph), images=big[0], title=title)
-    w.group("4  See the pair and where the model steered", (OUT_X - 20, 0, 1500, 760), "#A88")
+    w.group("4  See the pair and where the model steered", (OUT_X - 20, 0, 1200, 1090), "#A88")
     return w
 
 
