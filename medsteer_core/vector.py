@@ -14,6 +14,7 @@ import ast
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ import torch
 from .errors import VectorFileError, VectorMismatchError
 
 __all__ = [
+    "CALIBRATED_FIELDS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "PathologyVector",
+    "calibrated_setting",
     "load_vector",
     "metadata_list",
     "save_vector",
@@ -57,6 +60,10 @@ _REQUIRED_METADATA = (
 _UNIT_TOLERANCE = 1e-3
 _KEY_TOLERANCE = 1e-3  # two timesteps closer than this are the same key
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Largest vector file read. A vector is 3 float32 [K, L, D] tensors: 1000 timestep keys x 28
+#: layers x 1152 (every timestep of PixArt-XL-2) is 0.39 GB, so 2 GiB leaves room for 5x wider
+#: models while a crafted or sparse file cannot make the loader read (and hold) terabytes.
+_MAX_FILE_BYTES = 2 * 1024**3
 
 
 @dataclass(eq=False)
@@ -452,7 +459,7 @@ def metadata_list(metadata: Mapping[str, str], key: str, item: type = str) -> li
         return []
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past the 4300-digit limit
         try:
             value = ast.literal_eval(raw.strip())
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -530,21 +537,138 @@ def load_vector(path: str | os.PathLike) -> PathologyVector:
     """Read and validate a pathology vector file.
 
     Only safetensors is accepted; pickles (``torch.save``, ``.pt``, ``.pkl``) are refused without
-    being unpickled, because unpickling runs code chosen by whoever wrote the file.
+    being unpickled, because unpickling runs code chosen by whoever wrote the file. Only regular
+    files are read (a FIFO, a device such as ``/dev/zero`` or a folder is refused before any byte is
+    read), and only as many bytes as the header accounts for: 8 bytes of header length, a header
+    of at most 100 MB, then the tensor data up to the largest end offset the header declares.
 
     Raises:
-        VectorFileError: the file is missing, not safetensors, corrupt, of an unknown format or
-            version, has a missing key, a wrong shape or dtype, a non-finite value, or non-unit
-            rows. The message says which and what to do.
+        VectorFileError: the file is missing, not a regular file, not safetensors, corrupt, of an
+            unknown format or version, has a missing key, a wrong shape or dtype, a non-finite
+            value, or non-unit rows. The message says which and what to do.
     """
-    path = Path(path)
+    source = str(path)
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(Path(path), source)
     except FileNotFoundError:
-        raise VectorFileError(f"no pathology vector file at {str(path)!r}: check the path") from None
+        raise VectorFileError(f"no pathology vector file at {source!r}: check the path") from None
+    except IsADirectoryError:
+        raise _not_regular(source, "a folder") from None
     except OSError as exc:
-        raise VectorFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    return vector_from_bytes(data, source=str(path))
+        raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
+    return vector_from_bytes(data, source=source)
+
+
+def _not_regular(source: str, kind: str) -> VectorFileError:
+    return VectorFileError(
+        f"{source!r} is {kind}, not a regular file: a pathology vector is a .safetensors file; "
+        "give the path of one (SavePathologyVector and `medsteer build-vector` write them)"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_regular_file(path: Path, source: str) -> bytes:
+    """The bytes of a regular file, no more than its safetensors header accounts for.
+
+    ``os.stat`` first (it never blocks, unlike opening a FIFO), then open without blocking and check
+    with ``fstat`` that the opened file is the same regular file (no swap in between).
+    """
+    before = os.stat(path)
+    if not stat.S_ISREG(before.st_mode):
+        raise _not_regular(source, _file_kind(before.st_mode))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        opened = os.fstat(handle.fileno())
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            raise _not_regular(source, _file_kind(opened.st_mode))
+        size = opened.st_size
+        head = handle.read(8)
+        if len(head) < 8:
+            return head  # vector_from_bytes names the problem
+        (n,) = struct.unpack("<Q", head)
+        if (n == 0 or n > _MAX_HEADER_BYTES or 8 + n > size) and _looks_like_pickle(head):
+            return head  # vector_from_bytes refuses it by name (pickles start with 'PK' or 0x80)
+        if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise _fail(
+                source,
+                f"not a safetensors file or truncated (header length {n}, file length {size}; "
+                f"a header may be at most {_MAX_HEADER_BYTES} bytes)",
+            )
+        header_bytes = handle.read(n)
+        expected = _declared_size(header_bytes, source)
+        if expected is None:  # not parseable: vector_from_bytes says why
+            return head + header_bytes
+        if expected > _MAX_FILE_BYTES:
+            raise _fail(
+                source,
+                f"its header declares {expected} bytes of tensors; a pathology vector is at most "
+                f"{_MAX_FILE_BYTES} bytes (1000 timesteps x 28 layers x 1152 is 0.39 GB)",
+            )
+        if expected != size:
+            raise _fail(
+                source,
+                f"the file is {size} bytes but its safetensors header accounts for {expected} "
+                f"(8 + header {n} + tensor data {expected - 8 - n}): truncated or padded",
+            )
+        rest = handle.read(size - 8 - n)
+        if len(rest) != size - 8 - n:
+            raise _fail(source, f"the file changed while it was read ({8 + n + len(rest)} of {size} bytes)")
+        return head + header_bytes + rest
+
+
+def _declared_size(header_bytes: bytes, source: str) -> int | None:
+    """``8 + len(header) + max end offset`` declared by a safetensors header, or ``None`` if unreadable."""
+    header = _parse_header_json(header_bytes, source)
+    if not isinstance(header, dict):
+        return None
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise _fail(
+                source,
+                f"tensor {str(name)[:80]!r} has data_offsets {str(offsets)[:80]}, expected [begin, end] "
+                "with 0 <= begin <= end (corrupt file)",
+            )
+        end = max(end, offsets[1])
+    return 8 + len(header_bytes) + end
+
+
+def _parse_header_json(header_bytes: bytes, source: str):
+    """The JSON of a safetensors header, ``None`` if it is not UTF-8 JSON.
+
+    Raises:
+        VectorFileError: the header holds an integer longer than Python converts (4300 digits).
+    """
+    try:
+        return json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    except ValueError as exc:  # int() digit limit: "Exceeds the limit (4300 digits) ..."
+        raise _fail(
+            source,
+            f"the safetensors header holds a number too long to read ({str(exc)[:80]}); "
+            "no real offset, shape or setting has that many digits (corrupt or crafted file)",
+        ) from None
 
 
 def vector_from_bytes(data: bytes, source: str = "<bytes>") -> PathologyVector:
@@ -569,10 +693,7 @@ def _read_header(data: bytes, source: str) -> tuple[dict, dict[str, str]]:
     if len(data) >= 8:
         (n,) = struct.unpack("<Q", data[:8])
         if 0 < n <= _MAX_HEADER_BYTES and 8 + n <= len(data):
-            try:
-                header = json.loads(data[8 : 8 + n].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                header = None
+            header = _parse_header_json(data[8 : 8 + n], source)
     if header is None:
         if _looks_like_pickle(data):
             raise _fail(
@@ -668,6 +789,7 @@ def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not a number") from None
     if not math.isfinite(gain):
         raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not finite")
+    _check_calibrated(metadata, layers, source)
     metadata = dict(metadata)
     metadata.pop("gain", None)
     return PathologyVector(
@@ -680,3 +802,66 @@ def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         metadata=metadata,
         gain=gain,
     )
+
+
+#: Metadata a calibrated vector carries (``demo.calibrate``); hosts read them as the default setting.
+CALIBRATED_FIELDS = {"calibrated_layer_start": int, "calibrated_layer_end": int, "calibrated_strength": float}
+_MAX_NUMBER_CHARS = 40
+
+
+def calibrated_setting(metadata: Mapping[str, str]) -> dict[str, int | float]:
+    """The ``calibrated_*`` settings present in a vector's metadata, as numbers.
+
+    Args:
+        metadata: a vector's metadata.
+
+    Returns:
+        ``{"layer_start": int, "layer_end": int, "strength": float}``, with only the keys present.
+
+    Raises:
+        VectorFileError: a value is not a plain decimal number (layers: a whole number >= 0;
+            strength: finite), naming the field and the fix.
+
+    Example:
+        >>> calibrated_setting({"calibrated_layer_start": "0", "calibrated_strength": "1.5"})
+        {'layer_start': 0, 'strength': 1.5}
+    """
+    out: dict[str, int | float] = {}
+    for key, kind in CALIBRATED_FIELDS.items():
+        if key not in metadata:
+            continue
+        raw = str(metadata[key]).strip()
+        value: int | float | None = None
+        if len(raw) <= _MAX_NUMBER_CHARS:
+            if kind is int and raw.isascii() and raw.isdigit():
+                value = int(raw)
+            elif kind is float:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = None
+                if value is not None and not math.isfinite(value):
+                    value = None
+        if value is None:
+            example = "a whole number such as 8" if kind is int else "a finite decimal such as 2.5"
+            raise VectorFileError(
+                f"metadata {key}={raw[:80]!r} is not {example}: write it so (or remove the field to use "
+                "the default setting), or rebuild the vector"
+            )
+        out[key[len("calibrated_") :]] = value
+    return out
+
+
+def _check_calibrated(metadata: Mapping[str, str], depth: int, source: str) -> None:
+    try:
+        setting = calibrated_setting(metadata)
+    except VectorFileError as exc:
+        raise VectorFileError(f"{source}: {exc}") from None
+    start, end = setting.get("layer_start", 0), setting.get("layer_end", depth)
+    if not 0 <= start < end <= depth:
+        raise _fail(
+            source,
+            f"metadata calibrated_layer_start={start}, calibrated_layer_end={end} is not a layer window "
+            f"of this {depth}-layer vector (0 <= start < end <= {depth})",
+            "fix or remove the calibrated_* fields, or rebuild the vector",
+        )

@@ -291,3 +291,168 @@ def test_metadata_list_never_evaluates_code(tmp_path):
     with pytest.raises(VectorFileError):
         metadata_list({"k": raw}, "k", int)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- crafted files (issue 12)
+def _header_and_body(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _with_header(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def test_a_fifo_is_refused_at_once_without_opening_it(tmp_path):
+    import os
+    import threading
+    import time
+
+    fifo = tmp_path / "vector.safetensors"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def load():
+        start = time.perf_counter()
+        try:
+            load_vector(fifo)
+        except Exception as exc:  # noqa: BLE001 - the test inspects whatever comes out
+            outcome["error"] = exc
+        outcome["seconds"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # the old loader blocks in open(): give it a writer so the thread ends
+        with open(fifo, "wb"):
+            pass
+        worker.join(5)
+        pytest.fail("load_vector blocked on a FIFO")
+    assert isinstance(outcome["error"], VectorFileError)
+    assert "named pipe (FIFO), not a regular file" in str(outcome["error"]) and str(fifo) in str(outcome["error"])
+    assert outcome["seconds"] < 1.0
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "folder"])
+def test_devices_and_folders_are_refused_before_reading(tmp_path, special):
+    path = tmp_path if special == "folder" else Path(special)
+    if not path.exists():
+        pytest.skip(f"{special} does not exist here")
+    kind = "a folder" if special == "folder" else "a character device"
+    with pytest.raises(VectorFileError, match=f"is {kind}, not a regular file"):
+        load_vector(path)
+
+
+def test_the_file_size_must_be_what_the_header_declares(tmp_path):
+    good = save_vector(make_vector(), tmp_path / "good").read_bytes()
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(good + b"\0" * 64)
+    with pytest.raises(
+        VectorFileError, match=rf"is {len(good) + 64} bytes but its safetensors header accounts for {len(good)}"
+    ):
+        load_vector(padded)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good[:-8])
+    with pytest.raises(VectorFileError, match="truncated or padded"):
+        load_vector(cut)
+
+
+def test_a_huge_declared_size_is_refused_without_reading_it(tmp_path):
+    """A sparse file as big as its header says (3 GiB) is refused by the size cap, not read."""
+    import time
+
+    header, body = _header_and_body(save_vector(make_vector(), tmp_path / "good").read_bytes())
+    end = 3 * 1024**3
+    header["sum_without"]["data_offsets"][1] = end  # the last tensor, grown to 3 GiB
+    data = _with_header(header, body)
+    (n,) = struct.unpack("<Q", data[:8])
+    sparse = tmp_path / "sparse.safetensors"
+    sparse.write_bytes(data)
+    with open(sparse, "r+b") as handle:
+        handle.truncate(8 + n + end)
+    start = time.perf_counter()
+    with pytest.raises(VectorFileError, match=r"declares \d+ bytes of tensors; a pathology vector is at most"):
+        load_vector(sparse)
+    assert time.perf_counter() - start < 1.0
+    # declared larger than the file: refused as a size mismatch, also without reading
+    header["sum_without"]["data_offsets"][1] = 10**15
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(_with_header(header, body))
+    with pytest.raises(VectorFileError, match="declares|accounts for"):
+        load_vector(small)
+
+
+def test_a_header_length_beyond_the_cap_is_refused(tmp_path):
+    p = tmp_path / "big_header.safetensors"
+    p.write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + b"{}" + b" " * 30)
+    with pytest.raises(VectorFileError, match=r"header length 209715200, file length 40; a header may be at most"):
+        load_vector(p)
+
+
+@pytest.mark.parametrize("where", ["data_offsets", "shape", "metadata", "top level"])
+def test_integers_past_pythons_digit_limit_are_a_vector_file_error(tmp_path, where):
+    header, body = _header_and_body(save_vector(make_vector(), tmp_path / "good").read_bytes())
+    raw = json.dumps(header)
+    huge = "9" * 5000
+    if where == "data_offsets":
+        offsets = header["timesteps"]["data_offsets"]
+        raw = raw.replace(json.dumps(offsets), f"[{offsets[0]}, {huge}]", 1)
+    elif where == "shape":
+        raw = raw.replace(json.dumps(header["timesteps"]["shape"]), f"[{huge}]", 1)
+    elif where == "metadata":
+        raw = raw.replace('"depth": "4"', f'"depth": {huge}', 1)
+        assert huge in raw
+    else:
+        raw = raw[:-1] + f', "x": {huge}}}'
+    encoded = raw.encode()
+    data = struct.pack("<Q", len(encoded)) + encoded + body
+    with pytest.raises(VectorFileError, match="a number too long to read"):
+        vector_from_bytes(data)
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(VectorFileError, match="a number too long to read"):
+        load_vector(path)
+
+
+@pytest.mark.parametrize("item", [int, str])
+def test_metadata_list_with_a_5000_digit_integer(item):
+    huge = "7" * 5000
+    if item is int:
+        with pytest.raises(VectorFileError, match="metadata seeds=.* is not a list of integers"):
+            metadata_list({"seeds": f"[{huge}]"}, "seeds", int)
+        with pytest.raises(VectorFileError, match="is not a list of integers"):
+            metadata_list({"seeds": huge}, "seeds", int)
+    else:
+        with pytest.raises(VectorFileError, match="is not a list of prompts"):
+            metadata_list({"prompts_with": f"[{huge}]"}, "prompts_with", str)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "message"),
+    [
+        ("calibrated_layer_start", "1.5", "calibrated_layer_start='1.5' is not a whole number"),
+        ("calibrated_layer_end", "9" * 5000, "calibrated_layer_end='9999.* is not a whole number"),
+        ("calibrated_layer_start", "-1", "calibrated_layer_start='-1' is not a whole number"),
+        ("calibrated_strength", "lots", "calibrated_strength='lots' is not a finite decimal"),
+        ("calibrated_strength", "nan", "calibrated_strength='nan' is not a finite decimal"),
+        ("calibrated_strength", "1" * 400, "calibrated_strength='1111.* is not a finite decimal"),
+        ("calibrated_layer_end", "9", r"calibrated_layer_end=9 is not a layer window of this 4-layer vector"),
+    ],
+)
+def test_calibrated_settings_are_checked_on_load(tmp_path, field, raw, message):
+    """Hosts cast calibrated_* with int()/float(): a crafted value failed there as a bare ValueError."""
+    v = make_vector()
+    meta = _meta(v)
+    meta.update({"calibrated_layer_start": "0", "calibrated_layer_end": "2", "calibrated_strength": "1.5"})
+    meta[field] = raw
+    with pytest.raises(VectorFileError, match=message):
+        load_vector(_write(tmp_path, _tensors(v), meta))
+
+
+def test_calibrated_setting_reads_the_numbers():
+    from medsteer_core.vector import calibrated_setting
+
+    meta = {"calibrated_layer_start": "0", "calibrated_layer_end": "2", "calibrated_strength": "1.5"}
+    assert calibrated_setting(meta) == {"layer_start": 0, "layer_end": 2, "strength": 1.5}
+    assert calibrated_setting({}) == {}

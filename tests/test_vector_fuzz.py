@@ -2,7 +2,11 @@
 never runs code (no pickle path exists)."""
 
 import json
+import os
+import re
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from medsteer_core import PathologyVector, VectorFileError
+from medsteer_core import PathologyVector, VectorFileError, load_vector
 from medsteer_core.vector import vector_from_bytes
 from tests.test_vector import make_vector
 
@@ -91,3 +95,93 @@ def test_wrong_dtypes(dtype):
         data = st_save(bad, metadata={**make_vector().metadata, "hidden_size": "6", "depth": "4"})
         with pytest.raises(VectorFileError, match=f"'{name}' has dtype"):
             vector_from_bytes(data)
+
+
+# ---------------------------------------------------------------------------------- issue 12: big numbers, files
+def _split(data: bytes) -> tuple[str, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[8 : 8 + n].decode(), data[8 + n :]
+
+
+def _join(header_text: str, body: bytes) -> bytes:
+    raw = header_text.encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _only_our_error_from_a_file(data: bytes) -> None:
+    """The file route (``load_vector``) agrees with the bytes route: a vector or VectorFileError."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "fuzzed.safetensors")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        try:
+            result = load_vector(path)
+        except VectorFileError:
+            return
+        assert isinstance(result, PathologyVector)
+
+
+_HEADER_TEXT, _BODY = _split(GOOD)
+# Every JSON number of the header (offsets, shapes) and every metadata string value: where a
+# crafted integer can go.
+_NUMBER_SPANS = [m.span() for m in re.finditer(r"(?<![\w.])\d+(?![\w.])", _HEADER_TEXT)]
+_STRING_SPANS = [m.span() for m in re.finditer(r'"[^"]*"', _HEADER_TEXT)]
+
+
+@FUZZ
+@given(
+    st.sampled_from(_NUMBER_SPANS + _STRING_SPANS),
+    st.integers(4290, 6000),
+    st.sampled_from("0123456789"),
+    st.booleans(),
+)
+def test_huge_integers_anywhere_in_the_header(span, digits, fill, negative):
+    """Python refuses to convert integers over 4300 digits (a bare ValueError): ours instead."""
+    number = ("-" if negative else "") + "1" + fill * (digits - 1)
+    text = _HEADER_TEXT[: span[0]] + number + _HEADER_TEXT[span[1] :]
+    data = _join(text, _BODY)
+    _only_our_error(data)
+    _only_our_error_from_a_file(data)
+
+
+@FUZZ
+@given(
+    st.sampled_from(["directions", "timesteps", "sum_with", "sum_without", "count_with", "count_without"]),
+    st.integers(0, 1),
+    st.integers(0, 2**64 + 5) | st.integers(0, len(GOOD) * 2),
+)
+def test_declared_offsets_of_any_size(name, end, value):
+    """Offsets up to 2**64 (a /dev/zero-sized file): refused from the header, nothing large read."""
+    header = json.loads(_HEADER_TEXT)
+    header[name]["data_offsets"][end] = value
+    data = _join(json.dumps(header), _BODY)
+    _only_our_error(data)
+    _only_our_error_from_a_file(data)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=8))
+def test_flipped_bytes_in_a_file(flips):
+    data = bytearray(GOOD)
+    for pos, value in flips:
+        data[pos] = value
+    _only_our_error_from_a_file(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dev-zero", "dev-null", "link-to-dev-zero"])
+def test_non_regular_files(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "v.safetensors"
+        os.mkfifo(path)
+    elif kind == "folder":
+        path = tmp_path / "v.safetensors"
+        path.mkdir()
+    elif kind == "link-to-dev-zero":
+        path = tmp_path / "v.safetensors"
+        path.symlink_to("/dev/zero")
+    else:
+        path = Path("/dev/" + kind.split("-")[1])
+    if not os.path.lexists(path) or (kind == "link-to-dev-zero" and not os.path.exists("/dev/zero")):
+        pytest.skip(f"no {path} here")
+    with pytest.raises(VectorFileError, match="not a regular file"):
+        load_vector(path)
