@@ -11,4 +11,4 @@ except ImportError:  # not running inside ComfyUI
 else:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"  # node help pages: the frontend reads /extensions/<pack>/docs/<node_id>.md
