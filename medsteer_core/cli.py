@@ -82,6 +82,21 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _index_list(what: str, words: tuple[str, ...] = ("all",)):
+    """An argparse type that checks a step or layer list before anything loads (exit 2 if bad)."""
+
+    def check(text: str) -> str:
+        from .plans import check_index_list
+
+        try:
+            check_index_list(text, what, words)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
 def _sampling_options(parser: argparse.ArgumentParser, num_seeds: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -514,10 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--out", required=True, help="output folder (created; resumable)")
     go.add_argument("--heatmaps", action="store_true", help="also write each pair's gate grid and mask")
     go.add_argument(
-        "--heatmap-steps", help="steps of the gate grid, e.g. 8,12,14,19 (default: the paper's Fig. 3, scaled)"
+        "--heatmap-steps",
+        type=_index_list("step"),
+        help="steps of the gate grid, e.g. 8,12,14,19 (default: the paper's Fig. 3, scaled)",
     )
     go.add_argument(
         "--heatmap-layers",
+        type=_index_list("layer", ("mean", "all")),
         help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8 when steered, else the window's first)",
     )
     go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
@@ -556,9 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     hp.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     hp.add_argument("--negative-prompt", default="", help="unconditional prompt (default empty)")
-    hp.add_argument("--at-steps", help="steps to draw: 8,12,14,19 / all / last (default: the paper's, scaled)")
+    hp.add_argument(
+        "--at-steps",
+        type=_index_list("step"),
+        help="steps to draw: 8,12,14,19 / all / last (default: the paper's, scaled)",
+    )
     hp.add_argument(
         "--layers",
+        type=_index_list("layer", ("mean", "all")),
         help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8, the paper's, when steered, else the window's first)",
     )
     hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")

@@ -7,6 +7,7 @@ a few published anchor colours in sRGB, so no plotting library is needed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +18,10 @@ from .hooks import GateMaps
 
 __all__ = [
     "COLORMAPS",
+    "MAX_INDEX",
     "apply_colormap",
     "gate_grid",
+    "index_entries",
     "normalise",
     "overlay",
     "parse_layers",
@@ -149,11 +152,68 @@ def parse_layers(text: str | Sequence[int], layers: Sequence[int]) -> list[int] 
     wanted = _parse_indices(text, max(layers) + 1 if layers else 0, "layer", allow_all=True, absolute=True)
     missing = [w for w in wanted if w not in layers]
     if missing:
-        raise ValueError(
+        raise MedSteerError(
             f"layer(s) {missing} were not steered, so they have no gate; recorded layers are "
             f"{list(layers)} (the steering window)"
         )
     return wanted
+
+
+#: The largest step or layer index a list may name. ComfyUI's samplers allow at most 10000 steps
+#: and no PixArt has that many layers, so a larger number cannot select anything in any run; it is
+#: refused while reading the text, before a range such as ``0-1000000000`` could be expanded.
+MAX_INDEX = 10_000
+_ENTRY = re.compile(r"(?P<minus>-)?\s*(?P<start>[0-9]+)(?:\s*-\s*(?P<end>[0-9]+))?")
+
+
+def index_entries(text: str, what: str) -> list[int | range]:
+    """The entries of a step or layer list, without expanding its ranges.
+
+    ``"8,12"`` -> ``[8, 12]``; ``"8-16"`` -> ``[range(8, 16)]`` (end exclusive); ``"-1"`` -> ``[-1]``
+    (from the end). Entries are separated by ``,`` or ``;``. Every number must be at most
+    ``MAX_INDEX``, so no selection is larger than ``MAX_INDEX`` per entry whatever the text says.
+
+    Args:
+        text: the list (not ``"all"`` / ``"last"`` / ``"mean"``: callers handle those words).
+        what: ``"step"`` or ``"layer"``, for the messages.
+
+    Raises:
+        MedSteerError: an unreadable entry, an empty range, or a number above ``MAX_INDEX``.
+    """
+    entries: list[int | range] = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        match = _ENTRY.fullmatch(part)
+        if match is None:
+            raise MedSteerError(
+                f"cannot read {what} {part[:40]!r} in {_short(text)}: use numbers like '8,12,14,19' or a range "
+                "'8-16' (end exclusive)"
+            )
+        numbers = [g for g in (match["start"], match["end"]) if g is not None]
+        for number in numbers:
+            if len(number) > len(str(MAX_INDEX)) or int(number) > MAX_INDEX:
+                raise MedSteerError(
+                    f"{what} {_short(number)} in {_short(text)} is beyond any run: a {what} list names "
+                    f"indices 0 to {MAX_INDEX} at most (the run's own count is checked once it is known)"
+                )
+        first = int(match["start"])
+        if match["end"] is None:
+            entries.append(-first if match["minus"] else first)
+            continue
+        last = int(match["end"])
+        if match["minus"] or last <= first:
+            raise MedSteerError(
+                f"{what} range {part!r} is empty: write start-end with 0 <= start < end (end exclusive)"
+            )
+        entries.append(range(first, last))
+    return entries
+
+
+def _short(text) -> str:
+    text = str(text)
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...") + f" ({len(text)} characters)"
 
 
 def _parse_indices(text, count: int, what: str, allow_all: bool, absolute: bool = False) -> list[int]:
@@ -163,29 +223,26 @@ def _parse_indices(text, count: int, what: str, allow_all: bool, absolute: bool 
             return list(range(count))
         if raw == "last":
             return [count - 1]
-        items: list[int] = []
-        for part in raw.replace(";", ",").split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part[1:]:
-                    a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                    items.extend(range(int(a), int(b)))
-                else:
-                    items.append(int(part))
-            except ValueError:
-                raise ValueError(f"cannot read {what} {part!r} in {text!r}: use numbers like '8,12,14,19'") from None
+        entries = index_entries(raw, what)
     else:
-        items = [int(i) for i in text]
-    out = []
-    for i in items:
-        j = i + count if (i < 0 and not absolute) else i
+        entries = [int(i) for i in text]
+    out: list[int] = []
+    for entry in entries:
+        if isinstance(entry, range):
+            # Checked before expanding, so the list never holds more than `count` items per entry.
+            if entry.stop > count:
+                raise MedSteerError(
+                    f"{what} range {entry.start}-{entry.stop} is out of range: this run has {count} {what}s "
+                    f"(0 to {count - 1}; a range's end is exclusive, so at most {entry.start}-{count})"
+                )
+            out.extend(entry)
+            continue
+        j = entry + count if (entry < 0 and not absolute) else entry
         if not 0 <= j < count:
-            raise ValueError(f"{what} {i} is out of range: this run has {count} {what}s (0 to {count - 1})")
+            raise MedSteerError(f"{what} {entry} is out of range: this run has {count} {what}s (0 to {count - 1})")
         out.append(j)
     if not out:
-        raise ValueError(f"no {what}s selected in {text!r}")
+        raise MedSteerError(f"no {what}s selected in {_short(text)}")
     return out
 
 

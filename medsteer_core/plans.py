@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import MedSteerError
+from .heatmap import index_entries
 from .hooks import SteeringPlan
 from .sites import Sites, find_sites
 from .vector import INTERPOLATIONS, PathologyVector
@@ -237,28 +238,22 @@ def resolve_edit(edit: int, count: int) -> int:
 
 # ---------------------------------------------------------------------------------- heatmaps
 def check_index_list(text: str, what: str, words: Sequence[str] = ("all",)) -> None:
-    """Check the syntax of a step or layer list (``"all"``, ``"8,12,14,19"``, ``"8-16"``).
+    """Check a step or layer list (``"all"``, ``"8,12,14,19"``, ``"8-16"``) before sampling.
 
-    Only the syntax: the range is known once sampling has run. Raises ``ValueError`` naming the
-    bad entry.
+    The syntax, and that no number exceeds ``heatmap.MAX_INDEX`` (10000, ComfyUI's most steps):
+    ``"0-1000000000"`` is refused here, at queue time, instead of being expanded after sampling.
+    Whether the indices fit the run is known once sampling has run (``heatmap.parse_steps``).
+
+    Raises:
+        MedSteerError: naming the bad entry and the fix.
     """
     raw = str(text).strip().lower()
     if raw in words or raw == "last":
         return
-    items = [part.strip() for part in raw.replace(";", ",").split(",") if part.strip()]
-    if not items:
-        raise ValueError(
+    if not index_entries(raw, what):
+        raise MedSteerError(
             f"no {what}s given in {text!r}: use {' or '.join(repr(w) for w in words)} or a list like '8,12'"
         )
-    for part in items:
-        body = part[1:] if part.startswith("-") else part
-        pieces = body.split("-", 1)
-        if not all(p.strip().isdigit() for p in pieces):
-            raise ValueError(
-                f"cannot read {what} {part!r} in {text!r}: use numbers like '8,12,14,19' or a range '8-16'"
-            )
-        if len(pieces) == 2 and (part.startswith("-") or int(pieces[1]) <= int(pieces[0])):
-            raise ValueError(f"{what} range {part!r} is empty: write start-end with end > start (end exclusive)")
 
 
 def heatmap_selection(preset: str, steps: str, layers: str) -> HeatmapSelection:

@@ -1,13 +1,17 @@
 """Heatmap rendering: colormaps, grids, overlays, masks, and step/layer selection."""
 
+import re
+
 import pytest
 import torch
 
-from medsteer_core import GateMaps
+from medsteer_core import GateMaps, MedSteerError
 from medsteer_core.heatmap import (
     COLORMAPS,
+    MAX_INDEX,
     apply_colormap,
     gate_grid,
+    index_entries,
     normalise,
     overlay,
     parse_layers,
@@ -86,3 +90,50 @@ def test_paper_figure_three_selection_and_grid():
     mean, _, labels = select_maps(gates, "all", "mean")
     assert mean.shape == (20, 1, 4, 4) and "mean" in labels[0]
     assert torch.allclose(mean[:, 0], gates.maps[:, :, 0].mean(1))
+
+
+# ---------------------------------------------------------------------------------- huge ranges (issue 12 F6)
+def _peak_bytes(fn) -> tuple[BaseException | None, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - returned for the test to inspect
+        error = exc
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return error, peak
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: parse_steps("0-9000", 20), r"step range 0-9000 is out of range: this run has 20 steps"),
+        (lambda: parse_steps("5,2-10000", 20), r"step range 2-10000 is out of range"),
+        (lambda: parse_layers("8-9000", (8, 9, 10)), r"layer range 8-9000 is out of range"),
+        (lambda: parse_steps("0-3000000", 20), r"step '3000000' in '0-3000000' is beyond any run"),
+        (lambda: parse_steps("0-1000000000", 20), r"step '1000000000' in '0-1000000000' is beyond any run"),
+        (lambda: parse_steps("9" * 5000, 20), r"step '9999.*' \(5000 characters\) .* is beyond any run"),
+    ],
+)
+def test_a_huge_range_is_refused_without_expanding_it(call, message):
+    """The old parser built the whole list first (9000 steps: ~0.3 MB; 3e6: ~100 MB; 1e8: 4 GB)."""
+    error, peak = _peak_bytes(call)
+    assert isinstance(error, MedSteerError), error
+    assert re.search(message, str(error)), str(error)
+    assert peak < 100_000, f"{peak} bytes allocated while parsing"
+
+
+def test_ranges_still_expand_within_the_run():
+    assert parse_steps("2-5,19", 20) == [2, 3, 4, 19]
+    assert parse_steps(" 0 - 3 ; -1", 20) == [0, 1, 2, 19]
+    assert parse_steps("0-20", 20) == list(range(20))
+    assert parse_layers("8-11", (8, 9, 10)) == [8, 9, 10]
+    with pytest.raises(MedSteerError, match="step range '5-5' is empty"):
+        parse_steps("5-5", 20)
+    with pytest.raises(MedSteerError, match=r"cannot read step '\+3'"):
+        parse_steps("+3", 20)
+    assert index_entries("8-16,3,-1", "layer") == [range(8, 16), 3, -1]
+    assert index_entries(f"0-{MAX_INDEX}", "step") == [range(0, MAX_INDEX)]

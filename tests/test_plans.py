@@ -11,6 +11,7 @@ from torch import nn
 
 from medsteer_core import (
     GateMaps,
+    MedSteerError,
     PathologyVector,
     SteeringPlan,
     UnsupportedModelError,
@@ -337,3 +338,42 @@ def test_importing_the_pack_root_outside_comfyui_registers_nothing():
     finally:
         sys.modules.pop(spec.name, None)
     assert not hasattr(module, "comfy_entrypoint") and not hasattr(module, "NODE_CLASS_MAPPINGS")
+
+
+# ---------------------------------------------------------------------------------- huge lists at queue time (issue 12 F6)
+@pytest.mark.parametrize("text", ["0-1000000000", "1000000000", "5,0-10001", "9" * 5000, "-" + "9" * 5000])
+@pytest.mark.parametrize(("what", "words"), [("step", ("all",)), ("layer", ("mean", "all"))])
+def test_numbers_beyond_any_run_are_refused_at_queue_time(text, what, words):
+    """GateHeatmap's validate_inputs and the CLI flags run this check before sampling."""
+    with pytest.raises(MedSteerError, match=rf"{what} '\d+.* is beyond any run: a {what} list names"):
+        check_index_list(text, what, words)
+    with pytest.raises(MedSteerError, match="is beyond any run"):
+        heatmap_selection(
+            "custom (steps and layers below)", text if what == "step" else "all", text if what == "layer" else "mean"
+        )
+
+
+def test_ten_thousand_steps_is_still_a_valid_list():
+    check_index_list("0-10000", "step")
+    check_index_list("9999", "step")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("heatmap", "--at-steps"),
+        ("heatmap", "--layers"),
+        ("generate", "--heatmap-steps"),
+        ("generate", "--heatmap-layers"),
+    ],
+)
+def test_the_cli_refuses_a_huge_range_before_loading_anything(command, flag, capsys):
+    from medsteer_core.cli import main
+
+    argv = [command, "--vector", "missing.safetensors", flag, "0-1000000000", "--out", "never"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and "'1000000000' in '0-1000000000' is beyond any run" in err
+    assert not Path("never").exists()
