@@ -13,6 +13,8 @@ contexts remove only their own hooks.
 from __future__ import annotations
 
 import math
+import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ __all__ = [
     "GateRecord",
     "HookHandle",
     "LAYOUTS",
+    "MAX_STRENGTH",
     "ROWS",
     "SteeringPlan",
     "attach_capture",
@@ -108,13 +111,25 @@ class CallInfo:
         return cls(t, conditional, grid)
 
 
+#: The largest ``|strength * vector.gain|`` a plan accepts. The update subtracts
+#: ``strength * max(<h, v>, 0)`` along a unit direction, and half-precision models compute it in
+#: their own dtype, where float16 overflows above 65504: at strength 7e4 the per-row strength itself
+#: was inf (and ``0 * inf`` turned even untouched tokens into NaN), at 1e30 float32 images came out
+#: black. With ``|strength| <= 1e3`` the product stays finite in float16 for gates up to 65 (a
+#: token's gate is at most its norm) and in bfloat16/float32 for any realistic activation, while
+#: 1e3 is 400x the paper's 2.5: the update already reverses the concept's component at strength
+#: 2, so nothing useful lies beyond it.
+MAX_STRENGTH = 1e3
+
+
 @dataclass(frozen=True)
 class SteeringPlan:
     """One edit: a vector applied with SSPS at a strength, on a window of layers and timesteps.
 
     Attributes:
         vector: the pathology vector.
-        strength: the paper's alpha (2.5 in the paper; 0 = no change; negative amplifies).
+        strength: the paper's alpha (2.5 in the paper; 0 = no change; negative amplifies);
+            ``|strength * vector.gain|`` at most ``MAX_STRENGTH`` (1e3).
         layer_start: first steered block (the paper: 8).
         layer_end: one past the last steered block (exclusive; the paper: 16).
         timestep_max / timestep_min: steer rows whose model timestep t satisfies
@@ -145,8 +160,15 @@ class SteeringPlan:
             raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
         self.vector.check_compatible(sites.depth, sites.hidden_size)
         sites.check_window(self.layer_start, self.layer_end)
-        if not math.isfinite(self.effective_strength):
-            raise ValueError(f"strength must be finite, got {self.strength!r} (vector gain {self.vector.gain!r})")
+        effective = self.effective_strength
+        if not math.isfinite(effective) or abs(effective) > MAX_STRENGTH:
+            raise MedSteerError(
+                f"strength must be finite with |strength x vector gain| at most {MAX_STRENGTH:g}; got strength "
+                f"{self.strength!r} x gain {self.vector.gain!r} = {effective!r}. Beyond that the steered "
+                "activations overflow "
+                "float16 and bfloat16 (and later layers overflow even float32), giving NaN or black images. "
+                "Useful strengths are small (the paper's 2.5); lower the strength or the vector's gain"
+            )
         if self.rows not in ROWS:
             raise ValueError(f"rows must be one of {ROWS}, got {self.rows!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -363,6 +385,93 @@ def _call_from_arguments(sites: Sites, layout: str, args: tuple, kwargs: dict) -
     return CallInfo.from_layout(timesteps, batch, layout, grid, options.get("cond_or_uncond"))
 
 
+class _SiteForward:
+    """The instance ``forward`` of a steered or captured site while any context is open on it.
+
+    Why not ``register_forward_hook``: ``torch.compile`` does not guard on module hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a model compiled and run before the
+    hooks were added keeps running its unhooked graph and steering silently does nothing (issue 12).
+    It does guard on whether a module has an instance ``forward``, so installing this object makes
+    a compiled model trace the hooks into a second graph, and removing it brings the first back.
+    One object per module, reused by every context, so a new context (ComfyUI opens one per model
+    call) matches the same graph instead of recompiling.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)  # _SITE_FORWARDS holds this object: no strong cycle
+        self.function = type(module).forward  # unbound: dynamo traces it without a graph break
+        self.previous = None  # an instance forward already there (e.g. accelerate's offload hook)
+        self.hooks: list = []
+
+    def __call__(self, *args, **kwargs):
+        module = self.module()
+        if self.previous is not None:
+            output = self.previous(*args, **kwargs)
+        else:
+            output = self.function(module, *args, **kwargs)
+        for hook in self.hooks:
+            result = hook(module, args, output)
+            if result is not None:
+                output = result
+        return output
+
+
+_SITE_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SiteHookHandle:
+    """Takes one hook off a site; the instance ``forward`` goes when the site's last hook goes."""
+
+    def __init__(self, module: nn.Module, dispatcher: _SiteForward, hook) -> None:
+        self._module, self._dispatcher, self._hook = module, dispatcher, hook
+
+    def remove(self) -> None:
+        dispatcher, module = self._dispatcher, self._module
+        if any(h is self._hook for h in dispatcher.hooks):
+            dispatcher.hooks = [h for h in dispatcher.hooks if h is not self._hook]
+        if not dispatcher.hooks and module.__dict__.get("forward") is dispatcher:
+            if dispatcher.previous is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = dispatcher.previous
+            dispatcher.previous = None
+
+
+def _add_site_hook(module: nn.Module, hook) -> _SiteHookHandle:
+    """Run ``hook(module, args, output)`` after the site's forward (like a forward hook; see ``_SiteForward``)."""
+    dispatcher = _SITE_FORWARDS.get(module)
+    if dispatcher is None:
+        dispatcher = _SITE_FORWARDS[module] = _SiteForward(module)
+    if module.__dict__.get("forward") is not dispatcher:
+        dispatcher.previous = module.__dict__.get("forward")
+        module.__dict__["forward"] = dispatcher
+    # Replaced, not mutated: a call in progress keeps iterating the list it started with.
+    dispatcher.hooks = [*dispatcher.hooks, hook]
+    return _SiteHookHandle(module, dispatcher, hook)
+
+
+def _eager_when_compiled(function):
+    """``function``, made to run outside any compiled graph when torch.compile is in use.
+
+    For Python-side bookkeeping (gate records, estimator sums): traced into a graph, the lists and
+    dicts it grows would become guards and the model would recompile at every step (issue 12).
+    Without torch.compile loaded, ``function`` itself: importing dynamo takes seconds.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return function
+    return torch.compiler.disable(function)
+
+
+class _Callback:
+    """A handle whose ``remove()`` calls a function (a last flush when the hooks come off)."""
+
+    def __init__(self, function) -> None:
+        self._function = function
+
+    def remove(self) -> None:
+        self._function()
+
+
 def _attach(
     sites: Sites,
     state: _CallState,
@@ -385,7 +494,7 @@ def _attach(
 
             handle._add(sites.transformer.register_forward_pre_hook(read_call, with_kwargs=True))
         for index in site_indices:
-            handle._add(sites.modules[index].register_forward_hook(site_hook(index)))
+            handle._add(_add_site_hook(sites.modules[index], site_hook(index)))
     except BaseException:
         handle.remove()
         raise
@@ -411,8 +520,23 @@ def attach_steering(
         raise ValueError("steering needs at least one SteeringPlan")
     for plan in plans:
         plan.validate(sites)
+    # Copy the vectors to the model's device and dtype now, not in the first steered call: a
+    # compiled model that traced an empty copy cache would compile a second steered graph.
+    parameter = next(sites.transformer.parameters(), None)
+    if parameter is not None:
+        for plan in plans:
+            plan.vector._on(parameter.device, parameter.dtype)
     state = _CallState(sites, plans, record)
     covered = sorted({i for plan in plans for i in range(plan.layer_start, plan.layer_end)})
+    # Under torch.compile a call's gates wait here and reach `record` outside the graph, at the
+    # next call and when the hooks come off: appended inside the graph, the record's growing
+    # length would be a guard and the model would recompile at every step.
+    pending: list = []
+
+    def flush() -> None:
+        for entry in pending:
+            record.add(state.call_id, *entry)
+        pending.clear()
 
     def site_hook(index: int):
         plan_ids = [j for j, plan in enumerate(plans) if plan.covers(index)]
@@ -428,19 +552,34 @@ def attach_steering(
                 plan = plans[j]
                 h, gate = ssps(h, directions[:, index, None, :], row_strength, plan.preserve_norm)
                 if record is not None and state.cond_list:
-                    record.add(
-                        state.call_id,
+                    entry = (
                         index,
                         j,
                         state.call.timesteps.to(h.device).index_select(0, state.cond_index),
                         gate.index_select(0, state.cond_index),
                         state.call.grid,
                     )
+                    if torch.compiler.is_compiling():
+                        pending.append(entry)
+                    else:
+                        record.add(state.call_id, *entry)
             return h if rest is None else (h, *rest)
 
         return hook
 
-    return _attach(sites, state, site_hook, covered, call_info, layout)
+    if record is None:
+        return _attach(sites, state, site_hook, covered, call_info, layout)
+    flush = _eager_when_compiled(flush)
+    set_call = state.set
+
+    def flush_and_set(call: CallInfo) -> None:
+        flush()
+        set_call(call)
+
+    state.set = flush_and_set  # type: ignore[method-assign]
+    handle = _attach(sites, state, site_hook, covered, call_info, layout)
+    handle._add(_Callback(flush))
+    return handle
 
 
 @contextmanager
@@ -500,7 +639,8 @@ def attach_capture(
         original_set(call)
         estimator._begin_call(label, call)
 
-    state.set = set_and_count  # type: ignore[method-assign]
+    # The estimator's counts and sums are Python-side state: kept out of compiled graphs (issue 12).
+    state.set = _eager_when_compiled(set_and_count)  # type: ignore[method-assign]
 
     def site_hook(index: int):
         def hook(module, args, output):
@@ -508,7 +648,7 @@ def attach_capture(
             if state.cond_list:
                 estimator._observe(label, index, h, state.cond_list)
 
-        return hook
+        return _eager_when_compiled(hook)
 
     return _attach(sites, state, site_hook, range(sites.depth), call_info, layout)
 

@@ -57,11 +57,11 @@ def ssps(
     coefficient = gate.unsqueeze(-1) * strength  # [..., N, 1]
     h_new = h - coefficient * v
     if preserve_norm:
-        rescaled = h_new * (h.norm(dim=-1, keepdim=True) / (h_new.norm(dim=-1, keepdim=True) + NORM_EPS))
-        # Untouched tokens (gate 0, or a row whose strength is 0) must stay bit-identical; the
-        # rescale alone is not exact in floating point.
-        h_new = torch.where(coefficient == 0, h, rescaled)
-    return h_new, gate
+        h_new = h_new * (h.norm(dim=-1, keepdim=True) / (h_new.norm(dim=-1, keepdim=True) + NORM_EPS))
+    # Untouched tokens (gate 0, or a row whose strength is 0) stay bit-identical: selected, not
+    # computed, so neither the rescale's rounding nor 0 x inf (an overflowing strength) reaches them.
+    untouched = (coefficient == 0) | (gate.unsqueeze(-1) == 0)
+    return torch.where(untouched, h, h_new), gate
 
 
 def _gate(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

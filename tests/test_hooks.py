@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from medsteer_core import (
     CallInfo,
     GateRecord,
+    MedSteerError,
     SamplingSpec,
     SteeringPlan,
     VectorEstimator,
@@ -15,6 +16,7 @@ from medsteer_core import (
     sample,
     steering,
 )
+from medsteer_core.hooks import MAX_STRENGTH
 from tests.conftest import make_transformer
 
 SPEC = SamplingSpec(steps=4, cfg=4.0, height=8, width=8)
@@ -307,3 +309,23 @@ def test_bad_plan_values_are_refused(transformer, vector):
     ):
         with pytest.raises(ValueError, match=message), steering(transformer, plan):
             pass
+
+
+@pytest.mark.parametrize("strength", [1e30, 7e4, 1e300, -1000.5, float("inf")])
+def test_strengths_that_overflow_are_refused_before_any_hook(transformer, vector, strength):
+    """1e30 gave black images with exit 0, 7e4 NaN in float16, 1e300 a raw RuntimeError (issue 12 F7)."""
+    with (
+        pytest.raises(MedSteerError, match=r"strength must be finite with \|strength x vector gain\| at most 1000"),
+        steering(transformer, SteeringPlan(vector, strength, 0, 2)),
+    ):
+        pass
+    assert no_hooks_left(transformer)
+
+
+def test_the_bound_is_on_strength_times_gain(transformer, embeds, vector):
+    assert MAX_STRENGTH == 1e3
+    with pytest.raises(MedSteerError, match=r"got strength 2.0 x gain 1000.0 = 2000.0"):
+        SteeringPlan(vector * 1e3, 2.0, 0, 2).validate(find_sites(transformer))
+    for strength in (MAX_STRENGTH, -MAX_STRENGTH):
+        with steering(transformer, SteeringPlan(vector, strength, 0, 4), layout="uncond_cond"):
+            assert torch.isfinite(direct_call(transformer, embeds)).all()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from medsteer_core import (
     SteeringPlan,
     UnsupportedModelError,
     VectorMismatchError,
+    find_sites,
     load_vector,
     save_vector,
     steering,
@@ -377,3 +379,47 @@ def test_the_cli_refuses_a_huge_range_before_loading_anything(command, flag, cap
     err = capsys.readouterr().err
     assert f"argument {flag}: " in err and "'1000000000' in '0-1000000000' is beyond any run" in err
     assert not Path("never").exists()
+
+
+# ---------------------------------------------------------------------------------- strength bound (issue 12 F7)
+@pytest.mark.parametrize("strength", [1e30, 7e4, 1e300, -2e3])
+def test_make_plan_refuses_strengths_that_overflow(strength):
+    transformer = make_transformer()
+    sites = find_sites(transformer)
+    shape = (1, sites.depth, sites.hidden_size)
+    vector = PathologyVector.from_sums(
+        torch.tensor([500.0]), torch.randn(shape), torch.randn(shape), torch.ones(1), torch.ones(1)
+    )
+    with pytest.raises(MedSteerError, match=re.escape(f"at most 1000; got strength {strength!r}")):
+        make_plan(transformer, vector, strength=strength, layer_start=0, layer_end=2)
+    assert make_plan(transformer, vector, strength=-1e3, layer_start=0, layer_end=2).strength == -1e3
+
+
+@pytest.mark.parametrize("strength", ["1e30", "1e300"])
+def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, strength, capsys):
+    """It wrote all-black PNGs and exited 0 (1e30), or raised a raw RuntimeError after creating --out."""
+    from medsteer_core.cli import main
+    from medsteer_core.sites import find_sites as sites_of
+    from tests.tiny_pipeline import save_tiny_pixart
+
+    model = save_tiny_pixart(tmp_path / "model")
+    from diffusers import PixArtTransformer2DModel
+
+    sites = sites_of(PixArtTransformer2DModel.from_pretrained(str(model / "transformer")))
+    g = torch.Generator().manual_seed(0)
+    shape = (2, sites.depth, sites.hidden_size)
+    vector = PathologyVector.from_sums(
+        torch.tensor([100.0, 900.0]),
+        torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+        torch.ones(2),
+        torch.ones(2),
+        {"concept_with": "polyps", "concept_without": "normal"},
+    )
+    path = save_vector(vector, tmp_path / "v.safetensors")
+    out = tmp_path / "pairs"
+    argv = ["generate", "-q", "--model", str(model), "--vector", str(path), "--prompt", "polyps"]
+    argv += ["--layer-start", "0", "--layer-end", "2", "--steps", "2", "--strength", strength, "--out", str(out)]
+    assert main(argv) == 2
+    assert "strength must be finite with |strength x vector gain| at most 1000" in capsys.readouterr().err
+    assert not out.exists()

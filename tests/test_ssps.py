@@ -88,3 +88,28 @@ def test_negative_strength_amplifies_the_concept():
     out, _ = ssps(h, v, -1.0)
     positive = (h @ v) > 0
     assert torch.allclose((out @ v)[positive], 2 * (h @ v)[positive])
+
+
+def test_untouched_tokens_stay_exact_even_when_the_strength_overflows():
+    """fp16 at strength 7e4: the row strength is inf and 0 x inf made untouched tokens NaN (issue 12 F7)."""
+    h, v = _tokens(10, 4, 16).half(), _unit(4, 17).half()
+    gate = (h.float() * v.float()).sum(-1)
+    untouched = gate <= 0
+    assert untouched.any() and (~untouched).any()
+    strength = torch.tensor([7e4, 0.0]).half().reshape(2, 1, 1)  # inf in float16, and a row at 0
+    assert torch.isinf(strength[0]).all()
+    for preserve in (False, True):
+        out, _ = ssps(h, v, strength, preserve_norm=preserve)
+        assert torch.equal(out[untouched], h[untouched])
+        assert torch.equal(out[1], h[1])
+    out, _ = ssps(h.float(), v.float(), float("inf"))
+    assert torch.equal(out[untouched], h.float()[untouched])
+
+
+def test_untouched_tokens_are_selected_not_recomputed():
+    """``h - 0 * v`` can flip the sign of a zero; untouched tokens now come back bit for bit."""
+    h = torch.tensor([[[-0.0, -0.0], [2.0, -0.0]]])
+    v = torch.tensor([-1.0, 1.0]) / 2**0.5
+    out, gate = ssps(h, v, 1.0)
+    assert gate[0, 0] == 0 and gate[0, 1] == 0
+    assert torch.equal(torch.signbit(out), torch.signbit(h))
