@@ -50,6 +50,11 @@ class VectorEstimator:
         self._sums: dict[str, dict[float, torch.Tensor]] = {label: {} for label in LABELS}
         self._counts: dict[str, dict[float, int]] = {label: {} for label in LABELS}
         self._call_keys: list[float] = []
+        # The current call's per-site sums, committed only once every site has been observed, so
+        # a call interrupted part-way (KeyboardInterrupt, OOM, a cancelled queue item) adds nothing.
+        self._call_label: str | None = None
+        self._staged: list[tuple[float, int, torch.Tensor]] = []
+        self._staged_sites: set[int] = set()
 
     @classmethod
     def for_model(cls, model: nn.Module, accumulate_dtype: torch.dtype = torch.float64) -> VectorEstimator:
@@ -66,29 +71,52 @@ class VectorEstimator:
 
     # Called by capture hooks ------------------------------------------------------------------
     def _begin_call(self, label: str, call) -> None:
+        # A call that never completed (every site observed) is dropped here: it counts for nothing.
+        self._discard_call()
         cond = [i for i, c in enumerate(call.conditional) if c]
         # One small host read of the timesteps per model call (not per site): the keys of the sums.
         t = call.timesteps.detach().reshape(-1).tolist()
         self._call_keys = [round(float(t[i]), _KEY_DECIMALS) for i in cond]
-        counts = self._counts[label]
+        self._call_label = label
+
+    def _discard_call(self) -> None:
+        self._call_label = None
+        self._call_keys = []
+        self._staged = []
+        self._staged_sites = set()
+
+    def _commit_call(self) -> None:
+        """Add the completed call's sums and its images to the running totals."""
+        label = self._call_label
+        sums, counts = self._sums[label], self._counts[label]
+        for key, site, total in self._staged:
+            self._sum_for(sums, key, total.device)[site].add_(total)
         for key in self._call_keys:
             counts[key] = counts.get(key, 0) + 1
+        self._discard_call()
 
     def _observe(self, label: str, site: int, h: torch.Tensor, cond_rows: list[int]) -> None:
+        if label != self._call_label or site in self._staged_sites:
+            return  # no open call for this label (or a site seen twice): never half-count
+        self._stage(site, h, cond_rows)
+        self._staged_sites.add(site)
+        if len(self._staged_sites) == self.depth:
+            self._commit_call()
+
+    def _stage(self, site: int, h: torch.Tensor, cond_rows: list[int]) -> None:
         first, last = cond_rows[0], cond_rows[-1]
         if last - first + 1 == len(cond_rows):
             rows = h[first : last + 1]  # contiguous (always, for [uncond, cond]): a view, no copy
         else:
             rows = h.index_select(0, torch.tensor(cond_rows, device=h.device))
         means = rows.to(self.accumulate_dtype).mean(dim=1)  # [b, D]
-        sums = self._sums[label]
         keys = self._call_keys
         if len(set(keys)) == 1:
-            self._sum_for(sums, keys[0], h.device)[site].add_(means.sum(dim=0))
+            self._staged.append((keys[0], site, means.sum(dim=0)))
             return
         for key in dict.fromkeys(keys):
             picked = [i for i, k in enumerate(keys) if k == key]
-            self._sum_for(sums, key, h.device)[site].add_(means[picked].sum(dim=0))
+            self._staged.append((key, site, means[picked].sum(dim=0)))
 
     def _sum_for(self, sums: dict[float, torch.Tensor], key: float, device: torch.device) -> torch.Tensor:
         buffer = sums.get(key)

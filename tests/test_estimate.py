@@ -143,3 +143,66 @@ def test_capture_refuses_unknown_label_and_wrong_model(transformer):
         capture(transformer, VectorEstimator(3, 16), "with"),
     ):
         pass
+
+
+def _snapshot(est: VectorEstimator) -> dict:
+    return {
+        label: (
+            {k: v.clone() for k, v in est._sums[label].items()},
+            dict(est._counts[label]),
+        )
+        for label in ("with", "without")
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(
+        a[label][1] == b[label][1]
+        and a[label][0].keys() == b[label][0].keys()
+        and all(torch.equal(a[label][0][k], b[label][0][k]) for k in a[label][0])
+        for label in a
+    )
+
+
+@pytest.mark.parametrize("interrupt_at", [0, 1, 2])  # of the 4 sites: the last site completes the call
+def test_an_interrupted_call_leaves_the_estimator_as_it_was(transformer, embeds, interrupt_at):
+    """It used to count the call's images but lack the later layers' sums (issue 12)."""
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    ctx = torch.cat([embeds["uncond"], embeds["with"]])
+
+    def call(t: float, seed: int):
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        transformer(torch.cat([x, x]), encoder_hidden_states=ctx, timestep=torch.tensor([t, t]), **extra)
+
+    est = VectorEstimator.for_model(transformer)
+    with capture(transformer, est, "with"):
+        call(500.0, 0)
+    before = _snapshot(est)
+    assert est.images("with") == 1
+
+    class Interrupted(Exception):
+        pass
+
+    def boom(module, args, output):
+        raise Interrupted
+
+    site = find_sites(transformer).modules[interrupt_at]
+    with capture(transformer, est, "with"):
+        handle = site.register_forward_hook(boom)
+        try:
+            with pytest.raises(Interrupted):
+                call(500.0, 1)  # the same timestep key: a half-counted image would show here
+            with pytest.raises(Interrupted):
+                call(700.0, 1)  # a new key: it must not appear at all
+        finally:
+            handle.remove()
+    assert _same(_snapshot(est), before)
+    assert est.images("with") == 1 and 700.0 not in est._counts["with"]
+    # and a completed call afterwards adds exactly what it adds without the interruption
+    with capture(transformer, est, "with"):
+        call(500.0, 1)
+    clean = VectorEstimator.for_model(transformer)
+    with capture(transformer, clean, "with"):
+        call(500.0, 0)
+        call(500.0, 1)
+    assert _same(_snapshot(est), _snapshot(clean))
