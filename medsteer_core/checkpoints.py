@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,6 +65,8 @@ __all__ = [
     "looks_like_local_path",
     "pixart_geometry",
     "pixart_to_diffusers",
+    "check_config_matches_geometry",
+    "check_diffusers_transformer",
     "check_state_dict_fits",
     "read_peft_config",
     "t5_lora_patches",
@@ -74,6 +77,70 @@ __all__ = [
 
 class CheckpointError(MedSteerError):
     """A checkpoint or LoRA file is missing, has an unknown layout, or does not fit the model."""
+
+
+# Bounds on what a file may declare, checked before anything is allocated (issue 12). They are far
+# above every released PixArt / T5 / LoRA and far below what would take minutes or gigabytes.
+MAX_DEPTH = 1000  # transformer blocks (PixArt-XL-2: 28)
+MAX_SAMPLE_SIZE = 1024  # latent pixels per side (PixArt-Sigma 4K: 512)
+MAX_INTERPOLATION_SCALE = 64.0  # PixArt: 0.5 ... 4
+MAX_LORA_RANK = 16384  # T5-XXL's widest layer is 10240
+MAX_LORA_SCALE = 1000.0  # |lora_alpha / r|; released adapters use 0.5 ... 4
+MAX_JSON_BYTES = 16 << 20  # config.json / adapter_config.json / *.index.json
+MAX_MODULE_NAME = 500  # characters of one module path in an adapter (PixArt's longest: 47)
+
+
+def _show(value) -> str:
+    """A short repr for messages (a 5000-digit integer's repr would itself raise)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any object a crafted file can produce
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _whole_number(value, where: str, low: int, high: int, fix: str) -> int:
+    """``value`` as an int in ``[low, high]`` (a JSON int, or a float with no fraction), else an error."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        ok, value = True, int(value)
+    if not ok or not low <= value <= high:
+        raise CheckpointError(f"{where} is {_show(value)}; it must be a whole number from {low} to {high}: {fix}")
+    return int(value)
+
+
+def _finite_number(value, where: str, low: float, high: float, fix: str) -> float:
+    """``value`` as a finite float in ``[low, high]``, else an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where} is {_show(value)}; it must be a number: {fix}")
+    number = float(value) if not isinstance(value, int) or abs(value) <= 10**308 else math.inf
+    if not math.isfinite(number) or not low <= number <= high:
+        raise CheckpointError(f"{where} is {_show(value)}; it must be a finite number from {low:g} to {high:g}: {fix}")
+    return number
+
+
+def _read_json_object(path: Path, remedy: str) -> dict:
+    """The JSON object in the regular file ``path``; every way it can be broken is a ``CheckpointError``."""
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} is missing or not a regular file: {remedy}")
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{str(path)!r} is {size} bytes, more than a config file can be: {remedy}")
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {str(path)!r} ({exc.strerror or exc}): {remedy}") from None
+    except (ValueError, RecursionError) as exc:  # JSON / UTF-8 errors, >4300-digit numbers, deep nesting
+        raise CheckpointError(
+            f"{str(path)!r} is not valid JSON ({type(exc).__name__}: {str(exc)[:120]}): {remedy}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, not a {type(raw).__name__}: {remedy}")
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +405,57 @@ def _shape(value) -> tuple[int, ...]:
     return tuple(int(s) for s in (value.shape if hasattr(value, "shape") else value))
 
 
+# The tensors the geometry is read from, and how many dimensions each has.
+_GEOMETRY_TENSORS = {
+    "x_embedder.proj.weight": 4,
+    "t_block.1.weight": 2,
+    "y_embedder.y_proj.fc1.weight": 2,
+    "y_embedder.y_embedding": 2,
+    "blocks.0.mlp.fc1.weight": 2,
+    "final_layer.linear.weight": 2,
+    "pos_embed": 3,
+}
+
+
+def _block_depth(keys: Iterable[str]) -> int:
+    """The number of blocks of an original-layout state dict, from the SET of ``blocks.N.`` indices.
+
+    The indices must be exactly ``0 .. n-1`` with ``n <= MAX_DEPTH``: a single key
+    ``blocks.100000000.mlp.fc1.weight`` once made the depth 10^8 and took minutes and gigabytes
+    before failing (issue 12, F4). Checked before anything of that size is built.
+    """
+    texts = {m.group(2) for k in keys if (m := _BLOCK_RE.match(k)) and m.group(1) == "blocks"}
+    fix = "the file is damaged or not a PixArt-alpha checkpoint; download it again"
+    for text in sorted(texts, key=len, reverse=True):
+        if not text.isascii() or len(text) > len(str(MAX_DEPTH)) or (len(text) > 1 and text[0] == "0"):
+            raise CheckpointError(
+                f"block index {_show(text)} (in blocks.{text[:20]}{'...' if len(text) > 20 else ''}.*) is not a "
+                f"block number from 0 to {MAX_DEPTH - 1}: {fix}"
+            )
+    numbers = sorted(int(t) for t in texts)
+    if numbers[-1] >= MAX_DEPTH:
+        raise CheckpointError(f"block index {numbers[-1]} is above the limit of {MAX_DEPTH} blocks: {fix}")
+    if numbers != list(range(len(numbers))):
+        gap = next(i for i, n in enumerate(numbers) if i != n)
+        raise CheckpointError(
+            f"the checkpoint has blocks {_ranges(numbers)}: blocks must be numbered 0 to n-1 with none missing "
+            f"(block {gap} is absent): {fix}"
+        )
+    return len(numbers)
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """``0-3, 7, 100000`` for messages."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
+
+
 def pixart_geometry(
     state_dict: Mapping[str, torch.Tensor | Sequence[int]],
     *,
@@ -370,12 +488,19 @@ def pixart_geometry(
                 f"not a PixArt transformer checkpoint: {required!r} is missing. Use a PixArt-alpha "
                 "checkpoint (original .pth/.safetensors or a diffusers transformer folder)"
             )
+    for key, ndim in _GEOMETRY_TENSORS.items():
+        shape = shapes.get(key)
+        if shape is not None and (len(shape) != ndim or not all(shape)):
+            raise CheckpointError(
+                f"{key} has shape {list(shape)}, but a PixArt checkpoint stores it as a non-empty {ndim}-D "
+                "tensor: the file is damaged or not a PixArt-alpha checkpoint"
+            )
     hidden, in_channels, patch, patch_w = shapes["x_embedder.proj.weight"]
     if patch != patch_w:
         raise CheckpointError(
             f"x_embedder.proj.weight has non-square patches {patch}x{patch_w}; not a PixArt checkpoint"
         )
-    depth = 1 + max(int(m.group(2)) for k in shapes if (m := _BLOCK_RE.match(k)))
+    depth = _block_depth(shapes)
     caption_channels = shapes["y_embedder.y_proj.fc1.weight"][1]
     model_max_length = shapes.get("y_embedder.y_embedding", (120,))[0]
     mlp_ratio = shapes["blocks.0.mlp.fc1.weight"][0] / hidden
@@ -394,7 +519,11 @@ def pixart_geometry(
         )
     if has_size and hidden % 3:
         raise CheckpointError(f"hidden size {hidden} is not divisible by 3, which micro-conditioning needs")
-    if num_heads is None:
+    if num_heads is not None:
+        num_heads = _whole_number(
+            num_heads, "num_attention_heads (config.json)", 1, hidden, f"hidden size {hidden} is split into heads"
+        )
+    else:
         if hidden % PIXART_HEAD_DIM:
             raise CheckpointError(
                 f"cannot tell the number of attention heads of hidden size {hidden} (PixArt uses "
@@ -403,13 +532,27 @@ def pixart_geometry(
             )
         num_heads = hidden // PIXART_HEAD_DIM
     if hidden % num_heads:
-        raise CheckpointError(f"hidden size {hidden} is not divisible by {num_heads} heads")
-    if sample_size is None and "pos_embed" in shapes:
+        raise CheckpointError(
+            f"hidden size {hidden} is not divisible by {num_heads} heads (num_attention_heads in config.json): "
+            "fix config.json so that num_attention_heads x attention_head_dim equals the weights' width"
+        )
+    fix = "correct config.json (PixArt-XL-2-512x512 says sample_size 64, interpolation_scale 1) or delete the entry"
+    if sample_size is not None:
+        sample_size = _whole_number(sample_size, "sample_size (config.json)", 1, MAX_SAMPLE_SIZE, fix)
+    elif "pos_embed" in shapes:
         tokens = shapes["pos_embed"][-2]
         side = math.isqrt(tokens)
-        if side * side == tokens:
+        if side * side == tokens and 0 < side * patch <= MAX_SAMPLE_SIZE:
             sample_size = side * patch
-    if interpolation_scale is None and sample_size is not None:
+    if interpolation_scale is not None:
+        interpolation_scale = _finite_number(
+            interpolation_scale,
+            "interpolation_scale (config.json)",
+            1 / MAX_INTERPOLATION_SCALE,
+            MAX_INTERPOLATION_SCALE,
+            fix,
+        )
+    elif sample_size is not None:
         interpolation_scale = max(sample_size // 64, 1)
     return PixArtGeometry(
         hidden_size=hidden,
@@ -578,25 +721,53 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return data
 
 
+_WEIGHTS = "diffusion_pytorch_model"
+
+
+def _shard_path(folder: Path, name, index: Path) -> Path:
+    """A shard named in a ``*.index.json`` weight map: a bare file name in ``folder``, a regular file.
+
+    diffusers writes bare names; a name such as ``../x.safetensors`` or an absolute path would load
+    weights from outside the model folder (issue 12, F13). Symbolic links are followed (the Hugging
+    Face cache links every file into its blobs/ folder) but must end at a regular file.
+    """
+    where = f"{str(index)!r} names the shard {_show(name)}"
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{where}, which is not a .safetensors file name: the index is damaged; download it again"
+        )
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+        raise CheckpointError(
+            f"{where}: shards must be plain file names in the same folder (no folders, '..' or absolute paths); "
+            "the index is damaged or crafted, download the model again"
+        )
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{where}, which is missing or not a regular file in {str(folder)!r}; download it")
+    return path
+
+
 def _diffusers_weight_files(folder: Path) -> list[Path]:
-    index = sorted(folder.glob("diffusion_pytorch_model*.safetensors.index.json"))
-    if index:
-        if len(index) > 1:
-            raise CheckpointError(f"{str(folder)!r} has several weight index files {[p.name for p in index]}; keep one")
-        weight_map = json.loads(index[0].read_text()).get("weight_map", {})
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
+    """The safetensors files diffusers would load from a transformer folder (no variant first)."""
+    indexes = sorted(folder.glob(f"{_WEIGHTS}*.safetensors.index.json"))
+    files = sorted(folder.glob(f"{_WEIGHTS}*.safetensors"))
+    plain_index = [p for p in indexes if p.name == f"{_WEIGHTS}.safetensors.index.json"]
+    plain = [p for p in files if p.name == f"{_WEIGHTS}.safetensors"]
+    if plain_index or (indexes and not plain):
+        if not plain_index and len(indexes) > 1:
             raise CheckpointError(
-                f"{str(folder)!r}: shard(s) {missing} named in {index[0].name} are missing; download them"
+                f"{str(folder)!r} has several weight index files {[p.name for p in indexes]}; keep one"
             )
-        return files
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-    plain = [p for p in files if p.name == "diffusion_pytorch_model.safetensors"]
-    if plain:
-        return plain
-    if len(files) == 1:  # a single variant such as diffusion_pytorch_model.fp16.safetensors
-        return files
+        index = (plain_index or indexes)[0]
+        weight_map = _read_json_object(index, "download the model again").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{str(index)!r} has no weight_map object: the index is damaged; download it again")
+        return sorted({_shard_path(folder, name, index) for name in weight_map.values()})
+    if plain or len(files) == 1:  # the plain file, or a single variant such as ...fp16.safetensors
+        chosen = (plain or files)[0]
+        if not chosen.is_file():
+            raise CheckpointError(f"{str(chosen)!r} is not a regular file; put the weights file there")
+        return [chosen]
     if not files:
         raise CheckpointError(
             f"{str(folder)!r} has no diffusion_pytorch_model*.safetensors; a diffusers transformer folder "
@@ -604,6 +775,45 @@ def _diffusers_weight_files(folder: Path) -> list[Path]:
             "convert them to safetensors)"
         )
     raise CheckpointError(f"{str(folder)!r} has several weight variants {[p.name for p in files]}; keep one")
+
+
+def _read_transformer_config(folder: Path) -> dict:
+    config = _read_json_object(folder / "config.json", "use the config.json saved with the model")
+    cls = config.get("_class_name", "PixArtTransformer2DModel")
+    if cls not in ("PixArtTransformer2DModel", "Transformer2DModel"):
+        raise CheckpointError(f"{str(folder)!r} holds a {_show(cls)}, not a PixArtTransformer2DModel")
+    return config
+
+
+def check_diffusers_transformer(folder: str | os.PathLike) -> PixArtGeometry | None:
+    """Check a diffusers PixArt transformer folder's ``config.json`` against its weights, reading
+    only the safetensors headers (no tensor data), before diffusers builds anything from it.
+
+    Returns:
+        The geometry, or ``None`` when the folder has no safetensors weights (nothing to compare).
+
+    Raises:
+        CheckpointError: a config entry that is not a sane number or contradicts the weights (block
+            count, widths, channels), a shard outside the folder, or weights that are not PixArt's.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = _read_transformer_config(folder)
+    if not any(folder.glob(f"{_WEIGHTS}*.safetensors*")):
+        return None
+    shapes: dict[str, torch.Tensor] = {}
+    for file in _diffusers_weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+        except Exception as exc:  # safetensors' own error types on a corrupt header
+            raise CheckpointError(
+                f"cannot read the header of {str(file)!r} ({type(exc).__name__}: {str(exc)[:120]}); the file is "
+                "corrupt or incomplete, download it again"
+            ) from None
+    return to_pixart_layout(shapes, config)[1]
 
 
 def _transformer_folder(folder: Path) -> Path:
@@ -627,10 +837,7 @@ def load_diffusers_transformer(folder: str | os.PathLike) -> tuple[dict[str, tor
         CheckpointError: missing files, or a config of another model class.
     """
     folder = _transformer_folder(Path(folder))
-    config = json.loads((folder / "config.json").read_text())
-    cls = config.get("_class_name", "PixArtTransformer2DModel")
-    if cls not in ("PixArtTransformer2DModel", "Transformer2DModel"):
-        raise CheckpointError(f"{str(folder)!r} holds a {cls}, not a PixArtTransformer2DModel")
+    config = _read_transformer_config(folder)
     state_dict: dict[str, torch.Tensor] = {}
     for file in _diffusers_weight_files(folder):
         state_dict.update(load_state_dict_file(file))
@@ -656,6 +863,8 @@ def to_pixart_layout(
         CheckpointError: not a PixArt transformer, or shapes that do not fit its geometry.
     """
     sd = _strip_prefix(state_dict)
+    if diffusers_config is not None and not isinstance(diffusers_config, Mapping):
+        raise CheckpointError(f"the diffusers config must be a JSON object, not a {type(diffusers_config).__name__}")
     config = dict(diffusers_config or {})
     if is_diffusers_layout(sd):
         sd = diffusers_to_pixart(sd)
@@ -677,8 +886,59 @@ def to_pixart_layout(
         sd["y_embedder.y_embedding"] = torch.zeros(
             (geometry.model_max_length, geometry.caption_channels), dtype=ref.dtype, device=ref.device
         )
+    check_config_matches_geometry(config, geometry)
     check_state_dict_fits(sd, expected_pixart_shapes(geometry))
     return sd, geometry
+
+
+def check_config_matches_geometry(config: Mapping, geometry: PixArtGeometry) -> None:
+    """Raise unless every shape entry of a diffusers ``config.json`` agrees with the weights.
+
+    diffusers builds the model from the config and then copies the weights in: a config with fewer
+    layers than the weights silently dropped blocks, one with more failed with "Cannot copy out of
+    meta tensor" (issue 12, F12). Entries that are absent are not checked.
+
+    Raises:
+        CheckpointError: an entry that is not a positive whole number, or that contradicts the weights.
+    """
+    fix = "the config.json and the weights come from different models; use the config.json saved with these weights"
+    said = {}
+    for key in (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "in_channels",
+        "out_channels",
+        "patch_size",
+        "caption_channels",
+        "cross_attention_dim",
+    ):
+        if config.get(key) is not None:
+            said[key] = _whole_number(config[key], f"{key} (config.json)", 1, 1 << 20, fix)
+    pairs = [
+        ("num_layers", said.get("num_layers"), geometry.depth, "blocks"),
+        ("in_channels", said.get("in_channels"), geometry.in_channels, "input channels"),
+        ("out_channels", said.get("out_channels", said.get("in_channels")), geometry.out_channels, "output channels"),
+        ("patch_size", said.get("patch_size"), geometry.patch_size, "as patch size"),
+        ("caption_channels", said.get("caption_channels"), geometry.caption_channels, "caption channels"),
+        ("cross_attention_dim", said.get("cross_attention_dim"), geometry.hidden_size, "as width"),
+    ]
+    if "num_attention_heads" in said and "attention_head_dim" in said:
+        width = said["num_attention_heads"] * said["attention_head_dim"]
+        pairs.append(("num_attention_heads x attention_head_dim", width, geometry.hidden_size, "as width"))
+    for name, value, actual, what in pairs:
+        if value is not None and value != actual:
+            raise CheckpointError(f"config.json says {name} = {value}, but the weights have {actual} {what}: {fix}")
+    extra = config.get("use_additional_conditions")
+    if extra is not None and not isinstance(extra, bool):
+        raise CheckpointError(f"use_additional_conditions (config.json) is {_show(extra)}; it must be true or false")
+    if extra is None and config.get("sample_size") is not None:
+        extra = config["sample_size"] == 128  # diffusers' default for the switch
+    if isinstance(extra, bool) and extra != geometry.micro_condition:
+        raise CheckpointError(
+            f"config.json asks for use_additional_conditions = {extra}, but the weights "
+            f"{'have' if geometry.micro_condition else 'lack'} the size / aspect-ratio embedders: {fix}"
+        )
 
 
 def load_pixart_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PixArtGeometry]:
@@ -697,7 +957,7 @@ def load_pixart_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     config = None
     sibling = path.parent / "config.json"
     if is_diffusers_layout(_strip_prefix(sd)) and sibling.is_file():
-        config = json.loads(sibling.read_text())
+        config = _read_json_object(sibling, "use the config.json saved with the weights, or remove it")
     return to_pixart_layout(sd, config)
 
 
@@ -724,6 +984,222 @@ def list_diffusers_folders(roots: Iterable[str | os.PathLike], max_depth: int = 
 
 
 # ------------------------------------------------------------------------------------------------
+# PEFT module patterns (rank_pattern / alpha_pattern keys)
+# ------------------------------------------------------------------------------------------------
+# PEFT matches a pattern key against a module name with ``re.match(rf"(.*\.)?({key})$", name)``.
+# A backtracking pattern such as ``(a+)+$`` then hung the loader (183 s at 20 characters, issue 12
+# F5), and PEFT itself runs the same regex when the CLI attaches the adapter. So a key must be a
+# module path in a small regex subset: letters, digits, ``_``, ``-``, ``.``, ``\.``, ``\d``,
+# ``\w``, simple ``[...]`` classes, ``(a|b)`` groups and ``^`` / ``$``; quantifiers (``? * + {m,n}``)
+# only after a single character, at most MAX_PATTERN_REPEATS repeats, no quantified group. Such a
+# pattern has no exponential backtracking in ``re`` (PEFT), and is matched here without ``re``, in
+# time linear in the module name.
+MAX_PATTERN_LENGTH = 200
+MAX_PATTERN_REPEATS = 3
+_PATTERN_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_PATTERN_ESCAPES = {
+    ".": lambda c: c == ".",
+    "-": lambda c: c == "-",
+    "_": lambda c: c == "_",
+    "d": str.isdecimal,  # re's \d on str: Unicode category Nd
+    "w": lambda c: c.isalnum() or c == "_",  # re's \w on str
+}
+PATTERN_RULE = (
+    "use the module path (e.g. 'transformer_blocks.0.attn1.to_q' or 'attn2.to_k'), optionally with "
+    "\\d+, .*, [0-9] or (to_q|to_k); quantifiers only after one character, at most "
+    f"{MAX_PATTERN_REPEATS}, and at most {MAX_PATTERN_LENGTH} characters"
+)
+
+
+class _PatternRefused(Exception):
+    """Internal: why a pattern is outside the supported subset."""
+
+
+def _parse_pattern(pattern: str) -> list:
+    """Parse a pattern of the supported subset into alternatives of items ``(kind, payload, lo, hi)``
+    (``kind``: ``char`` with a predicate, ``group`` with alternatives, ``anchor`` ``^``/``$``;
+    ``hi`` ``None`` means unbounded)."""
+    if not isinstance(pattern, str):
+        raise _PatternRefused(f"it is a {type(pattern).__name__}, not a string")
+    if not pattern or len(pattern) > MAX_PATTERN_LENGTH:
+        raise _PatternRefused(f"it has {len(pattern)} characters (1 to {MAX_PATTERN_LENGTH} allowed)")
+    n, pos, repeats = len(pattern), 0, 0
+
+    def char_class():
+        nonlocal pos
+        members = []
+        pos += 1
+        while pos < n and pattern[pos] != "]":
+            c = pattern[pos]
+            if c == "\\" and pos + 1 < n and pattern[pos + 1] in _PATTERN_ESCAPES:
+                members.append(_PATTERN_ESCAPES[pattern[pos + 1]])
+                pos += 2
+            elif c in _PATTERN_WORD or c == ".":
+                if pos + 2 < n and pattern[pos + 1] == "-" and pattern[pos + 2] != "]":
+                    low, high = c, pattern[pos + 2]
+                    if not (low.isalnum() and high.isalnum() and low.isascii() and high.isascii() and low <= high):
+                        raise _PatternRefused(f"the class range {low}-{high} is not a range of letters or digits")
+                    members.append(lambda ch, low=low, high=high: low <= ch <= high)
+                    pos += 3
+                else:
+                    members.append(lambda ch, c=c: ch == c)
+                    pos += 1
+            else:
+                raise _PatternRefused(f"{c!r} inside [...] is not supported (letters, digits, _ - . ranges only)")
+        if pos >= n or not members:
+            raise _PatternRefused("a [...] class is empty or not closed")
+        pos += 1
+        return lambda ch: any(test(ch) for test in members)
+
+    def atom():
+        nonlocal pos
+        c = pattern[pos]
+        if c in _PATTERN_WORD:
+            pos += 1
+            return lambda ch, c=c: ch == c
+        if c == ".":
+            pos += 1
+            return lambda ch: ch != "\n"
+        if c == "\\" and pos + 1 < n and pattern[pos + 1] in _PATTERN_ESCAPES:
+            pos += 2
+            return _PATTERN_ESCAPES[pattern[pos - 1]]
+        if c == "[":
+            return char_class()
+        raise _PatternRefused(f"{pattern[pos : pos + 2]!r} at position {pos} is not supported")
+
+    def quantifier() -> tuple[int, int | None]:
+        nonlocal pos, repeats
+        if pos >= n or pattern[pos] not in "?*+{":
+            return 1, 1
+        c = pattern[pos]
+        pos += 1
+        if c == "{":
+            close = pattern.find("}", pos)
+            body = pattern[pos:close] if close > 0 else ""
+            low_text, comma, high_text = body.partition(",")
+            if not (
+                low_text.isdigit()
+                and len(low_text) <= 2
+                and (not high_text or high_text.isdigit() and len(high_text) <= 2)
+            ):
+                raise _PatternRefused(f"the repeat {{{body}}} is not {{m}}, {{m,}} or {{m,n}} with m, n below 100")
+            pos = close + 1
+            low = int(low_text)
+            high = (int(high_text) if high_text else None) if comma else low
+            if high is not None and high < low:
+                raise _PatternRefused(f"the repeat {{{body}}} has its bounds reversed")
+        else:
+            low, high = {"?": (0, 1), "*": (0, None), "+": (1, None)}[c]
+        if high is None or high > 1:
+            repeats += 1
+            if repeats > MAX_PATTERN_REPEATS:
+                raise _PatternRefused(f"it repeats more than {MAX_PATTERN_REPEATS} times")
+        if pos < n and pattern[pos] in "?*+{":
+            raise _PatternRefused(f"a quantifier follows a quantifier at position {pos}")
+        return low, high
+
+    def sequence(depth: int) -> list:
+        nonlocal pos
+        items = []
+        while pos < n and pattern[pos] not in "|)":
+            c = pattern[pos]
+            if c == "(":
+                if depth >= 3:
+                    raise _PatternRefused("groups are nested more than 3 deep")
+                pos += 1
+                if pattern.startswith("?:", pos):
+                    pos += 2
+                elif pattern.startswith("?", pos):
+                    raise _PatternRefused("(?...) constructs are not supported")
+                alternatives = alternation(depth + 1)
+                if pos >= n or pattern[pos] != ")":
+                    raise _PatternRefused("a '(' is not closed")
+                pos += 1
+                items.append(("group", alternatives, 1, 1))
+            elif c in "^$":
+                pos += 1
+                items.append(("anchor", c, 1, 1))
+            else:
+                test = atom()
+                items.append(("char", test, *quantifier()))
+                continue
+            if pos < n and pattern[pos] in "?*+{":
+                raise _PatternRefused(f"a quantifier after a group or anchor (position {pos}) can backtrack")
+        return items
+
+    def alternation(depth: int) -> list:
+        nonlocal pos
+        alternatives = [sequence(depth)]
+        while pos < n and pattern[pos] == "|":
+            pos += 1
+            alternatives.append(sequence(depth))
+        return alternatives
+
+    parsed = alternation(0)
+    if pos != n:
+        raise _PatternRefused(f"an unmatched ')' at position {pos}")
+    return parsed
+
+
+def _advance(items: list, text: str, positions: set[int]) -> set[int]:
+    """The end positions reachable by matching ``items`` from any of ``positions`` (an NFA
+    simulation: O(len(items) x len(text)), never backtracking)."""
+    n = len(text)
+    for kind, payload, low, high in items:
+        if not positions:
+            break
+        if kind == "anchor":
+            positions = {p for p in positions if p == (0 if payload == "^" else n)}
+        elif kind == "group":
+            positions = set().union(*(_advance(alt, text, positions) for alt in payload))
+        else:
+            for _ in range(low):
+                positions = {p + 1 for p in positions if p < n and payload(text[p])}
+            if high is None:  # closure in one left-to-right pass
+                reach, active = set(), False
+                for i in range(min(positions, default=n + 1), n + 1):
+                    active = i in positions or (active and payload(text[i - 1]))
+                    if active:
+                        reach.add(i)
+                positions = reach
+            else:
+                frontier, reach = positions, set(positions)
+                for _ in range(high - low):
+                    frontier = {p + 1 for p in frontier if p < n and payload(text[p])}
+                    reach |= frontier
+                positions = reach
+    return positions
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_pattern(pattern: str) -> list:
+    return _parse_pattern(pattern)
+
+
+def pattern_problem(pattern) -> str | None:
+    """Why ``pattern`` cannot be a ``rank_pattern`` / ``alpha_pattern`` key here, or None if it can."""
+    try:
+        _compiled_pattern(pattern) if isinstance(pattern, str) else _parse_pattern(pattern)
+    except _PatternRefused as why:
+        return str(why)
+    return None
+
+
+def module_matches(pattern: str, module: str) -> bool:
+    r"""Whether PEFT's ``re.match(rf"(.*\.)?({pattern})$", module)`` matches, computed without ``re``.
+
+    Raises:
+        CheckpointError: ``pattern`` is outside the supported subset (see ``PATTERN_RULE``).
+    """
+    try:
+        parsed = _compiled_pattern(pattern)
+    except (_PatternRefused, TypeError) as why:
+        raise CheckpointError(f"module pattern {_show(pattern)} is not supported ({why}): {PATTERN_RULE}") from None
+    starts = {0} | {i + 1 for i, c in enumerate(module) if c == "."}
+    return len(module) in _advance([("group", parsed, 1, 1)], module, starts)
+
+
+# ------------------------------------------------------------------------------------------------
 # PEFT LoRA
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -734,7 +1210,7 @@ class PeftLoraConfig:
         r: default rank.
         lora_alpha: default alpha.
         use_rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        rank_pattern / alpha_pattern: per-module overrides (PEFT's suffix-regex matching).
+        rank_pattern / alpha_pattern: per-module overrides (PEFT's suffix matching, see ``module_matches``).
         base_model: ``base_model_name_or_path`` (informational).
     """
 
@@ -747,9 +1223,9 @@ class PeftLoraConfig:
 
     @staticmethod
     def _pattern(patterns: Mapping, module: str):
-        # PEFT's rule (peft.utils.other.get_pattern_key): a pattern matches a module name suffix.
+        # PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching a name suffix.
         for pattern, value in patterns.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+            if module_matches(pattern, module):
                 return value
         return None
 
@@ -759,35 +1235,48 @@ class PeftLoraConfig:
         return int(self.r if value is None else value)
 
     def scale(self, module: str) -> float:
-        """``alpha / r`` for ``module`` (``alpha / sqrt(r)`` with rsLoRA), as PEFT computes it."""
+        """``alpha / r`` for ``module`` (``alpha / sqrt(r)`` with rsLoRA), as PEFT computes it.
+
+        Raises:
+            CheckpointError: the scale is not finite or its size exceeds ``MAX_LORA_SCALE``.
+        """
         alpha = self._pattern(self.alpha_pattern, module)
         alpha = float(self.lora_alpha if alpha is None else alpha)
         rank = self.rank(module)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+            raise CheckpointError(
+                f"module {module!r} gets lora_alpha {alpha:g} / {'sqrt(r)' if self.use_rslora else 'r'} with r={rank}, "
+                f"a scale of {scale:g}; a LoRA scale beyond +-{MAX_LORA_SCALE:g} only produces noise or NaN: "
+                "fix lora_alpha / alpha_pattern in adapter_config.json (PEFT's default is lora_alpha = r)"
+            )
+        return scale
 
 
 def read_peft_config(path: str | os.PathLike) -> PeftLoraConfig:
     """Parse and check an ``adapter_config.json``.
 
+    Every value that decides the update is checked (issue 12, F8/F10): ``r`` and each
+    ``rank_pattern`` rank a whole number from 1 to ``MAX_LORA_RANK``, ``lora_alpha`` and each
+    ``alpha_pattern`` value finite with ``|alpha / r| <= MAX_LORA_SCALE``, every pattern key (and a
+    string ``target_modules`` / ``exclude_modules``) inside the subset PEFT can match without
+    backtracking (``PATTERN_RULE``).
+
     Raises:
-        CheckpointError: missing file, not a LoRA, or a LoRA variant that changes the math
-            (DoRA, LoRA bias, ``fan_in_fan_out``, full modules to save).
+        CheckpointError: missing or broken file, not a LoRA, a LoRA variant that changes the math
+            (DoRA, LoRA bias, ``fan_in_fan_out``, full modules to save), or a value out of bounds.
     """
     path = Path(path)
+    name = str(path)
     if not path.is_file():
         raise CheckpointError(
-            f"{str(path)!r} is missing; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors"
+            f"{name!r} is missing; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{str(path)!r} is not valid JSON ({exc}); save the adapter again with save_pretrained"
-        ) from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object")
+    raw = _read_json_object(path, "save the adapter again with save_pretrained")
     if raw.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{str(path)!r} is a {raw.get('peft_type')} adapter; only LoRA adapters are supported")
+        raise CheckpointError(
+            f"{name!r} is a {_show(raw.get('peft_type')).strip(chr(39))} adapter; only LoRA adapters are supported"
+        )
     for flag, meaning in (
         ("use_dora", "DoRA"),
         ("lora_bias", "LoRA bias terms"),
@@ -795,27 +1284,62 @@ def read_peft_config(path: str | os.PathLike) -> PeftLoraConfig:
     ):
         if raw.get(flag):
             raise CheckpointError(
-                f"{str(path)!r} sets {flag}=true: {meaning} is not supported; use a plain LoRA adapter"
+                f"{name!r} sets {flag}={json.dumps(raw[flag]) if isinstance(raw[flag], bool) else _show(raw[flag])}: {meaning} is not supported; use a plain LoRA adapter"
             )
     if raw.get("modules_to_save"):
         raise CheckpointError(
-            f"{str(path)!r} saves full modules {raw['modules_to_save']} besides the LoRA; that is not supported"
+            f"{name!r} saves full modules {_show(raw['modules_to_save'])} besides the LoRA; that is not supported"
         )
-    try:
-        r = int(raw["r"])
-        alpha = float(raw["lora_alpha"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r} needs numeric 'r' and 'lora_alpha' entries ({exc!r})") from exc
-    if r <= 0:
-        raise CheckpointError(f"{str(path)!r}: r={r} must be positive")
-    return PeftLoraConfig(
+    for key in ("r", "lora_alpha"):
+        if key not in raw:
+            raise CheckpointError(
+                f"{name!r} has no {key!r} entry; PEFT writes it: save the adapter again with save_pretrained"
+            )
+    fix = f"fix it in {name!r} (PEFT adapters use r = 4 ... 256, lora_alpha about r)"
+    r = _whole_number(raw["r"], f"r in {name!r}", 1, MAX_LORA_RANK, fix)
+    alpha = _finite_number(raw["lora_alpha"], f"lora_alpha in {name!r}", -MAX_LORA_SCALE * r, MAX_LORA_SCALE * r, fix)
+    use_rslora = raw.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise CheckpointError(f"use_rslora in {name!r} is {_show(use_rslora)}; it must be true or false")
+    patterns = {}
+    for key, number in (("rank_pattern", _whole_number), ("alpha_pattern", _finite_number)):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{key} in {name!r} is a {type(value).__name__}; it must be an object of module pattern -> value"
+            )
+        for pattern, setting in value.items():
+            problem = pattern_problem(pattern)
+            if problem is not None:
+                raise CheckpointError(
+                    f"{key} key {_show(pattern)} in {name!r} is not supported ({problem}): {PATTERN_RULE}"
+                )
+            where = f"{key}[{pattern!r}] in {name!r}"
+            if number is _whole_number:
+                number(setting, where, 1, MAX_LORA_RANK, fix)
+            else:
+                number(setting, where, -MAX_LORA_SCALE * MAX_LORA_RANK, MAX_LORA_SCALE * MAX_LORA_RANK, fix)
+        patterns[key] = dict(value)
+    for key in ("target_modules", "exclude_modules"):  # PEFT runs re.fullmatch on a string value
+        value = raw.get(key)
+        if isinstance(value, str) and (problem := pattern_problem(value)) is not None:
+            raise CheckpointError(f"{key} {_show(value)} in {name!r} is not supported ({problem}): {PATTERN_RULE}")
+    base = raw.get("base_model_name_or_path")
+    config = PeftLoraConfig(
         r=r,
         lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        base_model=raw.get("base_model_name_or_path"),
+        use_rslora=use_rslora,
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
+        base_model=base if isinstance(base, str) else None,
     )
+    scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+    if abs(scale) > MAX_LORA_SCALE:
+        raise CheckpointError(
+            f"lora_alpha {alpha:g} with r={r} in {name!r} gives a LoRA scale of {scale:g}; beyond "
+            f"+-{MAX_LORA_SCALE:g} an adapter only produces noise or NaN: {fix}"
+        )
+    return config
 
 
 @dataclass(frozen=True)
@@ -885,6 +1409,11 @@ def load_peft_adapter(folder: str | os.PathLike) -> PeftAdapter:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
+        if len(name) > MAX_MODULE_NAME or not name.isprintable():
+            raise CheckpointError(
+                f"{str(weights)!r} has a key of {len(name)} characters ({_show(name[:40])}...), not a module path: "
+                "the file is damaged or not a PEFT adapter; save the adapter again with save_pretrained"
+            )
         match = _PEFT_KEY_RE.match(name)
         if match is None:
             if "lora_embedding_" in name:
@@ -1096,9 +1625,9 @@ def load_medsteer_lora(
                     f"adapter in {TRANSFORMER_LORA_DIR}/ and the T5 adapter in {TEXT_ENCODER_LORA_DIR}/ "
                     "of one folder (each with adapter_config.json and adapter_model.safetensors)"
                 )
-            present = sorted(p.name for p in folder.iterdir())
+            # Never list the folder: this message reaches a shared server's clients (issue 12, F1).
             raise CheckpointError(
-                f"{str(folder)!r} has no {sub}/ folder (it has {present[:8]}). The MedSteer LoRA layout is "
+                f"{str(folder)!r} has no {sub}/ folder. The MedSteer LoRA layout is "
                 f"{TRANSFORMER_LORA_DIR}/ and {TEXT_ENCODER_LORA_DIR}/, each with adapter_config.json and "
                 f"adapter_model.safetensors; set {strength} to 0 to skip this half"
             )
