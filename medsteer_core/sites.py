@@ -62,7 +62,7 @@ def find_sites(model: nn.Module) -> Sites:
     Args:
         model: a diffusers ``PixArtTransformer2DModel`` (or a peft ``PeftModel`` around one, or a
             pipeline with a ``.transformer``), or ComfyUI's ``PixArtMS`` (or the ``BaseModel`` that
-            holds it as ``.diffusion_model``).
+            holds it as ``.diffusion_model``); any of these may be wrapped by ``torch.compile``.
 
     Returns:
         The ``Sites`` of the model.
@@ -104,6 +104,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     current = model
     while id(current) not in seen:
         seen.add(id(current))
+        # torch.compile's OptimizedModule forwards attribute reads to the module it compiled, so
+        # it would pass the checks below itself: hook the compiled module, not the wrapper.
+        compiled = getattr(current, "__dict__", {}).get("_modules", {}).get("_orig_mod")
+        if isinstance(compiled, nn.Module):
+            current = compiled
+            continue
         if hasattr(current, "transformer_blocks") or (hasattr(current, "blocks") and hasattr(current, "x_embedder")):
             return current
         # peft: PeftModel.get_base_model(); LoraModel.model; ComfyUI BaseModel.diffusion_model;
