@@ -622,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         add_help=False,
-        help="offline demo on the shipped MedSteer-mini model (`medsteer demo --help` for its options)",
-        description="Run the offline demo (medsteer_core.demo); every argument after `demo` goes to it.",
+        help="offline demo on the shipped MedSteer-mini model (its options: medsteer demo --help)",
+        description="Run the offline demo (medsteer_core.demo); every argument after 'demo' goes to it.",
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(run=_cmd_demo, quiet=False)

@@ -6,13 +6,15 @@ held-out seed set unsteered, steered and re-prompted, scores every pair with the
 ``medsteer_demo/``:
 
 - ``grid_<edit>.png``: columns are seeds; rows are unsteered | steered | re-prompted | gate;
-- ``report.md``: the rendering check and tables shaped like the paper's Tables 2-4 (counterfactual
-  metrics vs re-prompting; strength sweep; window sweep; seeds sweep);
+- ``report.md``: what the grids show and what every metric means, the rendering check, and tables
+  shaped like the paper's Tables 2-4 (counterfactual metrics vs re-prompting; strength sweep;
+  window sweep; seeds sweep);
 - ``report.json``: the same numbers, machine-readable;
 - ``cache/``: the vectors it built.
 
-The steering window and strength of each edit are the calibrated ones stored in the shipped
-vectors' metadata (``python -m medsteer_core.demo --calibrate`` re-runs the scan that chose them).
+It ends by printing the absolute path of the folder and of ``report.md``. The steering window and
+strength of each edit are the calibrated ones stored in the shipped vectors' metadata
+(``medsteer demo --calibrate`` re-runs the scan that chose them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import synthetic
+from .errors import MedSteerError
 from .heatmap import overlay
 from .hooks import GateRecord, SteeringPlan
 from .metrics import rendering_rates, score_pairs
@@ -170,9 +175,10 @@ def run_demo(
 
     started = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_mini(model_path)
+    _check_arguments(out, eval_seeds, vector_seeds, grid_seeds, edits, model_path, oracle_path)
+    model = load_mini(model_path)  # before the folder exists: a bad file leaves nothing behind
     oracle = load_oracle(oracle_path)
+    out.mkdir(parents=True, exist_ok=True)
     tag = _file_digest(Path(model_path) if model_path else MODEL_PATH)
     cache = out / "cache" if use_cache else None
     if cache is not None:
@@ -198,6 +204,7 @@ def run_demo(
         "model": model.metadata.get("training", ""),
         "cfg": model.default_cfg,
         "eval_seeds": seeds[:1] + seeds[-1:],
+        "grid_seeds": min(grid_seeds, len(seeds)),
     }
 
     progress.stage("rendering check")
@@ -284,10 +291,90 @@ def run_demo(
     return report
 
 
+def _check_arguments(
+    out: Path,
+    eval_seeds: int,
+    vector_seeds: int,
+    grid_seeds: int,
+    edits: tuple[str, ...],
+    model_path: str | None,
+    oracle_path: str | None,
+) -> None:
+    """Refuse bad arguments before anything is created (issue 11: ``--seeds 0`` was an IndexError
+    and an empty output folder)."""
+    for name, value in (("eval_seeds", eval_seeds), ("vector_seeds", vector_seeds), ("grid_seeds", grid_seeds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    known = [e.name for e in EDITS]
+    unknown = [e for e in edits if e not in known]
+    if unknown:
+        raise ValueError(f"unknown edit(s) {unknown}: choose from {known}")
+    for flag, path in (("--model", model_path), ("--oracle", oracle_path)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"{flag} {str(path)!r}: no such file; pass an existing .safetensors file or leave it out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: pass a folder name")
+
+
 def _windows(depth: int) -> list[tuple[int, int]]:
     singles = [(i, i + 1) for i in range(depth)]
     spans = [(0, 2), (0, depth // 2), (depth // 2, depth), (0, depth)]
     return singles + [s for s in spans if s not in singles]
+
+
+#: What every number of report.md means (issue 11: the report used "source removed" undefined).
+METRIC_DEFINITIONS = (
+    "- **Oracle**: the classifier and segmenter shipped with MedSteer-mini (`oracle.safetensors`), trained on "
+    "the synthetic frames; it labels each image with a class and segments lesion and dye. Every rate below is "
+    "the oracle's reading of the images, not a human's.",
+    "- **Rendering rate**: images of a class whose oracle label is the class that was prompted (a sanity check "
+    "that the model draws what it is asked; the edits below are only as good as this).",
+    "- **Flip rate**: steered images the oracle assigns to the target class (e.g. *polyps* for dye removal).",
+    "- **delta-p**: mean drop of the source class's probability from the unsteered to the steered image "
+    "(higher = the concept weakened more; negative = it grew).",
+    "- **Source removed**: steered images the oracle no longer assigns to the source class, whatever class "
+    "it assigns instead. It is at least the flip rate; the gap is edits that left the source class for a third one.",
+    "- **Dye detection**: images in which the oracle still segments dye (dye removal: lower is better; "
+    "shown for the dye edit only in Table 2).",
+    "- **Bg-PSNR / Bg-SSIM**: how unchanged the background is: PSNR (dB, identical pixels capped at 60) and "
+    "SSIM between the unsteered image and its counterfactual, over the field of view minus the (dilated) "
+    "lesion and dye masks of both images. Higher = less collateral change.",
+    "- **Succeeded**: pairs whose edit worked (target class; for dye removal, no dye left), out of all pairs. "
+    "**Eff. Bg-PSNR / Bg-SSIM**: the background scores over those pairs only, so failed edits (which keep "
+    "their background trivially) do not flatter a weak setting.",
+    "- **Re-prompting**: the baseline counterfactual: the same seed sampled with the prompt of the target "
+    "class instead of steering. Same seed, so the two methods are directly comparable.",
+    "- **Layers a-b**: the steered blocks, `a` included and `b` excluded (0-based; MedSteer-mini has 6). "
+    "**Strength**: the paper's alpha; 0 is the unsteered image.",
+)
+
+
+def _figures(report: dict, edits: list[Edit]) -> list[str]:
+    """The section that says what each grid shows (issue 11)."""
+    n = report.get("grid_seeds", 0)
+    first = report["eval_seeds"][0] if report.get("eval_seeds") else EVAL_SEED_BASE
+    parts = [
+        "## Figures",
+        "",
+        "Each `grid_<edit>.png` has one column per seed: "
+        + (f"the first {n} held-out seeds ({first}, {first + 1}, ...)" if n > 1 else f"held-out seed {first}")
+        + ", the same seeds in every row, so a column is one counterfactual set. Rows, top to bottom:",
+        "",
+        "1. **unsteered**: the source prompt (with the concept), sampled as usual;",
+        "2. **steered**: the same prompt and seed with the pathology vector applied (MedSteer), at the setting "
+        "of Table 2;",
+        "3. **re-prompted**: the same seed sampled with the target prompt instead (the baseline);",
+        "4. **gate**: where steering acted: the gate max(<h, v>, 0) averaged over the sampling steps and the "
+        "steered layers, blended over the unsteered image in viridis colours (purple to yellow = weak to strong; "
+        "where the gate is zero the image shows through).",
+        "",
+        "A good edit changes row 2 only where row 4 is bright, and keeps the rest of row 1; re-prompting "
+        "(row 3) usually redraws the whole scene.",
+        "",
+    ]
+    for edit in edits:
+        parts += [f"![{edit.title}](grid_{edit.name}.png)", ""]
+    return parts
 
 
 def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit]) -> str:
@@ -296,6 +383,11 @@ def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit
         "",
         f"Held-out seeds: {eval_seeds} (from {EVAL_SEED_BASE}); vectors from {vector_seeds} seeds per prompt; "
         f"DDIM 20 steps, CFG {report['cfg']:g}. Wall time {report['seconds']} s.",
+        "",
+        *(_figures(report, edits) if edits else []),
+        "## What the numbers mean",
+        "",
+        *METRIC_DEFINITIONS,
         "",
         "## Rendering check (oracle assigns the prompted class)",
         "",
@@ -346,20 +438,33 @@ def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit
 
     if "strength_sweep" in report:
         title = edits[0].title
-        parts += ["", f"## Table 3: strength sweep ({title})", ""]
+        parts += ["", f"## Table 3: strength sweep ({title})", "", "The Table 2 window, strength varied.", ""]
         parts.append(
             _table(
                 ["strength"] + sweep_header, [[f"{r['strength']:g}"] + sweep_cells(r) for r in report["strength_sweep"]]
             )
         )
-        parts += ["", f"## Table 4a: window sweep ({title}; layer_end exclusive)", ""]
+        parts += [
+            "",
+            f"## Table 4a: window sweep ({title}; layer_end exclusive)",
+            "",
+            "The Table 2 strength, steered layers varied.",
+            "",
+        ]
         parts.append(
             _table(
                 ["layers"] + sweep_header,
                 [[f"{r['layer_start']}-{r['layer_end']}"] + sweep_cells(r) for r in report["window_sweep"]],
             )
         )
-        parts += ["", f"## Table 4b: seeds sweep ({title})", ""]
+        parts += [
+            "",
+            f"## Table 4b: seeds sweep ({title})",
+            "",
+            "Vectors built from fewer seeds per prompt, applied at the Table 2 setting. Cosine to full vector: the "
+            "mean cosine similarity of their directions to those of the full vector (1 = the same direction).",
+            "",
+        ]
         parts.append(
             _table(
                 ["seeds per prompt", "cosine to full vector"] + sweep_header,
@@ -372,16 +477,7 @@ def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit
             "Relative concept difference per layer (|mean with - mean without| / |mean|): "
             + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(profile)),
         ]
-    parts += [
-        "",
-        "Flip rate: steered images the oracle assigns to the target class. delta-p: mean drop of the "
-        "source class probability. Dye detection: images in which the oracle still segments dye. "
-        "Bg-PSNR/SSIM: against the unsteered image of the same seed, outside the (dilated) lesion and "
-        "dye masks of both images. Succeeded: pairs whose edit worked (target class; for dye removal, "
-        "no dye left); eff. Bg-PSNR/SSIM: the background means over those pairs only, so failed edits "
-        "(which keep their background trivially) do not flatter them.",
-        "",
-    ]
+    parts += ["", 'Definitions of every column: see "What the numbers mean" above.', ""]
     return "\n".join(parts)
 
 
@@ -547,12 +643,44 @@ def calibration_markdown(summary: dict) -> str:
     return "\n".join(parts)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count: use 1 or more")
+    return value
+
+
+def _plain(text: str) -> str:
+    """A docstring as terminal text: RST literals (````x````) and emphasis (``**x**``) unmarked."""
+    return re.sub(r"``(.+?)``|\*\*(.+?)\*\*", lambda m: m.group(1) or m.group(2), text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``medsteer demo [options]`` (every option has a default; no flags runs the full demo)."""
-    parser = argparse.ArgumentParser(prog="medsteer demo", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="medsteer demo",
+        description=_plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="medsteer_demo", help="output folder (default medsteer_demo/)")
-    parser.add_argument("--seeds", type=int, default=32, help="held-out seeds per table row (default 32)")
-    parser.add_argument("--vector-seeds", type=int, default=VECTOR_SEEDS, help="seeds per prompt for each vector")
+    parser.add_argument("--seeds", type=_count, default=32, help="held-out seeds per table row, 1 or more (default 32)")
+    parser.add_argument(
+        "--vector-seeds",
+        type=_count,
+        default=VECTOR_SEEDS,
+        help=f"seeds per prompt for each vector, 1 or more (default {VECTOR_SEEDS})",
+    )
     parser.add_argument(
         "--edits",
         default=",".join(e.name for e in EDITS),
@@ -562,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle", default=None, help="an oracle .safetensors (default: the shipped one)")
     parser.add_argument("--no-cache", action="store_true", help="rebuild the vectors even if cached")
     parser.add_argument("--quick", action="store_true", help="a reduced run (few seeds and sweep points)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no report on the terminal")
     parser.add_argument(
         "--calibrate", action="store_true", help="re-run the layer scan and write calibrated vectors to --out"
     )
@@ -572,7 +700,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in edits if e not in known]
     if unknown:
         parser.error(f"unknown edit(s) {unknown}; choose from {sorted(known)}")
+    try:
+        return _run(args, edits)
+    except (MedSteerError, ValueError) as exc:  # bad input: one line (MEDSTEER_DEBUG=1 for the traceback)
+        if os.environ.get("MEDSTEER_DEBUG"):
+            raise
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, edits: tuple[str, ...]) -> int:
+    out = Path(args.out)
     if args.calibrate:
+        _check_arguments(out, 1, 1, 1, edits, args.model, args.oracle)
         summary = calibrate_and_ship(
             args.out, edits=edits, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet
         )
@@ -581,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out, "calibration.md").write_text(text)
         if not args.quiet:
             print(text)
+        print(f"wrote {out.resolve()}/: calibrated vectors, calibration.md, calibration.json")
         return 0
     kwargs = {}
     if args.quick:
@@ -598,7 +739,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.quiet:
         print(Path(args.out, "report.md").read_text())
+    print(_where(out, edits))
     return 0
+
+
+def _where(out: Path, edits: tuple[str, ...]) -> str:
+    """The closing lines: where the demo wrote (absolute paths, to open or copy)."""
+    folder = out.resolve()
+    grids = ", ".join(f"grid_{e.name}.png" for e in EDITS if e.name in edits)
+    return (
+        f"medsteer demo: wrote {folder}{os.sep}\n"
+        f"  report: {folder / 'report.md'} (numbers: report.json)\n"
+        f"  grids:  {grids or 'none (no edits chosen)'} in the same folder"
+    )
 
 
 if __name__ == "__main__":

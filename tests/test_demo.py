@@ -3,17 +3,50 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from medsteer_core import demo
 
 
-def test_reduced_demo_end_to_end(tmp_path):
+def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    args = ["--quick", "--quiet", "--seeds", "2", "--vector-seeds", "2", "--edits", "dye_removal", "--out", str(out)]
+    args = ["--quick", "--quiet", "--seeds", "2", "--vector-seeds", "2", "--edits", "dye_removal", "--out", "demo"]
     assert demo.main(args) == 0
+    # It ends by saying where it wrote, as absolute paths (issue 11), even with --quiet.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-3:] == [
+        f"medsteer demo: wrote {out}{os.sep}",
+        f"  report: {out / 'report.md'} (numbers: report.json)",
+        "  grids:  grid_dye_removal.png in the same folder",
+    ]
     report = (out / "report.md").read_text()
     for heading in ("Rendering check", "Table 2", "Table 3", "Table 4a", "Table 4b", "Re-prompting"):
         assert heading in report
+    # The report explains its grid and defines every metric it shows (issue 11).
+    assert "![Dye removal (dyed lifted polyps -> polyps)](grid_dye_removal.png)" in report
+    assert "one column per seed: the first 2 held-out seeds (900000, 900001, ...)" in report
+    for row in ("1. **unsteered**", "2. **steered**", "3. **re-prompted**", "4. **gate**"):
+        assert row in report
+    header = next(line for line in report.splitlines() if line.startswith("| edit | method |"))
+    columns = [c.strip() for c in header.strip("|").split("|")][2:]
+    definitions = {
+        "flip rate": "**Flip rate**",
+        "delta-p": "**delta-p**",
+        "source removed": "**Source removed**",
+        "dye detection": "**Dye detection**",
+        "Bg-PSNR": "**Bg-PSNR / Bg-SSIM**",
+        "Bg-SSIM": "**Bg-PSNR / Bg-SSIM**",
+        "succeeded": "**Succeeded**",
+        "eff. Bg-PSNR": "**Eff. Bg-PSNR / Bg-SSIM**",
+        "eff. Bg-SSIM": "**Eff. Bg-PSNR / Bg-SSIM**",
+    }
+    assert columns == list(definitions)  # every Table 2 column has its definition
+    for term in [*definitions.values(), "**Rendering rate**", "**Re-prompting**", "**Oracle**"]:
+        assert f"- {term}:" in report or f"{term}:" in report, term
+    assert "**Source removed**: steered images the oracle no longer assigns to the source class" in report
     data = json.loads((out / "report.json").read_text())
     assert set(data["rendering_rate"]) == set(demo.synthetic.CLASSES)
     assert data["strength_sweep"][0]["strength"] == 0.0
@@ -77,3 +110,44 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
     text = demo.calibration_markdown(summary)
     assert text.count("| chosen |") == 1 and "| re-prompting |" in text
     assert ("The choice meets the bar" in text) == bar
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0"], "argument --seeds: 0 is not a positive count: use 1 or more"),
+        (["--seeds", "-5"], "argument --seeds: -5 is not a positive count"),
+        (["--seeds", "many"], "argument --seeds: 'many' is not a whole number"),
+        (["--vector-seeds", "0"], "argument --vector-seeds: 0 is not a positive count"),
+        (["--model", "nope.safetensors"], "--model 'nope.safetensors': no such file"),
+        (["--oracle", "nope.safetensors", "--calibrate"], "--oracle 'nope.safetensors': no such file"),
+    ],
+)
+def test_bad_arguments_exit_2_in_one_line_before_anything_is_created(tmp_path, monkeypatch, capsys, args, message):
+    """Issue 11: ``--seeds 0`` was a raw IndexError after creating an empty output folder."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = demo.main([*args, "--out", "out"])
+    except SystemExit as exit_info:  # argparse's own checks exit
+        status = exit_info.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medsteer demo: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_demo_refuses_zero_seeds_before_creating_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="eval_seeds must be a whole number of at least 1, got 0"):
+        demo.run_demo(tmp_path / "out", eval_seeds=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_is_plain_text_that_names_the_outputs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "**" not in text  # issue 11: raw RST markup in --help
+    assert "medsteer demo: the method, seen and measured offline" in text
+    for name in ("grid_<edit>.png", "report.md", "report.json", "cache/", "--seeds", "--quick"):
+        assert name in text
