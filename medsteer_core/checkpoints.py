@@ -428,10 +428,8 @@ def _block_depth(keys: Iterable[str]) -> int:
     fix = "the file is damaged or not a PixArt-alpha checkpoint; download it again"
     for text in sorted(texts, key=len, reverse=True):
         if not text.isascii() or len(text) > len(str(MAX_DEPTH)) or (len(text) > 1 and text[0] == "0"):
-            raise CheckpointError(
-                f"block index {_show(text)} (in blocks.{text[:20]}{'...' if len(text) > 20 else ''}.*) is not a "
-                f"block number from 0 to {MAX_DEPTH - 1}: {fix}"
-            )
+            shown = text if len(text) <= 12 else f"{text[:8]}... ({len(text)} characters)"
+            raise CheckpointError(f"block index {shown!r} is not a block number from 0 to {MAX_DEPTH - 1}: {fix}")
     numbers = sorted(int(t) for t in texts)
     if numbers[-1] >= MAX_DEPTH:
         raise CheckpointError(f"block index {numbers[-1]} is above the limit of {MAX_DEPTH} blocks: {fix}")
@@ -1297,7 +1295,8 @@ def read_peft_config(path: str | os.PathLike) -> PeftLoraConfig:
             )
     fix = f"fix it in {name!r} (PEFT adapters use r = 4 ... 256, lora_alpha about r)"
     r = _whole_number(raw["r"], f"r in {name!r}", 1, MAX_LORA_RANK, fix)
-    alpha = _finite_number(raw["lora_alpha"], f"lora_alpha in {name!r}", -MAX_LORA_SCALE * r, MAX_LORA_SCALE * r, fix)
+    bound = MAX_LORA_SCALE * MAX_LORA_RANK  # the scale itself is checked below, per module in scale()
+    alpha = _finite_number(raw["lora_alpha"], f"lora_alpha in {name!r}", -bound, bound, fix)
     use_rslora = raw.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise CheckpointError(f"use_rslora in {name!r} is {_show(use_rslora)}; it must be true or false")
@@ -1318,7 +1317,7 @@ def read_peft_config(path: str | os.PathLike) -> PeftLoraConfig:
             if number is _whole_number:
                 number(setting, where, 1, MAX_LORA_RANK, fix)
             else:
-                number(setting, where, -MAX_LORA_SCALE * MAX_LORA_RANK, MAX_LORA_SCALE * MAX_LORA_RANK, fix)
+                number(setting, where, -bound, bound, fix)
         patterns[key] = dict(value)
     for key in ("target_modules", "exclude_modules"):  # PEFT runs re.fullmatch on a string value
         value = raw.get(key)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +419,300 @@ def test_unsupported_adapter_variants_are_refused(tmp_path):
         ck.load_peft_adapter(tmp_path / "full")
     _write_adapter(tmp_path / "adapter_named", {"m.lora_A.default.weight": a, "m.lora_B.default.weight": b})
     assert ck.load_peft_adapter(tmp_path / "adapter_named").modules[0].name == "m"
+
+
+# ------------------------------------------------------------------------------------------------
+# crafted files (issue 12): bounded work, clear errors, nothing outside the folder
+# ------------------------------------------------------------------------------------------------
+def test_lora_layout_error_never_lists_the_folder(tmp_path):
+    """F1: the message reaches ComfyUI clients; it used to list the folder ("it has ['.java', ...]")."""
+    (tmp_path / "secret_payroll.csv").write_text("x")
+    (tmp_path / "private_keys").mkdir()
+    with pytest.raises(ck.CheckpointError, match="has no transformer_lora/ folder") as error:
+        ck.load_medsteer_lora(tmp_path)
+    assert "secret_payroll" not in str(error.value) and "private_keys" not in str(error.value)
+
+
+def test_one_huge_block_index_is_refused_before_anything_is_built(tmp_path):
+    """F4: blocks.100000000.* in a 7.7 MB file made the depth 10^8 (minutes, gigabytes)."""
+    import time
+
+    sd = random_original_state_dict(TINY_512)
+    sd["blocks.100000000.mlp.fc1.weight"] = torch.zeros(576, 1536)
+    save_file(sd, str(tmp_path / "huge_index.safetensors"))
+    start = time.perf_counter()
+    with pytest.raises(ck.CheckpointError, match=r"block index '100000000'.*0 to 999"):
+        ck.load_pixart_checkpoint(tmp_path / "huge_index.safetensors")
+    assert time.perf_counter() - start < 5  # measured 0.01 s; ~minutes before the fix
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"blocks.3.mlp.fc1.weight": (576, 144)}, r"blocks 0-1, 3: .*block 2 is absent"),
+        ({"blocks.01.mlp.fc1.weight": (576, 144)}, r"block index '01'"),
+        ({"blocks.999.mlp.fc1.weight": (576, 144)}, r"blocks 0-1, 999: .*block 2 is absent"),
+        (
+            {"blocks." + "9" * 5000 + ".mlp.fc1.weight": (576, 144)},
+            r"block index '99999999\.\.\. \(5000 characters\)' is not a block number from 0 to 999",
+        ),
+        ({"blocks.\u0663.mlp.fc1.weight": (576, 144)}, r"block index '\u0663'"),
+    ],
+)
+def test_block_indices_must_be_0_to_n_minus_1(extra, message):
+    shapes = {k: tuple(v.shape) for k, v in random_original_state_dict(TINY_512).items()}
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.pixart_geometry({**shapes, **extra})
+    assert ck.MAX_DEPTH == 1000
+
+
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("x_embedder.proj.weight", (0, 4, 2, 2)),  # ZeroDivisionError before
+        ("x_embedder.proj.weight", (144, 4, 2)),  # ValueError (unpacking) before
+        ("x_embedder.proj.weight", (144, 4, 0, 0)),  # ZeroDivisionError before
+        ("y_embedder.y_proj.fc1.weight", (144,)),  # IndexError before
+        ("pos_embed", (1024,)),  # IndexError before
+        ("y_embedder.y_embedding", ()),  # IndexError before
+    ],
+)
+def test_malformed_geometry_tensors_are_checkpoint_errors(key, shape):
+    shapes = {k: tuple(v.shape) for k, v in random_original_state_dict(TINY_512).items()}
+    shapes[key] = shape
+    with pytest.raises(ck.CheckpointError, match=re.escape(key)):
+        ck.pixart_geometry(shapes)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"interpolation_scale": float("nan")}, r"interpolation_scale \(config.json\) is nan"),
+        ({"interpolation_scale": float("inf")}, r"interpolation_scale \(config.json\) is inf"),
+        ({"interpolation_scale": 0}, r"interpolation_scale \(config.json\) is 0"),
+        ({"num_attention_heads": -1}, r"num_attention_heads \(config.json\) is -1"),
+        ({"num_attention_heads": 0}, r"num_attention_heads \(config.json\) is 0"),
+        ({"num_attention_heads": 5}, r"not divisible by 5 heads"),
+        ({"num_attention_heads": "2"}, r"num_attention_heads \(config.json\) is '2'"),
+        ({"num_attention_heads": 2.5}, r"num_attention_heads \(config.json\) is 2.5"),
+        ({"sample_size": -64}, r"sample_size \(config.json\) is -64"),
+        ({"sample_size": 10**9}, r"sample_size \(config.json\) is 1000000000.*1 to 1024"),
+        ({"num_layers": 1}, r"num_layers = 1, but the weights have 2 blocks"),
+        ({"num_layers": 3}, r"num_layers = 3, but the weights have 2 blocks"),
+        ({"attention_head_dim": 36}, r"num_attention_heads x attention_head_dim = 72, but the weights have 144"),
+        ({"in_channels": 3}, r"in_channels = 3, but the weights have 4"),
+        ({"caption_channels": 4096}, r"caption_channels = 4096, but the weights have 32"),
+        ({"use_additional_conditions": True}, r"use_additional_conditions = True.*lack"),
+        ({"use_additional_conditions": "yes"}, r"use_additional_conditions \(config.json\) is 'yes'"),
+    ],
+)
+def test_every_config_field_used_is_checked(tmp_path, pixart, entry, message):
+    """F9 / F12: config.json is checked against the weights before any model is built."""
+    config = {**dict(pixart.config), **entry}
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.to_pixart_layout(pixart.state_dict(), config)
+    folder = tmp_path / "t"
+    pixart.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_pixart_checkpoint(folder)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.check_diffusers_transformer(folder)
+
+
+def test_check_diffusers_transformer_reads_headers_only(tmp_path, pixart):
+    pixart.save_pretrained(tmp_path / "t")
+    assert ck.check_diffusers_transformer(tmp_path / "t") == TINY_512
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe not utf-8", b"[" * 100_000, b'{"num_layers": ' + b"9" * 5000 + b"}", b"[1, 2]", b"{", b""],
+)
+def test_broken_config_json_is_a_checkpoint_error(tmp_path, pixart, content):
+    pixart.save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "config.json").write_bytes(content)
+    with pytest.raises(ck.CheckpointError, match="config.json"):
+        ck.load_pixart_checkpoint(tmp_path / "t")
+
+
+def _shard_folder(tmp_path, pixart, names) -> Path:
+    sd = {k: v.contiguous() for k, v in pixart.state_dict().items()}
+    folder = tmp_path / "model" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(pixart.config)))
+    keys = sorted(sd)
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = keys[i :: len(names)]
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: sd[k] for k in part}, str(target))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "ABSOLUTE", "sub/inner.safetensors", "x.bin"])
+def test_shard_index_names_only_files_in_the_folder(tmp_path, pixart, escape):
+    """F13: a weight_map naming ../x.safetensors or an absolute path was loaded."""
+    if escape == "ABSOLUTE":
+        escape = str(tmp_path / "elsewhere.safetensors")
+    folder = _shard_folder(tmp_path, pixart, ["diffusion_pytorch_model-00001-of-00002.safetensors", escape])
+    assert (folder / escape).is_file()  # the file exists: only the name is wrong
+    for load in (ck.load_pixart_checkpoint, ck.check_diffusers_transformer):
+        with pytest.raises(ck.CheckpointError, match="shard"):
+            load(folder)
+
+
+def test_shard_that_is_not_a_regular_file_is_refused(tmp_path, pixart):
+    import os
+
+    folder = _shard_folder(tmp_path, pixart, ["a.safetensors", "b.safetensors"])
+    (folder / "b.safetensors").unlink()
+    os.mkfifo(folder / "b.safetensors")  # a FIFO would block the reader forever
+    with pytest.raises(ck.CheckpointError, match="'b.safetensors', which is missing or not a regular file"):
+        ck.check_diffusers_transformer(folder)
+
+
+# PEFT adapter configs ---------------------------------------------------------------------------
+def _adapter(tmp_path, **config) -> Path:
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    folder = tmp_path / "adapter"
+    _write_adapter(
+        folder,
+        {"transformer_blocks.0.attn2.to_k.lora_A.weight": a, "transformer_blocks.0.attn2.to_k.lora_B.weight": b},
+        **config,
+    )
+    return folder
+
+
+def test_backtracking_pattern_is_refused_at_once(tmp_path):
+    """F5: PEFT's regex with rank_pattern key '(a+)+$' took 183 s on a 20-character name."""
+    import time
+
+    folder = tmp_path / "a"
+    name = "a" * 30 + "!"
+    _write_adapter(folder, {f"{name}.lora_A.weight": torch.zeros(2, 8), f"{name}.lora_B.weight": torch.zeros(8, 2)})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for pattern in ("(a+)+$", "(a|aa)*$", "(a*)*", "(?:a+)+", r"(\w+\.?)+"):
+        config["rank_pattern"] = {pattern: 2}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        with pytest.raises(ck.CheckpointError, match=re.escape(f"rank_pattern key {pattern!r}")):
+            ck.load_peft_adapter(folder)
+        assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize(
+    "pattern, why",
+    [
+        ("[", "not closed"),
+        ("(to_q", "not closed"),
+        ("to_q)", "unmatched"),
+        ("a{2,1}", "reversed"),
+        (".*.*.*.*", "more than 3"),
+        ("x" * 201, "201 characters"),
+        (r"(a)\1", "not supported"),
+        ("(?=a)", "not supported"),
+        ("a**", "quantifier follows"),
+        ("", "0 characters"),
+    ],
+)
+def test_unsupported_patterns_name_the_key_and_the_rule(tmp_path, pattern, why):
+    folder = _adapter(tmp_path, alpha_pattern={pattern: 2.0})
+    with pytest.raises(ck.CheckpointError, match="alpha_pattern key " + re.escape(repr(pattern)[:40])) as error:
+        ck.load_peft_adapter(folder)
+    assert why in str(error.value) and "transformer_blocks.0.attn1.to_q" in str(error.value)
+
+
+def test_target_modules_string_is_a_pattern_too(tmp_path):
+    with pytest.raises(ck.CheckpointError, match=r"target_modules '\(a\+\)\+'"):
+        ck.load_peft_adapter(_adapter(tmp_path, target_modules="(a+)+"))
+
+
+REAL_PATTERNS = [
+    "transformer_blocks.0.attn2.to_k",
+    "attn2.to_k",
+    "to_k",
+    r"transformer_blocks\.\d+\.attn2\.to_k",
+    "transformer_blocks.0.attn[12].to_(q|k)",
+    "^transformer_blocks.0.attn2.to_k$",
+    ".*attn2.*",
+    "(?:attn1|attn2).to_k",
+    "to_q|to_k",
+    r"transformer_blocks\.[0-9]{1,2}\.attn2\.to_k",
+]
+
+
+@pytest.mark.parametrize("pattern", REAL_PATTERNS)
+def test_real_peft_patterns_match_as_peft_matches_them(tmp_path, pattern):
+    module = "transformer_blocks.0.attn2.to_k"
+    assert ck.module_matches(pattern, module) is bool(re.match(rf"(.*\.)?({pattern})$", module))
+    assert ck.module_matches(pattern, module)  # every one of these targets the module
+    adapter = ck.load_peft_adapter(_adapter(tmp_path, rank_pattern={pattern: 2}, alpha_pattern={pattern: 6.0}))
+    assert adapter.modules[0].scale == 3.0
+
+
+def test_patterns_of_other_modules_do_not_match():
+    for pattern in ("transformer_blocks.0.attn1.to_q", "attn1.to_k", "to_q", "blocks.0.attn2.to_k", "to_k$|to_v"):
+        assert not ck.module_matches(pattern, "transformer_blocks.0.attn2.to_kv")
+        assert ck.module_matches(pattern, "transformer_blocks.0.attn2.to_k") is bool(
+            re.match(rf"(.*\.)?({pattern})$", "transformer_blocks.0.attn2.to_k")
+        )
+
+
+def test_pattern_matching_is_linear_in_the_module_name():
+    import time
+
+    name = "a" * 400 + "!"
+    start = time.perf_counter()
+    assert not ck.module_matches(".*a.*a.*a", name)
+    assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"lora_alpha": float("nan")}, r"lora_alpha in .* is nan"),
+        ({"lora_alpha": float("inf")}, r"lora_alpha in .* is inf"),
+        ({"lora_alpha": 1e30}, r"lora_alpha in .* is 1e\+30"),
+        ({"lora_alpha": "8"}, r"lora_alpha in .* is '8'; it must be a number"),
+        ({"r": float("inf")}, r"r in .* is inf"),  # "r": 1e400 in JSON reads as inf (OverflowError before)
+        ({"r": 0}, r"r in .* is 0; it must be a whole number from 1 to 16384"),
+        ({"r": -2}, r"r in .* is -2"),
+        ({"r": 2.5}, r"r in .* is 2.5"),
+        ({"r": True}, r"r in .* is True"),
+        ({"r": 10**6}, r"r in .* is 1000000"),
+        ({"rank_pattern": ["to_k"]}, r"rank_pattern in .* is a list"),  # TypeError before
+        ({"rank_pattern": {"to_k": 0}}, r"rank_pattern\['to_k'\] in .* is 0"),
+        ({"alpha_pattern": {"to_k": float("nan")}}, r"alpha_pattern\['to_k'\] in .* is nan"),
+        ({"alpha_pattern": {"to_k": 1e9}}, r"alpha_pattern\['to_k'\] in .* is 1000000000.0"),
+        ({"alpha_pattern": {"to_k": 3000}}, r"module 'transformer_blocks.0.attn2.to_k' gets lora_alpha 3000 / r"),
+        ({"use_rslora": "false"}, r"use_rslora in .* is 'false'"),
+        ({"lora_alpha": 3000.0}, r"gives a LoRA scale of 1500"),
+    ],
+)
+def test_adapter_numbers_out_of_bounds_are_refused(tmp_path, config, message):
+    """F8 / F10: NaN, inf and 1e30 alphas were applied (black images, exit 0); r 1e400 was an OverflowError."""
+    folder = _adapter(tmp_path, **config)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_peft_adapter(folder)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff not utf-8", b"[" * 100_000, b'{"r": ' + b"1" * 5000 + b', "lora_alpha": 1}', b"[]"]
+)
+def test_broken_adapter_config_is_a_checkpoint_error(tmp_path, content):
+    folder = _adapter(tmp_path)
+    (folder / "adapter_config.json").write_bytes(content)
+    with pytest.raises(ck.CheckpointError, match="adapter_config.json"):
+        ck.load_peft_adapter(folder)
+
+
+def test_overlong_module_name_in_adapter_is_refused(tmp_path):
+    name = "m" * 1000
+    folder = tmp_path / "long"
+    _write_adapter(folder, {f"{name}.lora_A.weight": torch.zeros(2, 8), f"{name}.lora_B.weight": torch.zeros(8, 2)})
+    with pytest.raises(ck.CheckpointError, match="has a key of 1014 characters"):
+        ck.load_peft_adapter(folder)
