@@ -506,6 +506,7 @@ def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
     if path.exists():
         index = _check_pipeline_folder(path)
         cls = classes[index["_class_name"]]
+        _check_transformer_weights(path / "transformer")
         try:
             pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -549,6 +550,21 @@ def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
             raise
         pipe = classes[name].from_pretrained(source, dtype=dtype)  # cache incomplete: fetch the rest
     return pipe, _PIPELINE_FAMILIES[name]
+
+
+def _check_transformer_weights(folder: Path) -> None:
+    """The transformer's config.json against its weights' shapes (safetensors headers only) and its
+    shard index, before diffusers builds the model: diffusers silently drops weights a shorter
+    config has no place for, and fails with "Cannot copy out of meta tensor" on a longer one
+    (issue 12, F12/F13)."""
+    from .checkpoints import CheckpointError, check_diffusers_transformer
+
+    if not folder.is_dir():
+        return
+    try:
+        check_diffusers_transformer(folder)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"the transformer in {str(folder)!r} cannot be loaded: {exc}") from None
 
 
 def _check_pipeline_folder(path: Path) -> dict:

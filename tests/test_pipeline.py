@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +384,72 @@ def test_hub_ids_do_not_look_local(no_hub):
 def test_missing_lora_folder_is_refused_before_loading_the_model(no_hub):
     with pytest.raises(mp.ModelLoadError, match="no LoRA folder at 'loras/medsteer'"):
         mp.load_model("models/x", lora="loras/medsteer", device="cpu")
+
+
+# ----------------------------------------------------------------------------------- crafted folders (issue 12)
+def _copy_model(folders, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folders["model"], tmp_path / "copy"))
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("layers", [LAYERS - 1, LAYERS + 1])
+def test_config_with_another_layer_count_than_the_weights_is_refused(folders, tmp_path, layers):
+    """F12: fewer layers loaded silently (exit 0, blocks dropped); more gave 'Cannot copy out of meta tensor'."""
+    folder = _copy_model(folders, tmp_path)
+    _edit_json(folder / "transformer" / "config.json", num_layers=layers)
+    with pytest.raises(mp.ModelLoadError, match=rf"num_layers = {layers}, but the weights have {LAYERS} blocks"):
+        mp.load_model(folder, device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"interpolation_scale": float("nan")}, "interpolation_scale"),
+        ({"num_attention_heads": -1}, "num_attention_heads"),
+        ({"attention_head_dim": 4}, "num_attention_heads x attention_head_dim = 8"),
+    ],
+)
+def test_config_fields_are_checked_before_diffusers_builds_the_model(folders, tmp_path, entry, message):
+    folder = _copy_model(folders, tmp_path)
+    _edit_json(folder / "transformer" / "config.json", **entry)
+    with pytest.raises(mp.ModelLoadError, match=message):
+        mp.load_model(folder, device="cpu", quiet=True)
+
+
+def test_shard_index_outside_the_folder_is_refused(folders, tmp_path):
+    """F13: diffusers loads whatever file a *.index.json weight_map names, ../ and absolute included."""
+    folder = _copy_model(folders, tmp_path)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    outside = tmp_path / "outside.safetensors"
+    weights.rename(outside)
+    keys = list(load_file(str(outside)))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "../../outside.safetensors")}
+    (weights.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(mp.ModelLoadError, match="shards must be plain file names in the same folder"):
+        mp.load_model(folder, device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"lora_alpha": float("nan")}, "lora_alpha in .* is nan"),
+        ({"lora_alpha": 1e30}, r"lora_alpha in .* is 1e\+30"),
+        ({"rank_pattern": {"(a+)+$": 2}}, r"rank_pattern key '\(a\+\)\+\$'"),
+        ({"target_modules": "(.*)*to_q"}, r"target_modules '\(\.\*\)\*to_q'"),
+    ],
+)
+def test_crafted_lora_config_is_refused_before_peft_sees_it(folders, tmp_path, entry, message):
+    """F5 / F8: NaN / 1e30 alphas were merged (black images, exit 0); PEFT's regex hung on (a+)+$."""
+    import shutil
+
+    lora = Path(shutil.copytree(folders["lora"], tmp_path / "lora"))
+    _edit_json(lora / "transformer_lora" / "adapter_config.json", **entry)
+    with pytest.raises(mp.ModelLoadError, match=message):
+        mp.load_model(folders["model"], lora=lora, device="cpu", quiet=True)
