@@ -66,6 +66,68 @@ def test_corrupt_or_missing_mini_file_gets_a_clear_error(tmp_path, content):
         load_mini(tmp_path / "missing.safetensors")
 
 
+def _crafted_mini(tmp_path, drop=(), **changes):
+    """The shipped mini's tensors with its metadata edited (values given as Python objects are JSON-encoded)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from medsteer_core.mini import DEFAULT_PATH
+
+    with safe_open(str(DEFAULT_PATH), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    for key in ("transformer_config", "text_encoder_config"):
+        if isinstance(changes.get(key), dict) and not changes[key].get("_replace"):
+            changes[key] = {**json.loads(meta[key]), **changes[key]}
+    for key, value in changes.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    for key in drop:
+        meta.pop(key)
+    path = tmp_path / "crafted.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "drop, changes, message",
+    [
+        (("vocabulary",), {}, "no 'vocabulary' metadata entry"),  # KeyError before
+        ((), {"text_encoder_config": "[1, 2]"}, "'text_encoder_config' is a list"),  # TypeError before
+        ((), {"text_encoder_config": "{"}, "'text_encoder_config' is not valid JSON"),
+        ((), {"vocabulary": "[" * 100_000}, "'vocabulary' is not valid JSON"),  # RecursionError
+        ((), {"vocabulary": ["<pad>", "</s>", "<unk>", 7]}, "distinct words"),
+        ((), {"text_encoder_config": {"num_layers": 10**6}}, "num_layers is 1000000, the weights hold 2"),
+        ((), {"text_encoder_config": {"d_model": 4096}}, "does not match the model"),
+        ((), {"text_encoder_config": {"vocab_size": 10**6}}, "vocab_size 1000000 differs"),
+        ((), {"text_encoder_config": {"num_heads": "4"}}, "num_heads is 4, not a whole number"),
+        ((), {"transformer_config": {"num_layers": 100000}}, "num_layers = 100000, but the weights have 6 blocks"),
+        ((), {"transformer_config": {"sample_size": 10**9}}, "sample_size .* is 1000000000"),
+        ((), {"transformer_config": {"sample_size": 30}}, "not a multiple of patch_size 4"),
+        ((), {"transformer_config": {"num_attention_heads": 0}}, "num_attention_heads"),
+        ((), {"transformer_config": {"interpolation_scale": 1}}, "unknown entries"),
+        ((), {"default_cfg": "nan"}, "default_cfg 'nan'"),
+        ((), {"prediction_type": "x0"}, "prediction_type 'x0'"),
+    ],
+)
+def test_crafted_mini_metadata_is_a_medsteer_error_before_anything_is_built(tmp_path, drop, changes, message):
+    """Issue 12, F10: KeyError / TypeError from a crafted file, and declared sizes that were trusted."""
+    from medsteer_core import MedSteerError
+    from medsteer_core.mini import load_mini_parts
+
+    path = _crafted_mini(tmp_path, drop, **changes)
+    with pytest.raises(MedSteerError, match=message):
+        load_mini_parts(path)
+
+
+def test_unedited_copy_of_the_shipped_mini_loads(tmp_path):
+    from medsteer_core.mini import load_mini_parts
+
+    parts = load_mini_parts(_crafted_mini(tmp_path))
+    assert parts.transformer_config["num_layers"] == 6
+
+
 def test_shipped_model_is_a_pixart_with_six_sites(mini):
     sites = find_sites(mini.transformer)
     assert (sites.host, sites.depth, sites.hidden_size, sites.patch_size) == ("diffusers", 6, 128, 4)
