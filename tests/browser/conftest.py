@@ -154,8 +154,10 @@ def comfy_server(tmp_path_factory):
         _stop(process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
+    # Module scope: playwright's sync API keeps an asyncio loop running in this thread while it is
+    # open, and the comfyui tests that run after this folder call asyncio.run().
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
