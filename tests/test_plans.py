@@ -329,7 +329,11 @@ def test_save_names_that_escape_are_refused(name):
 
 
 # ---------------------------------------------------------------------------------- packaging
-def test_importing_the_pack_root_outside_comfyui_registers_nothing():
+def test_importing_the_pack_root_outside_comfyui_registers_nothing(monkeypatch):
+    # In a full run the comfyui tests have put ComfyUI on sys.path before this test: hide its API
+    # (None in sys.modules makes the import fail), as it is missing outside ComfyUI.
+    monkeypatch.setitem(sys.modules, "comfy_api", None)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", None)
     spec = importlib.util.spec_from_file_location(
         "medsteer_pack_under_test", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
     )
