@@ -989,11 +989,13 @@ def list_diffusers_folders(roots: Iterable[str | os.PathLike], max_depth: int = 
 # F5), and PEFT itself runs the same regex when the CLI attaches the adapter. So a key must be a
 # module path in a small regex subset: letters, digits, ``_``, ``-``, ``.``, ``\.``, ``\d``,
 # ``\w``, simple ``[...]`` classes, ``(a|b)`` groups and ``^`` / ``$``; quantifiers (``? * + {m,n}``)
-# only after a single character, at most MAX_PATTERN_REPEATS repeats, no quantified group. Such a
-# pattern has no exponential backtracking in ``re`` (PEFT), and is matched here without ``re``, in
-# time linear in the module name.
+# only after a single character, no quantified group, at most MAX_PATTERN_REPEATS variable repeats
+# and MAX_PATTERN_BRANCHES alternatives in all (``(a|.)`` x 40 or ``.?`` x 60 backtrack exponentially
+# too). Such a pattern backtracks polynomially at worst in ``re`` (PEFT: < 10 ms on a 60-character
+# module name), and is matched here without ``re``, in time linear in the module name.
 MAX_PATTERN_LENGTH = 200
-MAX_PATTERN_REPEATS = 3
+MAX_PATTERN_REPEATS = 2
+MAX_PATTERN_BRANCHES = 16
 _PATTERN_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _PATTERN_ESCAPES = {
     ".": lambda c: c == ".",
@@ -1005,7 +1007,7 @@ _PATTERN_ESCAPES = {
 PATTERN_RULE = (
     "use the module path (e.g. 'transformer_blocks.0.attn1.to_q' or 'attn2.to_k'), optionally with "
     "\\d+, .*, [0-9] or (to_q|to_k); quantifiers only after one character, at most "
-    f"{MAX_PATTERN_REPEATS}, and at most {MAX_PATTERN_LENGTH} characters"
+    f"{MAX_PATTERN_REPEATS} of them, at most {MAX_PATTERN_BRANCHES} alternatives, {MAX_PATTERN_LENGTH} characters"
 )
 
 
@@ -1021,7 +1023,7 @@ def _parse_pattern(pattern: str) -> list:
         raise _PatternRefused(f"it is a {type(pattern).__name__}, not a string")
     if not pattern or len(pattern) > MAX_PATTERN_LENGTH:
         raise _PatternRefused(f"it has {len(pattern)} characters (1 to {MAX_PATTERN_LENGTH} allowed)")
-    n, pos, repeats = len(pattern), 0, 0
+    n, pos, repeats, branches = len(pattern), 0, 0, 1
 
     def char_class():
         nonlocal pos
@@ -1088,10 +1090,10 @@ def _parse_pattern(pattern: str) -> list:
                 raise _PatternRefused(f"the repeat {{{body}}} has its bounds reversed")
         else:
             low, high = {"?": (0, 1), "*": (0, None), "+": (1, None)}[c]
-        if high is None or high > 1:
+        if high is None or high > low:
             repeats += 1
             if repeats > MAX_PATTERN_REPEATS:
-                raise _PatternRefused(f"it repeats more than {MAX_PATTERN_REPEATS} times")
+                raise _PatternRefused(f"it has more than {MAX_PATTERN_REPEATS} variable repeats (? * + {{m,n}})")
         if pos < n and pattern[pos] in "?*+{":
             raise _PatternRefused(f"a quantifier follows a quantifier at position {pos}")
         return low, high
@@ -1126,11 +1128,14 @@ def _parse_pattern(pattern: str) -> list:
         return items
 
     def alternation(depth: int) -> list:
-        nonlocal pos
+        nonlocal pos, branches
         alternatives = [sequence(depth)]
         while pos < n and pattern[pos] == "|":
             pos += 1
             alternatives.append(sequence(depth))
+        branches *= len(alternatives)
+        if branches > MAX_PATTERN_BRANCHES:
+            raise _PatternRefused(f"its (a|b) groups combine into more than {MAX_PATTERN_BRANCHES} alternatives")
         return alternatives
 
     parsed = alternation(0)

@@ -360,7 +360,7 @@ def _check_transformer(config: dict, state: dict[str, torch.Tensor], path: Path)
     """The declared transformer config against the weights, on shapes only, before any model exists."""
     from .checkpoints import to_pixart_layout
 
-    missing = [k for k in _SHAPE_KEYS if k not in config]
+    missing = [k for k in _SHAPE_KEYS if config.get(k) is None]
     unknown = sorted(set(config) - set(TRANSFORMER_CONFIG))
     if missing or unknown:
         raise MedSteerError(
