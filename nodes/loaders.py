@@ -92,6 +92,16 @@ def resolve_lora(name: str) -> str:
     )
 
 
+def _for_clients(error: ck.CheckpointError, folder_names: tuple[str, ...]) -> ck.CheckpointError:
+    """``error`` with each registered model folder's path replaced by ``models/<kind>``: messages reach
+    every client of a shared server, which need not learn where the server keeps its files (issue 12, F1)."""
+    message = str(error)
+    roots = {os.path.abspath(root): f"models/{kind}" for kind in folder_names for root in _roots(kind)}
+    for root in sorted(roots, key=len, reverse=True):
+        message = message.replace(root, roots[root])
+    return ck.CheckpointError(message)
+
+
 def _queue_time_check(resolve, name) -> bool | str:
     """What a V3 ``validate_inputs`` returns: True, or the message ComfyUI shows at queue time.
 
@@ -180,7 +190,10 @@ class LoadPixArtAlphaCheckpoint(io.ComfyNode):
     def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
         if weight_dtype not in _DTYPES:
             raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {list(_DTYPES)}")
-        state_dict, geometry = ck.load_pixart_checkpoint(resolve_checkpoint(ckpt_name))
+        try:
+            state_dict, geometry = ck.load_pixart_checkpoint(resolve_checkpoint(ckpt_name))
+        except ck.CheckpointError as error:
+            raise _for_clients(error, _CHECKPOINT_FOLDERS) from None
         if geometry.model_max_length == 300:
             raise ck.CheckpointError(
                 f"{ckpt_name!r} has a 300-token caption embedding: it is PixArt-Sigma, not PixArt-alpha. "
@@ -270,16 +283,20 @@ class LoadPeftLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float) -> io.NodeOutput:
-        lora = ck.load_medsteer_lora(
-            resolve_lora(lora_name), transformer=strength_model != 0, text_encoder=strength_clip != 0
-        )
-        new_model, new_clip = model, clip
-        if lora.transformer is not None:
-            patches = ck.transformer_lora_patches(lora.transformer, model.model.state_dict(), prefix="diffusion_model.")
-            new_model = _add_lora_patches(model, patches, strength_model)
-        if lora.text_encoder is not None:
-            patches = ck.t5_lora_patches(lora.text_encoder, clip.cond_stage_model.state_dict())
-            new_clip = _add_lora_patches(clip, patches, strength_clip)
+        try:
+            lora = ck.load_medsteer_lora(
+                resolve_lora(lora_name), transformer=strength_model != 0, text_encoder=strength_clip != 0
+            )
+            new_model, new_clip = model, clip
+            if lora.transformer is not None:
+                shapes = model.model.state_dict()
+                patches = ck.transformer_lora_patches(lora.transformer, shapes, prefix="diffusion_model.")
+                new_model = _add_lora_patches(model, patches, strength_model)
+            if lora.text_encoder is not None:
+                patches = ck.t5_lora_patches(lora.text_encoder, clip.cond_stage_model.state_dict())
+                new_clip = _add_lora_patches(clip, patches, strength_clip)
+        except ck.CheckpointError as error:
+            raise _for_clients(error, ("loras",)) from None
         return io.NodeOutput(new_model, new_clip)
 
 

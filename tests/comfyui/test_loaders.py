@@ -399,3 +399,95 @@ def test_model_names_resolve_only_inside_the_registered_folders(comfy_env, files
         for node, name in ((ids["loader"], ckpt), (ids["lora"], lora)):
             (message,) = errors[node]
             assert repr(name) in message and "use a path relative to that folder, without '..'" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Crafted files (issue 12): errors that reach clients, bounded work, files only inside the folder
+# ------------------------------------------------------------------------------------------------
+def test_errors_reaching_clients_list_no_folder_and_show_no_server_path(comfy_env, files):
+    """F1: "'/etc' has no transformer_lora/ folder (it has ['.java', '.pwd.lock', ...])"."""
+    probe = files.root / "loras" / "probe"
+    probe.mkdir()
+    (probe / "secret_notes.txt").write_text("x")
+    (probe / "text_encoder_lora").symlink_to(files.root / "loras" / "medsteer" / "text_encoder_lora")
+    graph, _ = text_graph("tiny_pixart/", files.t5_folder, ("probe/", 1.0, 1.0))
+    result = comfy_env.run(graph, fresh=True)
+    assert not result.success and "has no transformer_lora/ folder" in result.error
+    assert "'models/loras/probe'" in result.error  # the server's own path is not shown
+    assert "secret_notes" not in result.error and str(files.root) not in result.error
+
+
+def _crafted_folder(files, name: str, edit) -> str:
+    import shutil
+
+    folder = files.root / "diffusion_models" / name
+    shutil.copytree(files.root / "diffusion_models" / "tiny_pixart", folder)
+    edit(folder)
+    return f"{name}/"
+
+
+def _edit_config(**entries):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(entries)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _shard_outside(folder):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    outside = folder.parent.parent / "outside.safetensors"
+    weights.rename(outside)
+    index = {"weight_map": dict.fromkeys(load_file(str(outside)), "../../outside.safetensors")}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _huge_block_index(folder):
+    sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    sd["transformer_blocks.100000000.ff.net.0.proj.weight"] = torch.zeros(576, 1536)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        (
+            "nan_interpolation",
+            _edit_config(interpolation_scale=float("nan")),
+            "interpolation_scale (config.json) is nan",
+        ),
+        ("negative_heads", _edit_config(num_attention_heads=-1), "num_attention_heads (config.json) is -1"),
+        ("fewer_layers", _edit_config(num_layers=1), "num_layers = 1, but the weights have 2 blocks"),
+        ("shard_outside", _shard_outside, "shards must be plain file names in the same folder"),
+        ("huge_index", _huge_block_index, "block index '100000000' is not a block number from 0 to 999"),
+    ],
+)
+def test_crafted_checkpoint_folders_fail_at_once_naming_the_field(comfy_env, files, name, edit, message):
+    """F4 / F9 / F12 / F13: a NaN interpolation_scale sampled NaN, heads -1 failed only at sampling,
+    a ../ shard was loaded, one huge block index took minutes and gigabytes."""
+    import time
+
+    graph, ids = text_graph(_crafted_folder(files, name, edit), files.t5_folder)
+    start = time.perf_counter()
+    result = comfy_env.run(graph, fresh=True)
+    assert not result.success and message in result.error
+    assert str(files.root) not in result.error
+    assert time.perf_counter() - start < 60
+
+
+def test_crafted_lora_config_is_refused_before_any_patch(comfy_env, files):
+    """F5 / F8: a NaN alpha was applied; PEFT's pattern regex hung on (a+)+$."""
+    import shutil
+
+    for name, entries, message in (
+        ("nan_alpha", {"lora_alpha": float("nan")}, "lora_alpha in 'models/loras/nan_alpha/transformer_lora"),
+        ("regex_bomb", {"rank_pattern": {"(a+)+$": 2}}, "rank_pattern key '(a+)+$'"),
+    ):
+        lora = files.root / "loras" / name
+        shutil.copytree(files.root / "loras" / "medsteer", lora)
+        config_path = lora / "transformer_lora" / "adapter_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **entries}))
+        graph, _ = text_graph("tiny_pixart/", files.t5_folder, (f"{name}/", 1.0, 1.0))
+        result = comfy_env.run(graph, fresh=True)
+        assert not result.success and message in result.error, result.error
