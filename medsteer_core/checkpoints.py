@@ -280,7 +280,13 @@ def diffusers_to_pixart(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
                 f"cannot build {new_key}: its q/k/v parts {missing} are missing from the diffusers "
                 "state dict; the checkpoint is incomplete, download it again"
             )
-        out[new_key] = torch.cat([pieces[i] for i in range(fused_parts[new_key])], dim=0)
+        parts = [pieces[i] for i in range(fused_parts[new_key])]
+        if any(t.ndim != parts[0].ndim or t.ndim == 0 or t.shape[1:] != parts[0].shape[1:] for t in parts):
+            raise CheckpointError(
+                f"cannot build {new_key}: its q/k/v parts have shapes {[list(t.shape) for t in parts]}, which do "
+                "not stack; the checkpoint is damaged or not a PixArt transformer"
+            )
+        out[new_key] = torch.cat(parts, dim=0)
     return out
 
 
@@ -315,6 +321,10 @@ def pixart_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
                 continue
             if module in _BLOCK_FUSED:
                 parts = _BLOCK_FUSED[module]
+                if tensor.ndim == 0 or tensor.shape[0] % len(parts):
+                    raise CheckpointError(
+                        f"{key!r} has shape {list(tensor.shape)}, which does not split into {len(parts)} equal parts"
+                    )
                 for part, chunk in zip(parts, tensor.chunk(len(parts), dim=0), strict=True):
                     out[f"transformer_blocks.{index}.{part}.{leaf}"] = chunk.clone()
                 continue
@@ -714,8 +724,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors (names to tensors)")
     return data
 
 

@@ -44,6 +44,11 @@ JSON = st.recursive(
 PATTERN_TEXT = st.text(alphabet="ab_0.()|*+?[]{},-\\dw^$:", max_size=14)
 
 
+def _describable(shape) -> bool:
+    """Whether a meta tensor can have this shape (torch refuses storage sizes beyond int64)."""
+    return math.prod(max(d, 1) for d in shape) < 2**40
+
+
 def _only_our_error(call, *args):
     try:
         return call(*args)
@@ -100,10 +105,30 @@ def test_crafted_checkpoint_shapes(changes, removed):
     shapes = {k: tuple(v.shape) for k, v in ORIGINAL.items() if k not in removed}
     shapes.update(changes)
     _only_our_error(ck.pixart_geometry, shapes)  # shapes alone: any size
-    if all(math.prod(shape) < 2**40 for shape in changes.values()):  # what a meta tensor can describe
+    if all(_describable(shape) for shape in changes.values()):
         state = {k: v for k, v in ORIGINAL.items() if k not in removed}
         state.update({k: torch.empty(shape, device="meta") for k, shape in changes.items()})
         _only_our_error(ck.to_pixart_layout, state)
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(sorted(META_STATE)), SHAPE, max_size=4),
+    st.sets(st.sampled_from(sorted(META_STATE)), max_size=2),
+)
+def test_crafted_diffusers_checkpoint_shapes(changes, removed):
+    state = {k: v for k, v in META_STATE.items() if k not in removed}
+    state.update({k: torch.empty(shape, device="meta") for k, shape in changes.items() if _describable(shape)})
+    _only_our_error(ck.to_pixart_layout, state, CONFIG)
+    _only_our_error(ck.pixart_to_diffusers, {k: torch.empty(s, device="meta") for k, s in _original(changes).items()})
+
+
+def _original(changes) -> dict:
+    shapes = {k: tuple(v.shape) for k, v in ORIGINAL.items()}
+    for key, shape in changes.items():
+        if "attn1.to_q" in key and _describable(shape):  # the fused qkv is what pixart_to_diffusers splits
+            shapes[key.replace("transformer_", "").replace("attn1.to_q", "attn.qkv")] = shape
+    return shapes
 
 
 # ------------------------------------------------------------------------------------------------

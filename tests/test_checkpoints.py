@@ -719,3 +719,16 @@ def test_overlong_module_name_in_adapter_is_refused(tmp_path):
     _write_adapter(folder, {f"{name}.lora_A.weight": torch.zeros(2, 8), f"{name}.lora_B.weight": torch.zeros(8, 2)})
     with pytest.raises(ck.CheckpointError, match="has a key of 1014 characters"):
         ck.load_peft_adapter(folder)
+
+
+def test_fused_parts_that_do_not_stack_and_non_string_keys_are_checkpoint_errors(tmp_path, pixart):
+    """F10: torch.cat's RuntimeError and an AttributeError on int keys escaped before."""
+    sd = dict(pixart.state_dict())
+    sd["transformer_blocks.0.attn1.to_k.weight"] = torch.zeros(144, 100)
+    with pytest.raises(ck.CheckpointError, match=r"blocks.0.attn.qkv.weight: .*\[144, 100\].*do not stack"):
+        ck.to_pixart_layout(sd)
+    with pytest.raises(ck.CheckpointError, match="does not split into 3 equal parts"):
+        ck.pixart_to_diffusers({"blocks.0.attn.qkv.weight": torch.zeros(100, 144)})
+    torch.save({"state_dict": {0: torch.zeros(1)}}, tmp_path / "int_keys.pth")
+    with pytest.raises(ck.CheckpointError, match="names to tensors"):
+        ck.load_pixart_checkpoint(tmp_path / "int_keys.pth")
