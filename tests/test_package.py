@@ -1,6 +1,6 @@
 """Packaging: the pack imports without ComfyUI, pip installs medsteer_core only, the API is small."""
 
-import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,19 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_root_init_imports_without_comfyui():
-    if importlib.util.find_spec("comfy_api") is not None:
-        import pytest
-
-        pytest.skip("ComfyUI is importable in this interpreter; this checks the import without it")
-    spec = importlib.util.spec_from_file_location(
-        "medsteer_pack_under_test", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    """A fresh interpreter without ComfyUI (the CLI's, pytest's) imports the pack root and registers
+    nothing. A subprocess, so it also holds where this test session has booted ComfyUI already."""
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('comfy_api') is None, 'ComfyUI is importable here'\n"
+        f"spec = importlib.util.spec_from_file_location('medsteer_pack_under_test', {str(ROOT / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(ROOT)!r}])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[spec.name] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "assert not hasattr(module, 'comfy_entrypoint'), 'registered nodes without ComfyUI'\n"
+        "print('ok')\n"
     )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)  # comfy is not importable here: must not raise
-    finally:
-        sys.modules.pop(spec.name, None)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMFYUI_PATH")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_public_api_is_exported():
