@@ -5,38 +5,53 @@ difference of the mean cross-attention output with and without the concept, at l
 timestep ``timesteps[k]`` (0-999 scale). Rows are keyed by the model's timestep, not by the step
 index, so one vector serves any sampler, scheduler and step count, in diffusers and in ComfyUI.
 
-Files are safetensors with string metadata (never pickle); see ``save_vector`` / ``load_vector``.
+Files are safetensors with string metadata (never pickle); see ``save_vector`` / ``load_vector``
+(in ``vector_file``, re-exported here) and the typed provenance in ``provenance``.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import math
-import os
-import stat
-import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .errors import VectorFileError, VectorMismatchError
+from .errors import VectorMismatchError
+from .provenance import (
+    CALIBRATED_FIELDS,
+    STRUCTURAL_KEYS,
+    Provenance,
+    calibrated_setting,
+    metadata_list,
+    site_widths,
+    weights_fingerprint,
+)
 
 __all__ = [
     "CALIBRATED_FIELDS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "INTERPOLATIONS",
+    "READABLE_VERSIONS",
     "PathologyVector",
+    "Provenance",
     "calibrated_setting",
     "load_vector",
     "metadata_list",
     "save_vector",
+    "site_widths",
+    "vector_from_bytes",
+    "weights_fingerprint",
 ]
 
 FORMAT_NAME = "medsteer.pathology_vector"
-FORMAT_VERSION = "1"
+#: Written by ``save_vector``. Version 2 (issue 9) adds per-site widths (``site_widths``, rows zero
+#: beyond each site's width) and the typed provenance of ``provenance.Provenance``.
+FORMAT_VERSION = "2"
+#: Versions ``load_vector`` reads: 1 (medsteer 0.1.0, one width for every site) and 2.
+READABLE_VERSIONS = ("1", "2")
 INTERPOLATIONS = ("nearest", "linear")
 
 # Tensors every file carries: name -> (rank, dtype).
@@ -48,27 +63,18 @@ _TENSOR_SPEC = {
     "count_with": (1, torch.int64),
     "count_without": (1, torch.int64),
 }
-_REQUIRED_METADATA = (
-    "format",
-    "format_version",
-    "concept_with",
-    "concept_without",
-    "hidden_size",
-    "depth",
-    "library_version",
-)
+#: Origins whose sums are real per-class sums: estimated from seeds, or given (``from_directions``).
+_MERGEABLE_ORIGINS = ("estimated", "external")
 _UNIT_TOLERANCE = 1e-3
 _KEY_TOLERANCE = 1e-3  # two timesteps closer than this are the same key
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-#: Largest vector file read. A vector is 3 float32 [K, L, D] tensors: 1000 timestep keys x 28
-#: layers x 1152 (every timestep of PixArt-XL-2) is 0.39 GB, so 2 GiB leaves room for 5x wider
-#: models while a crafted or sparse file cannot make the loader read (and hold) terabytes.
-_MAX_FILE_BYTES = 2 * 1024**3
 
 
 @dataclass(eq=False)
 class PathologyVector:
     """Per-(timestep, layer) unit directions of one concept, plus the sums they came from.
+
+    Sites may have different widths (``widths``); every ``[..., D]`` tensor is then as wide as the
+    widest site, ``D = max(widths)``, and zero beyond each site's width.
 
     Attributes:
         directions: ``[K, L, D]`` float32 unit rows (all-zero rows where undefined).
@@ -77,8 +83,10 @@ class PathologyVector:
         sum_without: ``[K, L, D]`` the same without the concept.
         count_with: ``[K]`` int64 number of images summed per row, with the concept.
         count_without: ``[K]`` int64 the same without the concept.
-        metadata: provenance strings (concepts, prompts, seeds, sampler, model geometry, ...).
+        metadata: provenance strings (concepts, prompts, seeds, sampler, model geometry, ...);
+            ``provenance`` reads them as a typed ``Provenance``.
         gain: multiplies the strength of every plan that uses this vector (``vector * k``).
+        widths: width of each site (default: ``D`` for every site; or the ``site_widths`` metadata).
 
     Example:
         >>> v = load_vector("dye.safetensors")          # doctest: +SKIP
@@ -94,9 +102,14 @@ class PathologyVector:
     count_without: torch.Tensor
     metadata: dict[str, str] = field(default_factory=dict)
     gain: float = 1.0
+    widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        self.widths = self._resolve_widths(self.widths, metadata)
+        # The metadata is always what the one writer makes of it (old list forms become JSON).
+        provenance = Provenance.from_metadata(metadata).replace(site_widths=self.widths)
+        self.metadata = {k: metadata[k] for k in STRUCTURAL_KEYS if k in metadata} | provenance.to_metadata()
         self.metadata.setdefault("format", FORMAT_NAME)
         self.metadata.setdefault("format_version", FORMAT_VERSION)
         self.metadata.setdefault("hidden_size", str(self.hidden_size))
@@ -109,6 +122,53 @@ class PathologyVector:
         self.metadata.setdefault("library_version", __version__)
         self._device_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _resolve_widths(self, widths, metadata: Mapping[str, str]) -> tuple[int, ...]:
+        layers, width = self.depth, self.hidden_size
+        stored = tuple(metadata_list(metadata, "site_widths", int))
+        if widths is None:
+            widths = stored or (width,) * layers
+        widths = tuple(int(w) for w in widths)
+        if stored and stored != widths:
+            raise ValueError(f"widths {list(widths)} disagree with the metadata site_widths {list(stored)}")
+        if len(widths) != layers or not all(1 <= w <= width for w in widths) or max(widths) != width:
+            raise ValueError(
+                f"widths {list(widths)[:40]} do not fit directions of shape {tuple(self.directions.shape)}: "
+                f"give one width per site ({layers}), each 1-{width}, the widest equal to {width}"
+            )
+        return widths
+
+    @property
+    def ragged(self) -> bool:
+        """True when the sites have different widths."""
+        return len(set(self.widths)) > 1
+
+    @property
+    def provenance(self) -> Provenance:
+        """The typed provenance read from ``metadata`` (``site_widths`` are this vector's widths).
+
+        Raises:
+            VectorFileError: a provenance field of the metadata cannot be read.
+        """
+        return Provenance.from_metadata(self.metadata).replace(site_widths=self.widths)
+
+    def check_weights(self, sites) -> None:
+        """Raise ``VectorMismatchError`` if the vector was built on other weights than ``sites``'.
+
+        Hashing the weights costs a pass over every site's output projection, so hosts call this
+        once (when a vector is loaded for a model), not at every model call. A vector without a
+        recorded fingerprint (0.1.0 files) passes.
+        """
+        recorded = self.provenance.weights_fingerprint
+        if not recorded:
+            return
+        actual = weights_fingerprint(sites)
+        if actual and actual != recorded:
+            raise VectorMismatchError(
+                f"this pathology vector was built on other weights (fingerprint {recorded}) than the "
+                f"model's (fingerprint {actual}): the shapes fit but the directions may not. Rebuild the "
+                "vector on this model (BuildPathologyVector / `medsteer build-vector`)"
+            )
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_sums(
@@ -119,14 +179,17 @@ class PathologyVector:
         count_with: torch.Tensor,
         count_without: torch.Tensor,
         metadata: Mapping[str, str] | None = None,
+        widths: tuple[int, ...] | None = None,
     ) -> PathologyVector:
         """Build a vector from per-class sums of token means (what ``VectorEstimator`` collects).
 
         Args:
             timesteps: ``[K]`` model timesteps of the rows (any order; they are sorted).
-            sum_with / sum_without: ``[K, L, D]`` sums of per-image token means.
+            sum_with / sum_without: ``[K, L, D]`` sums of per-image token means (zero beyond each
+                site's width).
             count_with / count_without: ``[K]`` number of images in each sum.
             metadata: provenance strings.
+            widths: width of each site (default: ``D`` for every site).
 
         Returns:
             The vector; rows where a class has no images, or the two means coincide, are zero.
@@ -146,6 +209,99 @@ class PathologyVector:
             count_with=count_with,
             count_without=count_without,
             metadata=dict(metadata or {}),
+            widths=widths,
+        )
+
+    @classmethod
+    def from_directions(
+        cls,
+        directions,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        widths: Sequence[int] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        provenance: Provenance | None = None,
+    ) -> PathologyVector:
+        """Build a vector from directions computed elsewhere, checked as a loaded file is.
+
+        For directions from another implementation (e.g. the authors' per-step ``.pt`` arrays,
+        converted in a trusted session): give the rows and the model timestep each row belongs to.
+        The sums are the directions themselves with one image per class and row (``sum_with`` =
+        direction, ``sum_without`` = 0, counts 1), so ``inspect`` reads them and ``merge`` averages
+        directions (a merge still needs seeds in the provenance).
+
+        Args:
+            directions: ``[K, L, D]`` rows (a tensor, a NumPy array, or a list of K ``[L, D]``
+                arrays, e.g. indexed by sampling step), or a mapping ``{timestep: [L, D]}``.
+                With ``widths``, zero beyond each site's width.
+            timesteps: ``K`` model timesteps (0-1000), one per row, distinct, in any order (step
+                order is decreasing); rows are sorted by timestep. ``None`` with a mapping.
+            widths: width of each site (default: ``D`` for every site).
+            metadata / provenance: where the directions came from (one or the other).
+
+        Returns:
+            A vector with ``origin`` ``"external"`` unless the provenance says otherwise.
+
+        Raises:
+            ValueError: the shapes do not agree, a value is not finite, a row is neither unit
+                length (within 1e-3) nor zero, a timestep repeats or is outside 0-1000; the message
+                names the row and the fix.
+
+        Example:
+            >>> rows = [torch.nn.functional.normalize(torch.randn(28, 1152), dim=-1) for _ in range(20)]
+            >>> v = PathologyVector.from_directions(rows, scheduler_timesteps)   # doctest: +SKIP
+        """
+        if metadata is not None and provenance is not None:
+            raise ValueError("give metadata or provenance, not both")
+        if isinstance(directions, Mapping):
+            if timesteps is not None:
+                raise ValueError("directions is a {timestep: rows} mapping: leave timesteps out")
+            timesteps = [float(t) for t in directions]
+            directions = list(directions.values())
+        if timesteps is None:
+            raise ValueError("from_directions needs the model timestep of every row (timesteps=)")
+        rows = _as_tensor(directions, "directions")
+        if rows.dim() != 3 or 0 in rows.shape:
+            raise ValueError(f"directions must be [K, L, D] (K rows of [L, D]), got shape {tuple(rows.shape)}")
+        keys = _as_tensor(timesteps, "timesteps").reshape(-1)
+        if keys.shape[0] != rows.shape[0]:
+            raise ValueError(f"{keys.shape[0]} timesteps for {rows.shape[0]} rows of directions: give one per row")
+        if not bool(torch.isfinite(rows).all()) or not bool(torch.isfinite(keys).all()):
+            raise ValueError("directions and timesteps must be finite (found NaN or infinity)")
+        if bool((keys < 0).any()) or bool((keys > 1000).any()):
+            raise ValueError(f"timesteps must be model timesteps in 0-1000, got {keys.min():g} to {keys.max():g}")
+        order = torch.argsort(keys)
+        keys, rows = keys[order], rows[order]
+        if keys.shape[0] > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            same = int((keys[1:] <= keys[:-1]).nonzero()[0])
+            raise ValueError(f"timestep {float(keys[same]):g} is given twice: give each row its own timestep")
+        norms = rows.norm(dim=-1)
+        bad = ~((norms - 1).abs() <= _UNIT_TOLERANCE) & (norms != 0)
+        if bool(bad.any()):
+            k, layer = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"direction row at timestep {float(keys[k]):g}, layer {layer} has norm {float(norms[k, layer]):.6g}: "
+                "every row must be unit length or zero; normalise the rows first"
+            )
+        if provenance is None:
+            provenance = Provenance.from_metadata(metadata or {})
+        widths = tuple(int(w) for w in widths) if widths is not None else provenance.site_widths or None
+        if widths is not None and len(widths) == rows.shape[1] and all(0 <= w <= rows.shape[2] for w in widths):
+            beyond = torch.arange(rows.shape[2])[None, :] >= torch.tensor(widths)[:, None]
+            if bool(rows[:, beyond].any()):
+                raise ValueError(f"directions are not zero beyond the width of each site {_short(widths)}")
+        extra = dict(provenance.extra)
+        extra.setdefault("origin", "external")
+        ones = torch.ones(keys.shape[0], dtype=torch.int64)
+        rows = rows.float()
+        return cls(
+            directions=rows,
+            timesteps=keys.float(),
+            sum_with=rows.clone(),
+            sum_without=torch.zeros_like(rows),
+            count_with=ones,
+            count_without=ones.clone(),
+            metadata=provenance.replace(extra=extra, site_widths=()).to_metadata(),
+            widths=widths,
         )
 
     # ------------------------------------------------------------------ geometry
@@ -161,7 +317,7 @@ class PathologyVector:
 
     @property
     def hidden_size(self) -> int:
-        """D, the width of the cross-attention output."""
+        """D, the width of the cross-attention output (of the widest site when they differ)."""
         return int(self.directions.shape[2])
 
     @property
@@ -172,20 +328,40 @@ class PathologyVector:
     def concept_without(self) -> str:
         return self.metadata.get("concept_without", "")
 
-    def check_compatible(self, depth: int, hidden_size: int, what: str = "the model") -> None:
-        """Raise ``VectorMismatchError`` unless the vector fits a model of this depth and width.
+    def check_compatible(
+        self, depth_or_widths: int | Sequence[int], hidden_size: int | None = None, what: str = "the model"
+    ) -> None:
+        """Raise ``VectorMismatchError`` unless the vector fits a model with these site widths.
 
         Args:
-            depth: number of transformer blocks of the model.
-            hidden_size: width of its cross-attention output.
+            depth_or_widths: the width of each site (``site_widths(sites)``), or the number of
+                sites when ``hidden_size`` gives their one width.
+            hidden_size: width of every site's cross-attention output, with a depth.
             what: how to name the model in the message.
+
+        Example:
+            >>> vector.check_compatible(site_widths(find_sites(model)))   # doctest: +SKIP
         """
-        if (self.depth, self.hidden_size) != (depth, hidden_size):
+        if hidden_size is not None:
+            widths = (int(hidden_size),) * int(depth_or_widths)
+        elif isinstance(depth_or_widths, int):
+            raise TypeError("check_compatible needs the sites' widths, or a depth and a hidden_size")
+        else:
+            widths = tuple(int(w) for w in depth_or_widths)
+        if widths == self.widths:
+            return
+        if len(set(widths)) <= 1 and not self.ragged:
+            width = widths[0] if widths else 0
             raise VectorMismatchError(
                 f"this pathology vector was built for hidden size {self.hidden_size} with "
-                f"{self.depth} layers; {what} has hidden size {hidden_size} and {depth} layers. "
+                f"{self.depth} layers; {what} has hidden size {width} and {len(widths)} layers. "
                 "Rebuild the vector on this model (BuildPathologyVector / `medsteer build-vector`)."
             )
+        raise VectorMismatchError(
+            f"this pathology vector was built for widths {_short(self.widths)} ({self.depth} sites); "
+            f"{what} has widths {_short(widths)} ({len(widths)} sites): rebuild it on this model "
+            "(BuildPathologyVector / `medsteer build-vector`)."
+        )
 
     # ------------------------------------------------------------------ lookup
     def at(self, timestep: float, interpolation: str = "nearest") -> torch.Tensor:
@@ -261,22 +437,37 @@ class PathologyVector:
         directions are recomputed). Timestep keys present in only one vector are kept.
 
         Raises:
-            VectorMismatchError: different geometry, concepts, or overlapping seeds, or a vector
-                made by arithmetic (which has no sums).
+            VectorMismatchError: different site widths, concepts, model family or weights
+                fingerprint; overlapping seeds, or a vector that records no seeds (the overlap
+                cannot be ruled out); a vector made by arithmetic (which has no sums).
         """
         for vec in (self, other):
-            if vec.metadata.get("origin", "estimated") != "estimated":
+            if vec.metadata.get("origin", "estimated") not in _MERGEABLE_ORIGINS:
                 raise VectorMismatchError(
                     f"cannot merge a vector made by arithmetic (origin {vec.metadata['origin']!r}): "
                     "only vectors estimated from seeds carry the sums a merge needs"
                 )
-        other.check_compatible(self.depth, self.hidden_size, what="the vector it is merged into")
+        other.check_compatible(self.widths, what="the vector it is merged into")
+        mine, theirs = self.provenance, other.provenance
         for key in ("concept_with", "concept_without", "model_family"):
-            a, b = self.metadata.get(key, ""), other.metadata.get(key, "")
+            a, b = getattr(mine, key), getattr(theirs, key)
             if a != b:
                 raise VectorMismatchError(f"cannot merge vectors with different {key}: {a!r} vs {b!r}")
-        seeds_a, seeds_b = _seed_list(self.metadata), _seed_list(other.metadata)
-        overlap = sorted(set(seeds_a) & set(seeds_b))
+        a, b = mine.weights_fingerprint, theirs.weights_fingerprint
+        if a and b and a != b:
+            raise VectorMismatchError(
+                f"cannot merge vectors built on different weights (weights_fingerprint {a} vs {b}): the "
+                "shapes fit but the activations are not comparable. Build both on the same model "
+                "(checkpoint, LoRA and dtype), or rebuild one of them"
+            )
+        for which, prov in (("the first", mine), ("the second", theirs)):
+            if not prov.seeds:
+                raise VectorMismatchError(
+                    f"cannot merge: {which} vector records no seeds, so whether the two hold the same images "
+                    "cannot be checked (merging a vector with itself would count every image twice). "
+                    "Merge vectors whose metadata lists their seeds (every medsteer build writes them)"
+                )
+        overlap = sorted(set(mine.seeds) & set(theirs.seeds))
         if overlap:
             raise VectorMismatchError(
                 f"cannot merge vectors that share seeds {overlap[:10]}: their images would count "
@@ -298,16 +489,17 @@ class PathologyVector:
                     sums[n][match] = sums[n][match] + getattr(other, n)[j].double()
                 for n in counts:
                     counts[n][match] += int(getattr(other, n)[j])
-        metadata = dict(self.metadata)
-        metadata["seeds"] = json.dumps(seeds_a + seeds_b)
-        metadata.pop("library_version", None)
+        merged = mine.replace(
+            seeds=mine.seeds + theirs.seeds, weights_fingerprint=a or b, library_version=""
+        ).to_metadata()
         return PathologyVector.from_sums(
             torch.tensor(keys),
             torch.stack(sums["sum_with"]),
             torch.stack(sums["sum_without"]),
             torch.tensor(counts["count_with"]),
             torch.tensor(counts["count_without"]),
-            metadata,
+            merged,
+            widths=self.widths,
         )
 
     def __neg__(self) -> PathologyVector:
@@ -358,7 +550,7 @@ class PathologyVector:
         """
         if not isinstance(other, PathologyVector):
             return NotImplemented
-        other.check_compatible(self.depth, self.hidden_size, what="the other vector")
+        other.check_compatible(self.widths, what="the other vector")
         if other.timesteps.shape != self.timesteps.shape or not torch.allclose(
             other.timesteps, self.timesteps, atol=_KEY_TOLERANCE, rtol=0
         ):
@@ -386,6 +578,7 @@ class PathologyVector:
             torch.zeros_like(self.count_with),
             torch.zeros_like(self.count_without),
             metadata,
+            widths=self.widths,
         )
 
     def __sub__(self, other: PathologyVector) -> PathologyVector:
@@ -398,6 +591,7 @@ class PathologyVector:
             return NotImplemented
         return (
             self.gain == other.gain
+            and self.widths == other.widths
             and self.metadata == other.metadata
             and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSOR_SPEC)
         )
@@ -407,7 +601,9 @@ class PathologyVector:
     def __repr__(self) -> str:
         return (
             f"PathologyVector({self.concept_with!r} vs {self.concept_without!r}, "
-            f"K={self.num_timesteps}, L={self.depth}, D={self.hidden_size}, gain={self.gain:g}, "
+            f"K={self.num_timesteps}, L={self.depth}, D={self.hidden_size}, "
+            + (f"widths={_short(self.widths)}, " if self.ragged else "")
+            + f"gain={self.gain:g}, "
             f"images={int(self.count_with.max()) if self.count_with.numel() else 0}+"
             f"{int(self.count_without.max()) if self.count_without.numel() else 0})"
         )
@@ -432,53 +628,23 @@ def _directions_from_sums(
     return torch.where(keep, directions, torch.zeros_like(directions))
 
 
-def metadata_list(metadata: Mapping[str, str], key: str, item: type = str) -> list:
-    """The list of prompts or seeds stored under ``key`` in a vector's metadata (``[]`` if absent).
-
-    medsteer writes JSON (``["a", "b"]``, ``[0, 1]``). The MedSteer-mini vectors shipped before
-    issue 11 hold prompts as a Python list ``repr`` and seeds as ``0,1,2``; both are read too, with
-    ``ast.literal_eval`` (literals only, never code). A bare string reads as one prompt.
-
-    Args:
-        metadata: a vector's metadata.
-        key: ``"prompts_with"``, ``"prompts_without"``, ``"seeds"``, ...
-        item: ``str`` for prompts, ``int`` for seeds; every element must be one.
-
-    Returns:
-        The list, each element of type ``item``.
-
-    Raises:
-        VectorFileError: the value is not a list of ``item`` in any of these forms.
-
-    Example:
-        >>> metadata_list({"seeds": "0,1,2"}, "seeds", int)
-        [0, 1, 2]
-    """
-    raw = metadata.get(key, "")
-    if not raw.strip():
-        return []
+def _as_tensor(value, name: str) -> torch.Tensor:
+    """A float64 CPU tensor from a tensor, a NumPy array or a list of them (or of numbers)."""
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past the 4300-digit limit
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            value = None
-    if item is str and not isinstance(value, (list, tuple, str)) and not raw.lstrip().startswith(("[", "(")):
-        value = raw  # one prompt, written by hand
-    if isinstance(value, item) and not isinstance(value, bool):
-        value = [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(x, item) and not isinstance(x, bool) for x in value):
-        return list(value)
-    kind = "prompts (strings)" if item is str else "integers"
-    raise VectorFileError(
-        f"metadata {key}={raw[:80]!r} is not a list of {kind}: write it as JSON, e.g. "
-        + ('["a prompt", "another"]' if item is str else "[0, 1, 2]")
-    )
+        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
+            return torch.stack([torch.as_tensor(x).detach().double().cpu() for x in value])
+        return torch.as_tensor(value).detach().double().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be numbers of one shape (a tensor, array or list of them): {exc}") from None
 
 
-def _seed_list(metadata: Mapping[str, str]) -> list[int]:
-    return metadata_list(metadata, "seeds", int)
+def _short(widths: Sequence[int]) -> str:
+    """A width list for a message: runs of one width collapsed (``[1152] x 28``)."""
+    widths = list(widths)
+    if widths and len(set(widths)) == 1:
+        return f"[{widths[0]}] x {len(widths)}"
+    text = str(widths)
+    return text if len(text) <= 200 else text[:197] + "...]"
 
 
 def _provenance(vector: PathologyVector) -> dict:
@@ -490,378 +656,5 @@ def _provenance(vector: PathologyVector) -> dict:
     }
 
 
-# ---------------------------------------------------------------------- file I/O
-def save_vector(vector: PathologyVector, path: str | os.PathLike) -> Path:
-    """Write a vector as ``.safetensors`` with string metadata (atomic: a temp file, then rename).
-
-    Args:
-        vector: the vector to write.
-        path: destination; ``.safetensors`` is appended if missing.
-
-    Returns:
-        The path written.
-    """
-    from safetensors.torch import save as st_save
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors")
-    metadata = dict(vector.metadata)
-    metadata["format"] = FORMAT_NAME
-    metadata["format_version"] = FORMAT_VERSION
-    metadata["hidden_size"] = str(vector.hidden_size)
-    metadata["depth"] = str(vector.depth)
-    metadata["gain"] = repr(float(vector.gain))
-    tensors = {name: getattr(vector, name).to(dtype).contiguous().cpu() for name, (_, dtype) in _TENSOR_SPEC.items()}
-    data = _sorted_header(st_save(tensors, metadata=metadata))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _sorted_header(data: bytes) -> bytes:
-    """The same safetensors bytes with the JSON header's keys sorted.
-
-    safetensors writes the metadata map in hash order, which changes from process to process;
-    sorted, equal vectors give equal files (``torchrun`` build-vector == one process).
-    """
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
-    return struct.pack("<Q", len(header)) + header + data[8 + n :]
-
-
-def load_vector(path: str | os.PathLike) -> PathologyVector:
-    """Read and validate a pathology vector file.
-
-    Only safetensors is accepted; pickles (``torch.save``, ``.pt``, ``.pkl``) are refused without
-    being unpickled, because unpickling runs code chosen by whoever wrote the file. Only regular
-    files are read (a FIFO, a device such as ``/dev/zero`` or a folder is refused before any byte is
-    read), and only as many bytes as the header accounts for: 8 bytes of header length, a header
-    of at most 100 MB, then the tensor data up to the largest end offset the header declares.
-
-    Raises:
-        VectorFileError: the file is missing, not a regular file, not safetensors, corrupt, of an
-            unknown format or version, has a missing key, a wrong shape or dtype, a non-finite
-            value, or non-unit rows. The message says which and what to do.
-    """
-    source = str(path)
-    try:
-        data = _read_regular_file(Path(path), source)
-    except FileNotFoundError:
-        raise VectorFileError(f"no pathology vector file at {source!r}: check the path") from None
-    except IsADirectoryError:
-        raise _not_regular(source, "a folder") from None
-    except OSError as exc:
-        raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
-    return vector_from_bytes(data, source=source)
-
-
-def _not_regular(source: str, kind: str) -> VectorFileError:
-    return VectorFileError(
-        f"{source!r} is {kind}, not a regular file: a pathology vector is a .safetensors file; "
-        "give the path of one (SavePathologyVector and `medsteer build-vector` write them)"
-    )
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _read_regular_file(path: Path, source: str) -> bytes:
-    """The bytes of a regular file, no more than its safetensors header accounts for.
-
-    ``os.stat`` first (it never blocks, unlike opening a FIFO), then open without blocking and check
-    with ``fstat`` that the opened file is the same regular file (no swap in between).
-    """
-    before = os.stat(path)
-    if not stat.S_ISREG(before.st_mode):
-        raise _not_regular(source, _file_kind(before.st_mode))
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as handle:
-        opened = os.fstat(handle.fileno())
-        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            raise _not_regular(source, _file_kind(opened.st_mode))
-        size = opened.st_size
-        head = handle.read(8)
-        if len(head) < 8:
-            return head  # vector_from_bytes names the problem
-        (n,) = struct.unpack("<Q", head)
-        if (n == 0 or n > _MAX_HEADER_BYTES or 8 + n > size) and _looks_like_pickle(head):
-            return head  # vector_from_bytes refuses it by name (pickles start with 'PK' or 0x80)
-        if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > size:
-            raise _fail(
-                source,
-                f"not a safetensors file or truncated (header length {n}, file length {size}; "
-                f"a header may be at most {_MAX_HEADER_BYTES} bytes)",
-            )
-        header_bytes = handle.read(n)
-        expected = _declared_size(header_bytes, source)
-        if expected is None:  # not parseable: vector_from_bytes says why
-            return head + header_bytes
-        if expected > _MAX_FILE_BYTES:
-            raise _fail(
-                source,
-                f"its header declares {expected} bytes of tensors; a pathology vector is at most "
-                f"{_MAX_FILE_BYTES} bytes (1000 timesteps x 28 layers x 1152 is 0.39 GB)",
-            )
-        if expected != size:
-            raise _fail(
-                source,
-                f"the file is {size} bytes but its safetensors header accounts for {expected} "
-                f"(8 + header {n} + tensor data {expected - 8 - n}): truncated or padded",
-            )
-        rest = handle.read(size - 8 - n)
-        if len(rest) != size - 8 - n:
-            raise _fail(source, f"the file changed while it was read ({8 + n + len(rest)} of {size} bytes)")
-        return head + header_bytes + rest
-
-
-def _declared_size(header_bytes: bytes, source: str) -> int | None:
-    """``8 + len(header) + max end offset`` declared by a safetensors header, or ``None`` if unreadable."""
-    header = _parse_header_json(header_bytes, source)
-    if not isinstance(header, dict):
-        return None
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise _fail(
-                source,
-                f"tensor {str(name)[:80]!r} has data_offsets {str(offsets)[:80]}, expected [begin, end] "
-                "with 0 <= begin <= end (corrupt file)",
-            )
-        end = max(end, offsets[1])
-    return 8 + len(header_bytes) + end
-
-
-def _parse_header_json(header_bytes: bytes, source: str):
-    """The JSON of a safetensors header, ``None`` if it is not UTF-8 JSON.
-
-    Raises:
-        VectorFileError: the header holds an integer longer than Python converts (4300 digits).
-    """
-    try:
-        return json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    except ValueError as exc:  # int() digit limit: "Exceeds the limit (4300 digits) ..."
-        raise _fail(
-            source,
-            f"the safetensors header holds a number too long to read ({str(exc)[:80]}); "
-            "no real offset, shape or setting has that many digits (corrupt or crafted file)",
-        ) from None
-
-
-def vector_from_bytes(data: bytes, source: str = "<bytes>") -> PathologyVector:
-    """Parse and validate the bytes of a vector file (see ``load_vector``)."""
-    header, metadata = _read_header(data, source)
-    tensors = _read_tensors(data, header, source)
-    return _validated(tensors, metadata, source)
-
-
-def _fail(source: str, problem: str, fix: str = "") -> VectorFileError:
-    fix = fix or "rebuild it with BuildPathologyVector or `medsteer build-vector`"
-    return VectorFileError(f"{source}: {problem}; {fix}")
-
-
-def _looks_like_pickle(data: bytes) -> bool:
-    # torch.save writes a zip archive ("PK"); plain pickles start with PROTO (0x80) + version.
-    return data[:2] == b"PK" or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
-
-
-def _read_header(data: bytes, source: str) -> tuple[dict, dict[str, str]]:
-    header = None
-    if len(data) >= 8:
-        (n,) = struct.unpack("<Q", data[:8])
-        if 0 < n <= _MAX_HEADER_BYTES and 8 + n <= len(data):
-            header = _parse_header_json(data[8 : 8 + n], source)
-    if header is None:
-        if _looks_like_pickle(data):
-            raise _fail(
-                source,
-                "this is a pickle / torch.save file, which medsteer refuses to load because "
-                "unpickling can run arbitrary code",
-                "use a .safetensors pathology vector (rebuild it, or convert it in a trusted session)",
-            )
-        if len(data) < 8:
-            raise _fail(source, f"not a safetensors file (only {len(data)} bytes)")
-        (n,) = struct.unpack("<Q", data[:8])
-        if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > len(data):
-            raise _fail(
-                source,
-                f"not a safetensors file or truncated (header length {n}, file length {len(data)})",
-            )
-        raise _fail(source, "the safetensors header is not valid JSON (corrupt file)")
-    if not isinstance(header, dict):
-        raise _fail(source, "the safetensors header is not a JSON object (corrupt file)")
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _fail(source, "the file's metadata is not a map of strings (corrupt file)")
-    if metadata.get("format") != FORMAT_NAME:
-        raise _fail(
-            source,
-            f"not a medsteer pathology vector (format {metadata.get('format')!r}, expected {FORMAT_NAME!r})",
-            "load a file written by SavePathologyVector or `medsteer build-vector`",
-        )
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(
-            source,
-            f"unknown format_version {version!r} (this medsteer reads version {FORMAT_VERSION!r})",
-            "upgrade medsteer if the file is newer, or rebuild the vector",
-        )
-    missing_meta = [k for k in _REQUIRED_METADATA if k not in metadata]
-    if missing_meta:
-        raise _fail(source, f"missing metadata field(s) {missing_meta}")
-    missing = [k for k in _TENSOR_SPEC if k not in header]
-    if missing:
-        raise _fail(source, f"missing tensor(s) {missing}")
-    return header, metadata
-
-
-def _read_tensors(data: bytes, header: dict, source: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as st_load
-
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error types (and OverflowError/...) on corrupt input
-        raise _fail(source, f"corrupt safetensors data ({type(exc).__name__}: {str(exc)[:200]})") from None
-    return tensors
-
-
-def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> PathologyVector:
-    for name, (rank, dtype) in _TENSOR_SPEC.items():
-        t = tensors[name]
-        if t.dtype != dtype:
-            raise _fail(source, f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")
-        if t.dim() != rank:
-            raise _fail(source, f"tensor {name!r} has shape {tuple(t.shape)}, expected rank {rank}")
-    d = tensors["directions"]
-    k, layers, width = d.shape
-    if k == 0 or layers == 0 or width == 0:
-        raise _fail(source, f"'directions' is empty (shape {tuple(d.shape)})")
-    for name in ("sum_with", "sum_without"):
-        if tensors[name].shape != d.shape:
-            raise _fail(source, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(d.shape)}")
-    for name in ("timesteps", "count_with", "count_without"):
-        if tensors[name].shape != (k,):
-            raise _fail(source, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected ({k},)")
-    for name in ("directions", "timesteps", "sum_with", "sum_without"):
-        if not torch.isfinite(tensors[name]).all():
-            raise _fail(source, f"tensor {name!r} contains NaN or infinite values")
-    ts = tensors["timesteps"]
-    if k > 1 and not bool((ts[1:] > ts[:-1]).all()):
-        raise _fail(source, "'timesteps' are not strictly increasing")
-    if bool((ts < 0).any()) or bool((ts > 1000).any()):
-        raise _fail(source, f"'timesteps' outside the model range 0-1000 (min {ts.min():g}, max {ts.max():g})")
-    if bool((tensors["count_with"] < 0).any()) or bool((tensors["count_without"] < 0).any()):
-        raise _fail(source, "negative image counts")
-    norms = d.double().norm(dim=-1)
-    bad = ~((norms - 1).abs() <= _UNIT_TOLERANCE) & (norms != 0)
-    if bool(bad.any()):
-        i, j = (int(x) for x in bad.nonzero()[0])
-        raise _fail(source, f"direction row (timestep {i}, layer {j}) has norm {float(norms[i, j]):.6g}, not 1 or 0")
-    for key, expected in (("hidden_size", width), ("depth", layers)):
-        if metadata[key] != str(expected):
-            raise _fail(source, f"metadata {key}={metadata[key]!r} disagrees with the tensors ({expected})")
-    try:
-        gain = float(metadata.get("gain", "1.0"))
-    except ValueError:
-        raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not a number") from None
-    if not math.isfinite(gain):
-        raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not finite")
-    _check_calibrated(metadata, layers, source)
-    metadata = dict(metadata)
-    metadata.pop("gain", None)
-    return PathologyVector(
-        directions=d.clone(),
-        timesteps=ts.clone(),
-        sum_with=tensors["sum_with"].clone(),
-        sum_without=tensors["sum_without"].clone(),
-        count_with=tensors["count_with"].clone(),
-        count_without=tensors["count_without"].clone(),
-        metadata=metadata,
-        gain=gain,
-    )
-
-
-#: Metadata a calibrated vector carries (``demo.calibrate``); hosts read them as the default setting.
-CALIBRATED_FIELDS = {"calibrated_layer_start": int, "calibrated_layer_end": int, "calibrated_strength": float}
-_MAX_NUMBER_CHARS = 40
-
-
-def calibrated_setting(metadata: Mapping[str, str]) -> dict[str, int | float]:
-    """The ``calibrated_*`` settings present in a vector's metadata, as numbers.
-
-    Args:
-        metadata: a vector's metadata.
-
-    Returns:
-        ``{"layer_start": int, "layer_end": int, "strength": float}``, with only the keys present.
-
-    Raises:
-        VectorFileError: a value is not a plain decimal number (layers: a whole number >= 0;
-            strength: finite), naming the field and the fix.
-
-    Example:
-        >>> calibrated_setting({"calibrated_layer_start": "0", "calibrated_strength": "1.5"})
-        {'layer_start': 0, 'strength': 1.5}
-    """
-    out: dict[str, int | float] = {}
-    for key, kind in CALIBRATED_FIELDS.items():
-        if key not in metadata:
-            continue
-        raw = str(metadata[key]).strip()
-        value: int | float | None = None
-        if len(raw) <= _MAX_NUMBER_CHARS:
-            if kind is int and raw.isascii() and raw.isdigit():
-                value = int(raw)
-            elif kind is float:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = None
-                if value is not None and not math.isfinite(value):
-                    value = None
-        if value is None:
-            example = "a whole number such as 8" if kind is int else "a finite decimal such as 2.5"
-            raise VectorFileError(
-                f"metadata {key}={raw[:80]!r} is not {example}: write it so (or remove the field to use "
-                "the default setting), or rebuild the vector"
-            )
-        out[key[len("calibrated_") :]] = value
-    return out
-
-
-def _check_calibrated(metadata: Mapping[str, str], depth: int, source: str) -> None:
-    try:
-        setting = calibrated_setting(metadata)
-    except VectorFileError as exc:
-        raise VectorFileError(f"{source}: {exc}") from None
-    start, end = setting.get("layer_start", 0), setting.get("layer_end", depth)
-    if not 0 <= start < end <= depth:
-        raise _fail(
-            source,
-            f"metadata calibrated_layer_start={start}, calibrated_layer_end={end} is not a layer window "
-            f"of this {depth}-layer vector (0 <= start < end <= {depth})",
-            "fix or remove the calibrated_* fields, or rebuild the vector",
-        )
+# The file format lives in vector_file.py; its functions are part of this module's interface.
+from .vector_file import load_vector, save_vector, vector_from_bytes  # noqa: E402

@@ -1,0 +1,352 @@
+"""Where a pathology vector came from: one typed record, one writer, one reader (issue 9).
+
+A vector file stores its provenance as safetensors string metadata. ``Provenance.to_metadata`` is
+the only writer (lists as JSON, numbers as Python literals) and ``Provenance.from_metadata`` the
+only reader; the reader also parses every form medsteer 0.1.0 wrote (the MedSteer-mini vectors
+shipped then store prompts as a Python list ``repr`` and seeds as ``0,1,2``).
+
+``weights_fingerprint`` hashes the weights that produce each site's cross-attention output, so a
+vector built on other weights of the same size can be told apart (merging refuses it).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import VectorFileError, VectorMismatchError
+
+__all__ = [
+    "CALIBRATED_FIELDS",
+    "STRUCTURAL_KEYS",
+    "Provenance",
+    "calibrated_setting",
+    "metadata_list",
+    "site_widths",
+    "weights_fingerprint",
+]
+
+#: Metadata keys that describe the file's layout, owned by the vector file code, not provenance.
+STRUCTURAL_KEYS = ("format", "format_version", "hidden_size", "depth", "gain")
+#: Metadata a calibrated vector carries (``demo.calibrate``); hosts read them as the default setting.
+CALIBRATED_FIELDS = {"calibrated_layer_start": int, "calibrated_layer_end": int, "calibrated_strength": float}
+_MAX_NUMBER_CHARS = 40
+_TEXT_FIELDS = (
+    "concept_with",
+    "concept_without",
+    "negative_prompt",
+    "sampler",
+    "scheduler",
+    "model_family",
+    "weights_fingerprint",
+    "host",
+    "library_version",
+)
+_LIST_FIELDS = {"prompts_with": str, "prompts_without": str, "seeds": int, "site_widths": int}
+_NUMBER_FIELDS = {"steps": int, "cfg": float, "width": int, "height": int}
+#: Written next to ``seeds`` for people reading the metadata; derived, so the reader drops it.
+_DERIVED_KEYS = ("num_seeds",)
+_OWNED_KEYS = frozenset(
+    (*_TEXT_FIELDS, *_LIST_FIELDS, *_NUMBER_FIELDS, *CALIBRATED_FIELDS, *STRUCTURAL_KEYS, *_DERIVED_KEYS)
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a pathology vector was built.
+
+    Lists are stored as tuples (pass lists or tuples). Text fields are ``""`` and numbers ``None``
+    when unknown.
+
+    Attributes:
+        concept_with / concept_without: the concept text of each class.
+        prompts_with / prompts_without: every prompt sampled for each class.
+        negative_prompt: the unconditional prompt.
+        seeds: the seeds whose images the sums hold (a merge refuses seeds both vectors hold).
+        steps / sampler / scheduler / cfg: the sampling settings.
+        width / height: image size in pixels.
+        model_family: e.g. ``"pixart-alpha"``, ``"medsteer-mini"``.
+        site_widths: width of each cross-attention site, in execution order.
+        weights_fingerprint: ``weights_fingerprint(sites)`` of the model the vector was built on.
+        calibrated_layer_start / calibrated_layer_end / calibrated_strength: a calibrated default
+            setting (``medsteer demo`` writes one), or ``None``.
+        host: what built it (``"diffusers"``, ``"ComfyUI BuildPathologyVector"``).
+        library_version: the medsteer version that wrote it.
+        extra: every other metadata key, kept verbatim (``origin``, ``calibration``, ``model``, ...).
+
+    Example:
+        >>> p = Provenance.from_metadata({"seeds": "0,1,2", "prompts_with": "['a', 'b']"})
+        >>> p.seeds, p.prompts_with
+        ((0, 1, 2), ('a', 'b'))
+        >>> p.to_metadata()["seeds"]
+        '[0, 1, 2]'
+    """
+
+    concept_with: str = ""
+    concept_without: str = ""
+    prompts_with: tuple[str, ...] = ()
+    prompts_without: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    seeds: tuple[int, ...] = ()
+    steps: int | None = None
+    sampler: str = ""
+    scheduler: str = ""
+    cfg: float | None = None
+    width: int | None = None
+    height: int | None = None
+    model_family: str = ""
+    site_widths: tuple[int, ...] = ()
+    weights_fingerprint: str = ""
+    calibrated_layer_start: int | None = None
+    calibrated_layer_end: int | None = None
+    calibrated_strength: float | None = None
+    host: str = ""
+    library_version: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, item in _LIST_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(f"Provenance.{name} must be a list of {item.__name__}, got {value!r:.80}")
+            if not all(isinstance(x, item) and not isinstance(x, bool) for x in value):
+                raise TypeError(f"Provenance.{name} must hold only {item.__name__} values, got {list(value)!r:.80}")
+            object.__setattr__(self, name, tuple(value))
+        for name in _TEXT_FIELDS:
+            object.__setattr__(self, name, "" if getattr(self, name) is None else str(getattr(self, name)))
+        clash = sorted(set(self.extra) & _OWNED_KEYS)
+        if clash:
+            raise ValueError(f"Provenance.extra must not hold {clash}: set the typed fields instead")
+        object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
+
+    # ------------------------------------------------------------------ the one reader
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> Provenance:
+        """Parse a vector's metadata (every form medsteer has written; see ``metadata_list``).
+
+        Raises:
+            VectorFileError: a list, number or calibrated field cannot be read; the message names
+                the field, its value and the form to write.
+        """
+        md = {str(k): str(v) for k, v in metadata.items()}
+        lists = {name: tuple(metadata_list(md, name, item)) for name, item in _LIST_FIELDS.items()}
+        numbers = {name: _number(md, name, kind) for name, kind in _NUMBER_FIELDS.items()}
+        calibrated = calibrated_setting(md)
+        return cls(
+            **{name: md.get(name, "") for name in _TEXT_FIELDS},
+            **lists,
+            **numbers,
+            calibrated_layer_start=calibrated.get("layer_start"),
+            calibrated_layer_end=calibrated.get("layer_end"),
+            calibrated_strength=calibrated.get("strength"),
+            extra={k: v for k, v in md.items() if k not in _OWNED_KEYS},
+        )
+
+    # ------------------------------------------------------------------ the one writer
+    def to_metadata(self) -> dict[str, str]:
+        """The metadata strings of this provenance: lists as JSON, unknown fields left out.
+
+        ``concept_with`` / ``concept_without`` are always written; ``num_seeds`` is written next to
+        ``seeds`` for readers of the raw metadata.
+        """
+        out = {"concept_with": self.concept_with, "concept_without": self.concept_without}
+        for name in _LIST_FIELDS:
+            value = getattr(self, name)
+            if value:
+                out[name] = json.dumps(list(value))
+        if self.seeds:
+            out["num_seeds"] = str(len(self.seeds))
+        for name in _TEXT_FIELDS[2:]:
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        for name, kind in (*_NUMBER_FIELDS.items(), *CALIBRATED_FIELDS.items()):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = repr(float(value)) if kind is float else str(int(value))
+        out.update(self.extra)
+        return out
+
+    def replace(self, **changes) -> Provenance:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def calibrated_setting(self) -> dict[str, int | float]:
+        """The calibrated setting as ``calibrated_setting`` returns it (only the fields present)."""
+        values = {
+            "layer_start": self.calibrated_layer_start,
+            "layer_end": self.calibrated_layer_end,
+            "strength": self.calibrated_strength,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def _number(metadata: Mapping[str, str], key: str, kind: type) -> int | float | None:
+    raw = metadata.get(key, "").strip()
+    if not raw:
+        return None
+    value: int | float | None = None
+    if len(raw) <= _MAX_NUMBER_CHARS:
+        if kind is int and re.fullmatch(r"-?[0-9]+", raw):
+            value = int(raw)
+        elif kind is float:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = None
+            if value is not None and not math.isfinite(value):
+                value = None
+    if value is None:
+        example = "a whole number such as 20" if kind is int else "a finite decimal such as 4.5"
+        raise VectorFileError(f"metadata {key}={raw[:80]!r} is not {example}: write it so, or remove the field")
+    return value
+
+
+def metadata_list(metadata: Mapping[str, str], key: str, item: type = str) -> list:
+    """The list of prompts or seeds stored under ``key`` in a vector's metadata (``[]`` if absent).
+
+    medsteer writes JSON (``["a", "b"]``, ``[0, 1]``). The MedSteer-mini vectors shipped before
+    issue 11 hold prompts as a Python list ``repr`` and seeds as ``0,1,2``; both are read too, with
+    ``ast.literal_eval`` (literals only, never code). A bare string reads as one prompt.
+
+    Args:
+        metadata: a vector's metadata.
+        key: ``"prompts_with"``, ``"prompts_without"``, ``"seeds"``, ...
+        item: ``str`` for prompts, ``int`` for seeds; every element must be one.
+
+    Returns:
+        The list, each element of type ``item``.
+
+    Raises:
+        VectorFileError: the value is not a list of ``item`` in any of these forms.
+
+    Example:
+        >>> metadata_list({"seeds": "0,1,2"}, "seeds", int)
+        [0, 1, 2]
+    """
+    raw = metadata.get(key, "")
+    if not raw.strip():
+        return []
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past the 4300-digit limit
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = None
+    if item is str and not isinstance(value, (list, tuple, str)) and not raw.lstrip().startswith(("[", "(")):
+        value = raw  # one prompt, written by hand
+    if isinstance(value, item) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(x, item) and not isinstance(x, bool) for x in value):
+        return list(value)
+    kind = "prompts (strings)" if item is str else "integers"
+    raise VectorFileError(
+        f"metadata {key}={raw[:80]!r} is not a list of {kind}: write it as JSON, e.g. "
+        + ('["a prompt", "another"]' if item is str else "[0, 1, 2]")
+    )
+
+
+def calibrated_setting(metadata: Mapping[str, str]) -> dict[str, int | float]:
+    """The ``calibrated_*`` settings present in a vector's metadata, as numbers.
+
+    Args:
+        metadata: a vector's metadata.
+
+    Returns:
+        ``{"layer_start": int, "layer_end": int, "strength": float}``, with only the keys present.
+
+    Raises:
+        VectorFileError: a value is not a plain decimal number (layers: a whole number >= 0;
+            strength: finite), naming the field and the fix.
+
+    Example:
+        >>> calibrated_setting({"calibrated_layer_start": "0", "calibrated_strength": "1.5"})
+        {'layer_start': 0, 'strength': 1.5}
+    """
+    out: dict[str, int | float] = {}
+    for key, kind in CALIBRATED_FIELDS.items():
+        if key not in metadata:
+            continue
+        raw = str(metadata[key]).strip()
+        value: int | float | None = None
+        if len(raw) <= _MAX_NUMBER_CHARS:
+            if kind is int and raw.isascii() and raw.isdigit():
+                value = int(raw)
+            elif kind is float:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = None
+                if value is not None and not math.isfinite(value):
+                    value = None
+        if value is None:
+            example = "a whole number such as 8" if kind is int else "a finite decimal such as 2.5"
+            raise VectorFileError(
+                f"metadata {key}={raw[:80]!r} is not {example}: write it so (or remove the field to use "
+                "the default setting), or rebuild the vector"
+            )
+        out[key[len("calibrated_") :]] = value
+    return out
+
+
+# ---------------------------------------------------------------------- model facts
+def site_widths(sites) -> tuple[int, ...]:
+    """The width of each cross-attention site of ``sites`` (a ``Sites``), in execution order.
+
+    Models whose ``Sites`` predate per-site widths have one width for every site.
+    """
+    widths = getattr(sites, "widths", None)
+    return tuple(int(w) for w in widths) if widths else (int(sites.hidden_size),) * int(sites.depth)
+
+
+def _output_projection(module: torch.nn.Module) -> torch.nn.Module:
+    """The last linear layer of a site: the one whose output is the site's output."""
+    linears = [m for m in module.modules() if hasattr(m, "out_features") and hasattr(m, "weight")]
+    if not linears:
+        raise VectorMismatchError(
+            f"cannot fingerprint cross-attention module {type(module).__name__}: it has no linear layer"
+        )
+    return linears[-1]
+
+
+def weights_fingerprint(sites) -> str:
+    """A short hash of the weights that produce each site's cross-attention output.
+
+    sha256 over every site's output projection (weight and bias, as float32, with their shapes).
+    A vector built on other weights of the same size (another checkpoint, a LoRA merged into
+    that projection) gets another fingerprint. The same checkpoint loaded in another dtype also
+    does: float16 and float32 weights differ in their bits.
+
+    Args:
+        sites: the model's ``Sites`` (``find_sites(model)``).
+
+    Returns:
+        16 hex characters, or ``""`` when the weights cannot be read (offloaded to the meta
+        device, or a quantised tensor type without a float32 view).
+
+    Example:
+        >>> weights_fingerprint(find_sites(transformer))   # doctest: +SKIP
+        '3f1c0a9e5b7d2c41'
+    """
+    digest = hashlib.sha256()
+    try:
+        for index, module in enumerate(sites.modules):
+            projection = _output_projection(module)
+            for name in ("weight", "bias"):
+                tensor = getattr(projection, name, None)
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                digest.update(f"{index}:{name}:{tuple(values.shape)};".encode())
+                digest.update(values.numpy().tobytes())
+    except (NotImplementedError, RuntimeError, TypeError):
+        return ""  # meta tensors ("Cannot copy out of meta tensor") or exotic tensor types
+    return digest.hexdigest()[:16]
