@@ -232,6 +232,16 @@ def _steers(args):
     ]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def _load(args, shard=None):
     from .pipeline import load_model
 
@@ -249,7 +259,17 @@ def _load(args, shard=None):
 
 # ------------------------------------------------------------------------------------- commands
 def _cmd_build_vector(args) -> int:
-    from .pipeline import Shard, build_vector, check_new_seeds, load_built, merge_built, save_built
+    from .pipeline import (
+        Shard,
+        build_vector,
+        check_device,
+        check_new_seeds,
+        check_output_file,
+        halves_paths,
+        load_built,
+        merge_built,
+        save_built,
+    )
 
     prompts_with = _prompt_list(args.prompts_with, args.with_file)
     prompts_without = _prompt_list(args.prompts_without, args.without_file)
@@ -263,6 +283,10 @@ def _cmd_build_vector(args) -> int:
     if args.merge:  # fail before sampling, not after
         existing = load_built(args.merge)
         check_new_seeds(existing.vector, seeds)
+    check_device(args.device)
+    check_output_file(out, "--out" if args.out else "--merge")
+    if not args.no_halves:
+        check_output_file(halves_paths(out)[0], "--out (its halves)")
     shard = Shard.from_environment()
     model = _load(args, shard)
     built = build_vector(
@@ -305,19 +329,29 @@ def _cmd_build_vector(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .pipeline import Shard, generate
+    from .pipeline import Shard, check_device, lock_output_folder
 
     steers = _steers(args)
     prompts = _prompt_list(args.prompt, args.prompts_file)
     if not prompts:
         prompts = _vector_prompts(args.vector[0])
+    seeds = _seeds(args)
+    check_device(args.device)
     shard = Shard.from_environment()
+    # Held from before the model loads to the manifest: a second run on this folder is refused at once.
+    with lock_output_folder(args.out, shard):
+        return _generate_locked(args, steers, prompts, seeds, shard)
+
+
+def _generate_locked(args, steers, prompts, seeds, shard) -> int:
+    from .pipeline import generate
+
     model = _load(args, shard)
     report = generate(
         model,
         steers,
         prompts,
-        _seeds(args),
+        seeds,
         args.out,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -354,10 +388,15 @@ def _vector_prompts(path: str) -> list[str]:
 
 
 def _cmd_heatmap(args) -> int:
-    from .pipeline import gate_heatmap
+    from .pipeline import check_device, check_output_file, gate_heatmap
 
     steers = _steers(args)
     prompt = args.prompt or _vector_prompts(args.vector[0])[0]
+    out = check_output_file(args.out)
+    if args.save_images:
+        for kind in ("unsteered", "steered"):
+            check_output_file(out.with_name(f"{out.stem}-{kind}.png"), "--save-images")
+    check_device(args.device)
     model = _load(args)
     result = gate_heatmap(
         model,
@@ -377,7 +416,6 @@ def _cmd_heatmap(args) -> int:
         cell=args.cell,
         per_map=not args.global_scale,
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)
     log.info("wrote %s (layers %s at steps %s, seed %d)", out, result.layers, result.steps, args.seed)
@@ -586,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")
     hp.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="colours")
-    hp.add_argument("--cell", type=int, default=128, help="pixels per map (default 128)")
+    hp.add_argument("--cell", type=_positive_int, default=128, help="pixels per map (default 128)")
     hp.add_argument("--global-scale", action="store_true", help="one colour scale for all maps (default: each its own)")
     hp.add_argument("--save-images", action="store_true", help="also write OUT-unsteered.png and OUT-steered.png")
     hp.add_argument("--out", required=True, help="PNG file to write")
@@ -653,6 +691,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"medsteer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file-system error the checks could not foresee: one line, not a traceback
+        if os.environ.get("MEDSTEER_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(
+            f"medsteer {args.command}: error: {exc.strerror or exc}{where} (rerun with MEDSTEER_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if args.command in ("build-vector", "generate"):
             import torch.distributed as dist

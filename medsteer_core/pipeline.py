@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -41,7 +42,7 @@ from .checkpoints import looks_like_local_path
 from .driver import SamplingSpec, sample
 from .errors import MedSteerError, VectorMismatchError
 from .estimate import VectorEstimator
-from .heatmap import gate_grid, select_maps, to_mask
+from .heatmap import gate_grid, parse_steps, select_maps, to_mask
 from .hooks import GateMaps, GateRecord, SteeringPlan
 from .plans import PAPER_FIGURE_3, build_metadata
 from .sites import find_sites
@@ -60,7 +61,9 @@ __all__ = [
     "Shard",
     "Steer",
     "build_vector",
+    "check_device",
     "check_new_seeds",
+    "check_output_file",
     "default_window",
     "gate_heatmap",
     "generate",
@@ -68,6 +71,7 @@ __all__ = [
     "inspect_vector",
     "load_built",
     "load_model",
+    "lock_output_folder",
     "merge_built",
     "paper_heatmap_steps",
     "save_built",
@@ -152,10 +156,46 @@ class Shard:
 
 
 # ================================================================================ loading
-def _resolve_device(device: str | torch.device | None, shard: Shard) -> torch.device:
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The ``torch.device`` that ``device`` names, checked to exist here (``None`` for ``"auto"``).
+
+    Raises:
+        MedSteerError: an unknown device name, or a device this machine or torch build lacks
+            (``cuda`` without CUDA, ``cuda:3`` on a 2-GPU machine, ``mps`` off Apple silicon).
+    """
     if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MedSteerError(
+            f"unknown device {str(device)!r}: pass auto, cpu, cuda, cuda:N (a GPU index) or mps"
+        ) from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MedSteerError(
+                f"device {str(device)!r} asked for, but CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}): pass --device cpu, or --device auto"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise MedSteerError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s)")
+        return parsed
+    backend = getattr(torch.backends, parsed.type, None) or getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise MedSteerError(
+            f"device {str(device)!r} is not available here: pass --device cpu, cuda (with a GPU) or auto"
+        )
+    return parsed
+
+
+def _resolve_device(device: str | torch.device | None, shard: Shard) -> torch.device:
+    device = check_device(device)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", shard.local_rank)
     return device
@@ -1053,34 +1093,302 @@ def _png(image) -> bytes:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason} ({Path(exc.filename).name})" if exc.filename else reason
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Create and delete a file where ``folder`` is (or its nearest existing ancestor), creating nothing."""
+    import tempfile
+
+    place = _nearest_existing(folder)
+    if not place.is_dir():
+        raise OutputFolderError(
+            f"cannot write {what} {str(folder)!r}: {str(place)!r} is a file, not a folder: choose another path"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".medsteer-write-check-", dir=place)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputFolderError(
+            f"cannot write {what} {str(folder)!r}: {exc.strerror or exc} in {str(place)!r}: choose a writable "
+            "folder (or fix its permissions, or free space)"
+        ) from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check, before any model loads or sampling, that the file ``path`` can be written.
+
+    Creates nothing: a file is created and deleted in the nearest existing folder above ``path``.
+
+    Raises:
+        OutputFolderError: ``path`` is a folder, or its folder cannot be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputFolderError(f"{flag} {str(path)!r} is a folder: give a file name, e.g. {str(path / 'out')!r}")
+    _check_writable_folder(path.parent, f"{flag} file {str(path)!r} into the folder")
+    return path
+
+
+# -------------------------------------------------------------------------------- folder lock
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+_LOCK = ".medsteer.lock"  # held by the one run writing a folder; removed when that run ends
+_HELD: dict[str, list] = {}  # realpath -> [fd, depth, created]: this process's locks (reentrant)
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is not None:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: that pair is redone
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt
+
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _acquire(out_dir: Path) -> None:
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    place = _nearest_existing(out_dir)
+    if not place.is_dir():
+        raise OutputFolderError(
+            f"cannot write the output folder {str(out_dir)!r}: {str(place)!r} is a file, not a folder: choose "
+            "another --out"
+        )
+    created = not out_dir.exists()
+    path = out_dir / _LOCK
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise OutputFolderError(
+                    f"{str(out_dir)!r} is being written by another medsteer run{_lock_holder(path)}: wait for it "
+                    "to finish (then rerun to add missing pairs), or pass another --out folder"
+                )
+            try:  # the file we locked is still the folder's lock (its previous holder removes it)
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise OutputFolderError(f"cannot lock {str(out_dir)!r}: its lock file keeps changing; retry")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise OutputFolderError(
+            f"cannot write to the output folder {str(out_dir)!r}: {_os_reason(exc)}: choose a writable --out "
+            "folder (or fix its permissions, or free space)"
+        ) from None
+    _HELD[key] = [fd, 1, created]
+
+
+def _release(out_dir: Path) -> None:
+    key = os.path.realpath(out_dir)
+    held = _HELD[key]
+    held[1] -= 1
+    if held[1]:
+        return
+    del _HELD[key]
+    fd, _, created = held
+    try:
+        (out_dir / _LOCK).unlink()  # while still locked: a waiting run then sees a new file
+        if created:
+            out_dir.rmdir()  # only succeeds when this run wrote nothing (it failed before writing)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_output_folder(out_dir: str | os.PathLike, shard: Shard | None = None):
+    """Hold ``out_dir`` (created if missing) for this run: a second writer is refused at once.
+
+    An exclusive, non-blocking lock on ``out_dir/.medsteer.lock`` (``flock``; released by the OS
+    when the process ends, even if it is killed). Under torchrun rank 0 holds it for all ranks.
+    Reentrant within one process. On exit the lock file is removed, and a folder this call
+    created is removed again if the run left it empty.
+
+    Raises:
+        OutputFolderError: another run holds the folder, or it cannot be written.
+    """
+    shard = shard or Shard()
+    out_dir = Path(out_dir)
+    error: str | None = None
+    if shard.main:
+        try:
+            _acquire(out_dir)
+        except OutputFolderError as exc:
+            error = str(exc)
+    first = shard.gather(error)[0]
+    if first is not None:
+        raise OutputFolderError(first)
+    try:
+        yield out_dir
+    finally:
+        if shard.main:
+            _release(out_dir)
+
+
+# -------------------------------------------------------------------------------- records
+_KINDS = ("unsteered", "steered", "gate", "mask")
+
+
+def _record_problem(record) -> str | None:
+    """What makes ``record`` something other than a manifest record medsteer wrote, else ``None``."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    ids = {}
+    for key in ("prompt_index", "seed"):
+        value = record.get(key)
+        if type(value) is not int or value < 0:
+            return f"{key} is {value!r}, not an integer >= 0"
+        ids[key] = value
+    if not isinstance(record.get("prompt"), str):
+        return f"prompt is {record.get('prompt')!r}, not a string"
+    settings = record.get("settings")
+    if not isinstance(settings, dict):
+        return f"settings is {type(settings).__name__}, not an object"
+    vectors = settings.get("vectors", [])
+    if not isinstance(vectors, list) or not all(isinstance(v, dict) for v in vectors):
+        return "settings.vectors is not a list of objects"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return "files is not an object of image entries"
+    for kind, entry in files.items():
+        expected = f"images/p{ids['prompt_index']:03d}-s{ids['seed']}-{kind}.png"
+        if kind not in _KINDS:
+            return f"files has an unknown kind {kind!r} (known: {', '.join(_KINDS)})"
+        if not isinstance(entry, dict) or entry.get("path") != expected:
+            return f"files.{kind} does not name {expected!r}"
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            return f"files.{kind}.sha256 is not a sha256 hex digest"
+    return None
+
+
+def _read_records(path: Path, in_progress: bool) -> list[dict]:
+    """The records of a manifest (``in_progress=False``) or of a run's part file.
+
+    A part file's last line without its newline is a record cut short by a crash or a full disk:
+    it is skipped and its pair redone. Any other line that is not a record medsteer wrote is an
+    error naming the file and line.
+    """
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail and in_progress:
+        log.warning("%s ends in an unfinished record (%d bytes): its pair is redone", path, len(tail))
+    elif tail:
+        lines.append(tail)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+            problem = _record_problem(record)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            problem = f"not JSON ({type(exc).__name__})"
+        if problem is not None:
+            raise OutputFolderError(
+                f"{str(path)}:{number}: {problem}; this is not a pair record medsteer wrote: delete that line "
+                "(its pair is then generated again), or use another --out folder"
+            )
+        records.append(record)
     return records
+
+
+def _trim_unfinished_line(path: Path) -> None:
+    """Cut a part file back to its last complete line, so the next record starts on a line of its own."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:
+            start = max(0, keep - (1 << 16))
+            handle.seek(start)
+            chunk = handle.read(keep - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep < end:
+            handle.truncate(keep)
+
+
+def _append_record(fd: int, line: bytes) -> None:
+    """Append one record line; on a write error (full disk) cut the file back to where it was."""
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 def _existing_records(out_dir: Path) -> dict[tuple[int, int], dict]:
     found: dict[tuple[int, int], dict] = {}
-    sources = [out_dir / MANIFEST, *sorted((out_dir / _PARTS).glob("rank-*.jsonl"))]
-    for source in sources:
-        for record in _read_jsonl(source):
-            found[(int(record["prompt_index"]), int(record["seed"]))] = record
+    for record in _read_records(out_dir / MANIFEST, in_progress=False):
+        found[(record["prompt_index"], record["seed"])] = record
+    for part in sorted((out_dir / _PARTS).glob("rank-*.jsonl")):
+        for record in _read_records(part, in_progress=True):
+            found[(record["prompt_index"], record["seed"])] = record
     return found
 
 
 def _files_intact(out_dir: Path, record: dict) -> bool:
-    for entry in record.get("files", {}).values():
-        path = out_dir / entry["path"]
+    for entry in record["files"].values():
+        path = out_dir / entry["path"]  # images/p...png: checked by _record_problem
         if not path.is_file() or _sha256_file(path) != entry["sha256"]:
             return False
     return True
@@ -1166,6 +1474,7 @@ def generate(
         raise ValueError(f"heatmap_plan {heatmap_plan} is out of range: {len(plans)} vector(s) given")
     if heatmaps:
         heatmap_steps = heatmap_steps or paper_heatmap_steps(spec.steps)
+        parse_steps(heatmap_steps, spec.steps)  # before sampling, not after the first pair
         heatmap_layers = heatmap_layers or _default_heatmap_layers(plans[heatmap_plan])
     settings = {
         **model.provenance(),
@@ -1185,6 +1494,52 @@ def generate(
     out_dir = Path(out_dir)
     batches = _batches(list(seeds), batch_size)
     units = [(p, batch) for p in range(len(prompts)) for batch in batches]
+    with lock_output_folder(out_dir, shard):
+        try:
+            return _generate_units(
+                model,
+                plans,
+                prompts,
+                units,
+                out_dir,
+                settings,
+                spec,
+                negative_prompt,
+                scheduler,
+                heatmaps,
+                heatmap_steps,
+                heatmap_layers,
+                heatmap_plan,
+                colormap,
+                shard,
+                progress,
+            )
+        except OSError as exc:  # a full disk, a folder made read-only mid-run, ...
+            raise OutputFolderError(
+                f"cannot write to the output folder {str(out_dir)!r}: {_os_reason(exc)}: free space (or fix "
+                "permissions) and rerun the same command; finished pairs are kept"
+            ) from exc
+
+
+def _generate_units(
+    model,
+    plans,
+    prompts,
+    units,
+    out_dir,
+    settings,
+    spec,
+    negative_prompt,
+    scheduler,
+    heatmaps,
+    heatmap_steps,
+    heatmap_layers,
+    heatmap_plan,
+    colormap,
+    shard,
+    progress,
+) -> GenerateReport:
+    """``generate``'s work, with ``out_dir`` locked."""
     existing = _existing_records(out_dir)
     done = set()
     for p, batch in units:
@@ -1208,7 +1563,9 @@ def generate(
     bar = _progress_bar(len(mine) * 2 * spec.steps, "generate", progress and shard.main)
     parts = out_dir / _PARTS / f"rank-{shard.rank}.jsonl"
     parts.parent.mkdir(parents=True, exist_ok=True)
+    _trim_unfinished_line(parts)  # a record cut short by a crash must not swallow the next one
     written: list[dict] = []
+    handle = os.open(parts, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         for i in mine:
             p, batch = units[i]
@@ -1226,14 +1583,14 @@ def generate(
                 if gates is not None:
                     grid, mask = _pair_heatmap(gates, b, heatmap_steps, heatmap_layers, colormap, images["steered"][b])
                     blobs["gate"], blobs["mask"] = _png(grid), _png(mask)
-                for kind, data in blobs.items():
+                for kind, data in blobs.items():  # the images first, then their record
                     _write_atomic(out_dir / f"{stem}-{kind}.png", data)
                     files[kind] = {"path": f"{stem}-{kind}.png", "sha256": hashlib.sha256(data).hexdigest()}
                 entry = {"prompt_index": p, "prompt": prompts[p], "seed": seed, "files": files, "settings": settings}
-                with open(parts, "a") as handle:
-                    handle.write(json.dumps(entry, sort_keys=True) + "\n")
+                _append_record(handle, (json.dumps(entry, sort_keys=True) + "\n").encode())
                 written.append(entry)
     finally:
+        os.close(handle)
         bar.close()
     shard.barrier()
     manifest = out_dir / MANIFEST
@@ -1317,9 +1674,12 @@ def gate_heatmap(
     plans = [p for p, _ in resolved]
     if not 0 <= plan < len(plans):
         raise ValueError(f"plan {plan} is out of range: {len(plans)} vector(s) given")
+    if type(cell) is not int or cell < 1:
+        raise MedSteerError(f"cell must be a whole number of pixels >= 1, got {cell!r} (the default is 128)")
     cfg = model.default_cfg if cfg is None else cfg
     spec = model.spec(steps, cfg, height, width)
     at_steps = at_steps or paper_heatmap_steps(spec.steps)
+    parse_steps(at_steps, spec.steps)  # a step the run does not have: refused before sampling
     layers = layers or _default_heatmap_layers(plans[plan])
     record = GateRecord()
     common = {"negative_prompt": negative_prompt, "scheduler": scheduler}

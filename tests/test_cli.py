@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -373,3 +374,274 @@ def test_missing_local_model_path_is_one_line_and_exit_2_without_the_hub(tmp_pat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"no model folder or file at '{source}'" in err and "check the path" in err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------- issue 12: F2 F3 F10 F11
+def _cli(*args: str, limit_bytes: int | None = None) -> subprocess.Popen:
+    """``medsteer`` in a separate process (optionally with a file-size limit: writes past it fail with EFBIG)."""
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "medsteer_core.cli", *args]
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit if limit_bytes else None,
+    )
+
+
+def _complete_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    return path.read_bytes().count(b"\n")
+
+
+def _check_records(folder: Path) -> list[dict]:
+    """Every manifest record's files exist with the recorded sha256."""
+    records = manifest(folder)
+    for record in records:
+        for entry in record["files"].values():
+            assert hashlib.sha256((folder / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    return records
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder_and_a_crash_frees_it(work, tmp_path, capsys):
+    """F2: two runs on one --out mixed strengths in one manifest (or crashed on the part file);
+    the folder is now locked from before the model loads, and SIGKILL releases the lock."""
+    out = tmp_path / "pairs"
+    args = generate_args(work["model"], work["vector"], out, "--prompt", WITH, "--num-seeds", "30")
+    first = _cli(*args)
+    try:
+        part = out / "manifest.parts" / "rank-0.jsonl"
+        for _ in range(1200):
+            if _complete_lines(part) >= 1 or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        capsys.readouterr()
+        for extra in (("--strength", "5.25"), ()):  # other settings, and the very same command
+            assert main([*args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            assert f"{str(out)!r} is being written by another medsteer run (pid {first.pid})" in err
+            assert "pass another --out folder" in err
+        first.kill()  # a crash while holding the lock
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert main(args) == 0  # the OS released the lock; the same command resumes
+    records = _check_records(out)
+    assert [r["seed"] for r in records] == list(range(30))
+    assert {r["settings"]["vectors"][0]["strength"] for r in records} == {2.5}
+    assert not (out / ".medsteer.lock").exists() and not (out / "manifest.parts").exists()
+    for seed in (0, 1):  # the same bytes as the uninterrupted reference run
+        for kind in ("unsteered", "steered"):
+            name = f"images/p000-s{seed}-{kind}.png"
+            assert (out / name).read_bytes() == (work["reference"] / name).read_bytes()
+
+
+def test_resume_after_a_record_cut_short_keeps_every_pair(work, tmp_path, capsys):
+    """F3: the next record was appended to the cut-off line, the merged line was dropped, and the
+    resumed run exited 0 with 3 of 4 pairs in the manifest."""
+    out = tmp_path / "pairs"
+    shutil.copytree(work["reference"], out)
+    lines = (out / mp.MANIFEST).read_text().splitlines(keepends=True)
+    (out / mp.MANIFEST).unlink()
+    (out / "manifest.parts").mkdir()
+    (out / "manifest.parts" / "rank-0.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
+    for path in (out / "images").glob("p001-*"):
+        path.unlink()
+    assert main(generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")) == 0
+    assert len(manifest(out)) == 4
+    assert tree(out) == tree(work["reference"])
+
+
+def _reference_copy(work, tmp_path: Path) -> Path:
+    out = tmp_path / "pairs"
+    shutil.copytree(work["reference"], out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda r: [1, 2], "a JSON list, not an object"),
+        (lambda r: {**r, "prompt_index": "0"}, "prompt_index is '0', not an integer >= 0"),
+        (lambda r: {k: v for k, v in r.items() if k != "settings"}, "settings is NoneType, not an object"),
+        (lambda r: {**r, "files": {"steered": {"path": "../../x.png", "sha256": "0" * 64}}}, "does not name"),
+        (lambda r: {**r, "files": {"steered": "x"}}, "does not name 'images/p000-s1-steered.png'"),
+        (lambda r: {**r, "settings": {**r["settings"], "vectors": [3]}}, "settings.vectors is not a list of objects"),
+        (lambda r: '{"prompt_index": 0', "not JSON (JSONDecodeError)"),
+    ],
+)
+def test_a_malformed_manifest_line_is_an_error_naming_file_and_line(work, tmp_path, capsys, edit, problem):
+    """F10: KeyError / TypeError from crafted manifest lines (and a ../ path read outside the folder)."""
+    out = _reference_copy(work, tmp_path)
+    lines = (out / mp.MANIFEST).read_text().splitlines()
+    changed = edit(json.loads(lines[1]))
+    lines[1] = changed if isinstance(changed, str) else json.dumps(changed)
+    (out / mp.MANIFEST).write_text("\n".join(lines) + "\n")
+    before = tree(out)
+    capsys.readouterr()
+    assert main(generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{out / mp.MANIFEST}:2: " in err and problem in err and "delete that line" in err
+    assert tree(out) == before
+
+
+def test_a_broken_line_inside_a_part_file_is_an_error_but_a_cut_off_last_line_is_redone(work, tmp_path, capsys):
+    out = _reference_copy(work, tmp_path)
+    lines = (out / mp.MANIFEST).read_text().splitlines(keepends=True)
+    (out / mp.MANIFEST).unlink()
+    (out / "manifest.parts").mkdir()
+    part = out / "manifest.parts" / "rank-0.jsonl"
+    part.write_text(lines[0] + lines[1][:40] + lines[2])  # two records merged by the old writer
+    capsys.readouterr()
+    args = generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")
+    assert main(args) == 2
+    assert f"{part}:2: not JSON" in capsys.readouterr().err
+    part.write_text(lines[0] + lines[1] + lines[2][:40])  # only the last record cut short: redone
+    assert main(args) == 0
+    assert tree(out) == tree(work["reference"])
+
+
+@pytest.mark.parametrize("limit", [1000, 3000])
+def test_a_full_disk_is_one_line_and_leaves_only_whole_records(work, tmp_path, limit):
+    """F11: a full disk ended in an OSError traceback (exit 1) and could leave half a record.
+
+    Simulated with RLIMIT_FSIZE (writes past the limit fail with EFBIG, as ENOSPC would): at 1000
+    bytes the first gate image fails; at 3000 the third record of the part file is cut mid-line."""
+    out = tmp_path / "pairs"
+    args = generate_args(work["model"], work["vector"], out, "--num-seeds", "2", "--heatmaps")
+    run = _cli(*args, limit_bytes=limit)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err[-3000:]
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot write to the output folder {str(out)!r}: File too large" in err
+    assert "rerun the same command" in err
+    assert not (out / mp.MANIFEST).exists()
+    assert not list(out.rglob("*.tmp")) and not (out / ".medsteer.lock").exists()
+    part = out / "manifest.parts" / "rank-0.jsonl"
+    data = part.read_bytes()
+    assert data == b"" or data.endswith(b"\n")  # no half record
+    assert data.count(b"\n") == {1000: 0, 3000: 2}[limit]
+    assert main(args) == 0  # with space again, the same command completes the dataset
+    assert tree(out) == tree(work["reference"])
+
+
+def test_unwritable_outputs_are_refused_before_the_model_loads(work, tmp_path, capsys):
+    """F11: --out under a file / a read-only place was found only after loading (generate) or after
+    all sampling (build-vector, heatmap). A missing model proves the check comes first."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    vector = str(work["vector"])
+    missing_model = str(tmp_path / "no_model")
+    under_file = str(blocker / "v.safetensors")
+    capsys.readouterr()
+    for command in (
+        ["generate", "-q", "--model", missing_model, "--vector", vector, "--out", str(blocker / "pairs")],
+        ["build-vector", "-q", "--model", missing_model, "--with", WITH, "--without", WITHOUT, "--out", under_file],
+        ["heatmap", "-q", "--model", missing_model, "--vector", vector, "--out", str(blocker / "fig.png")],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a folder" in err, err
+        assert "no_model" not in err
+    assert main(["heatmap", "--model", missing_model, "--vector", vector, "--out", str(tmp_path)]) == 2
+    assert "is a folder: give a file name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write: a read-only tmpfs when root can mount one, else chmod 555."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr!r}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_outputs_are_one_line_exit_2(work, read_only_folder, capsys):
+    vector = str(work["vector"])
+    capsys.readouterr()
+    for command, flag in (
+        (generate_args(work["model"], work["vector"], read_only_folder / "pairs"), "output folder"),
+        (
+            ["build-vector", "-q", "--with", WITH, "--without", WITHOUT, "--out", str(read_only_folder / "v")],
+            "--out file",
+        ),
+        (["heatmap", "-q", "--vector", vector, "--out", str(read_only_folder / "fig.png")], "--out file"),
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot write" in err and flag in err, err
+        assert "Read-only file system" in err or "Permission denied" in err
+
+
+def test_device_and_cell_arguments_are_checked_before_loading(work, tmp_path, capsys):
+    """F11: --device nonsense was a RuntimeError, --device cuda without CUDA an AssertionError,
+    heatmap --cell 0 a RuntimeError after sampling."""
+    vector = str(work["vector"])
+    capsys.readouterr()
+    cases = [("nonsense", "unknown device 'nonsense': pass auto, cpu, cuda")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "CUDA is not available here"))
+    for device, message in cases:
+        for command in (
+            generate_args(work["model"], work["vector"], tmp_path / "pairs", "--device", device),
+            ["heatmap", "-q", "--vector", vector, "--device", device, "--out", str(tmp_path / "f.png")],
+            [
+                "build-vector",
+                "-q",
+                "--with",
+                WITH,
+                "--without",
+                WITHOUT,
+                "--device",
+                device,
+                "--out",
+                str(tmp_path / "v"),
+            ],
+        ):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "pairs").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["heatmap", "--vector", vector, "--cell", "0", "--out", str(tmp_path / "f.png")])
+    assert exit_info.value.code == 2
+    assert "--cell: must be a whole number >= 1, got 0" in capsys.readouterr().err
+    heat = [
+        "heatmap",
+        "-q",
+        "--model",
+        str(work["model"]),
+        "--vector",
+        vector,
+        "--layer-start",
+        "1",
+        "--layer-end",
+        "3",
+    ]
+    assert main([*heat, "--steps", "3", "--at-steps", "7", "--out", str(tmp_path / "f.png")]) == 2
+    assert "step 7 is out of range: this run has 3 steps" in capsys.readouterr().err
+    model = mp.load_model(work["model"], device="cpu", quiet=True)
+    with pytest.raises(mp.MedSteerError, match="cell must be a whole number of pixels >= 1, got 0"):
+        mp.gate_heatmap(model, [mp.Steer(work["vector"])], WITH, 0, cell=0)
