@@ -79,10 +79,10 @@ FALLBACK_SETTING = (0, 1, 1.0)
 
 def setting_of(vector: PathologyVector | None) -> tuple[int, int, float]:
     """``(layer_start, layer_end, strength)`` calibrated for a vector (from its metadata)."""
-    if vector is None or "calibrated_strength" not in vector.metadata:
+    setting = vector.provenance.calibrated_setting() if vector is not None else {}
+    if "strength" not in setting:
         return FALLBACK_SETTING
-    m = vector.metadata
-    return int(m["calibrated_layer_start"]), int(m["calibrated_layer_end"]), float(m["calibrated_strength"])
+    return int(setting["layer_start"]), int(setting["layer_end"]), float(setting["strength"])
 
 
 def _file_digest(path: Path) -> str:
@@ -582,13 +582,14 @@ def calibrate_and_ship(
             "meets_issue_bar": meets,
             "confirmed": [r.as_dict() for r in confirmed],
         }
-        vector.metadata.update(
-            {
-                "calibrated_layer_start": str(best.layer_start),
-                "calibrated_layer_end": str(best.layer_end),
-                "calibrated_strength": f"{best.strength:g}",
-                "calibration": json.dumps(record),
-            }
+        provenance = vector.provenance
+        vector = vector.with_provenance(
+            provenance.replace(
+                calibrated_layer_start=best.layer_start,
+                calibrated_layer_end=best.layer_end,
+                calibrated_strength=best.strength,
+                extra={**provenance.extra, "calibration": json.dumps(record)},
+            )
         )
         save_vector(vector, out_dir / f"{edit.name}.safetensors")
         summary[edit.name] = record | {"screen": [r.as_dict() for r in rows]}

@@ -151,6 +151,25 @@ class PathologyVector:
         """
         return Provenance.from_metadata(self.metadata).replace(site_widths=self.widths)
 
+    def with_provenance(self, provenance: Provenance) -> PathologyVector:
+        """The same vector (tensors shared, gain kept) with another provenance.
+
+        Example:
+            >>> calibrated = vector.with_provenance(vector.provenance.replace(calibrated_strength=2.5))  # doctest: +SKIP
+        """
+        structural = {k: self.metadata[k] for k in STRUCTURAL_KEYS if k in self.metadata}
+        return PathologyVector(
+            self.directions,
+            self.timesteps,
+            self.sum_with,
+            self.sum_without,
+            self.count_with,
+            self.count_without,
+            structural | provenance.replace(site_widths=()).to_metadata(),
+            gain=self.gain,
+            widths=self.widths,
+        )
+
     def check_weights(self, sites) -> None:
         """Raise ``VectorMismatchError`` if the vector was built on other weights than ``sites``'.
 
