@@ -16,6 +16,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .backbones import Sites, find_sites
 from .driver import SamplingSpec, initial_latents, sample
 from .errors import MedSteerError, UnsupportedModelError, VectorFileError, VectorMismatchError
 from .estimate import VectorEstimator
@@ -30,7 +31,6 @@ from .hooks import (
     capture,
     steering,
 )
-from .sites import Sites, find_sites
 from .ssps import ssps
 from .vector import PathologyVector, load_vector, save_vector
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .backbones import find_sites
 from .hooks import GateRecord, SteeringPlan, attach_capture, attach_steering
-from .sites import find_sites
 
 __all__ = ["SamplingSpec", "initial_latents", "sample"]
 

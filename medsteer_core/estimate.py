@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .backbones import Sites, find_sites
 from .errors import MedSteerError
-from .sites import Sites, find_sites
 from .vector import PathologyVector
 
 __all__ = ["LABELS", "VectorEstimator"]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backbones import Sites, find_sites
 from .errors import MedSteerError
-from .sites import Sites, find_sites
 from .ssps import ssps
 from .vector import INTERPOLATIONS, PathologyVector
 
@@ -58,17 +58,22 @@ class CallInfo:
     Attributes:
         timesteps: ``[B]`` model timestep of each batch row (0-999 scale; any device).
         conditional: ``B`` booleans, True where the row is conditional (host-side, no sync).
-        grid: token grid ``(rows, columns)`` of the latent, for gate maps; ``None`` if unknown.
+        grid: one token grid ``(rows, columns)`` for every site, for gate maps; ``None`` if unknown.
+        latent_size: ``(height, width)`` of the latent; each site's grid then comes from its backbone
+            (sites of a UNet level have their own grids). Takes precedence over ``grid``.
     """
 
     timesteps: torch.Tensor
     conditional: tuple[bool, ...]
     grid: tuple[int, int] | None = None
+    latent_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         t = torch.as_tensor(self.timesteps).reshape(-1)
         object.__setattr__(self, "timesteps", t)
         object.__setattr__(self, "conditional", tuple(bool(c) for c in self.conditional))
+        if self.latent_size is not None:
+            object.__setattr__(self, "latent_size", (int(self.latent_size[0]), int(self.latent_size[1])))
         if len(self.conditional) != t.numel():
             raise MedSteerError(
                 f"CallInfo has {t.numel()} timesteps but {len(self.conditional)} conditional flags; "
@@ -77,7 +82,13 @@ class CallInfo:
 
     @classmethod
     def from_layout(
-        cls, timesteps: torch.Tensor, batch: int, layout: str, grid: tuple[int, int] | None = None, cond_or_uncond=None
+        cls,
+        timesteps: torch.Tensor,
+        batch: int,
+        layout: str,
+        grid: tuple[int, int] | None = None,
+        cond_or_uncond=None,
+        latent_size: tuple[int, int] | None = None,
     ) -> CallInfo:
         """Build the call info of a batch laid out as ``layout`` (see ``LAYOUTS``).
 
@@ -85,8 +96,9 @@ class CallInfo:
             timesteps: a scalar or ``[B]`` timesteps.
             batch: the batch size ``B``.
             layout: one of ``LAYOUTS``.
-            grid: the token grid.
+            grid: the token grid (one for every site).
             cond_or_uncond: for ``comfyui``: the list of 0 (cond) / 1 (uncond) per batch chunk.
+            latent_size: the latent's ``(height, width)`` (each site's grid from its backbone).
         """
         t = torch.as_tensor(timesteps).reshape(-1)
         if t.numel() == 1 and batch > 1:
@@ -108,7 +120,7 @@ class CallInfo:
             conditional = tuple(c == 0 for c in chunks for _ in range(per))
         else:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        return cls(t, conditional, grid)
+        return cls(t, conditional, grid, latent_size)
 
 
 #: The largest ``|strength * vector.gain|`` a plan accepts. The update subtracts
@@ -271,22 +283,31 @@ class GateRecord:
         except IndexError:
             raise MedSteerError(f"run {run} not recorded; the record holds {len(runs)} run(s)") from None
         layers = tuple(sorted({e[1] for call in calls for e in call}))
-        first = calls[0][0]
-        grid = first[5]
-        batch, tokens = first[4].shape
-        if grid is None:
-            side = int(round(math.sqrt(tokens)))
-            if side * side != tokens:
-                raise MedSteerError(f"unknown token grid for {tokens} tokens; pass CallInfo.grid")
-            grid = (side, side)
+        batch = calls[0][0][4].shape[0]
+        grids = {e[1]: _grid_of(e) for call in calls for e in call}
+        grid = max(grids.values(), key=lambda g: (g[0] * g[1], g))
         out = torch.zeros(len(calls), len(layers), batch, grid[0], grid[1])
         timesteps = torch.zeros(len(calls))
         for s, call in enumerate(calls):
             timesteps[s] = float(call[0][3].reshape(-1)[0])
             for _, site, _, _, gate, _ in call:
                 if gate.shape[0] == batch:
-                    out[s, layers.index(site)] = gate.float().cpu().reshape(batch, grid[0], grid[1])
+                    own = grids[site]
+                    gate_map = gate.float().cpu().reshape(batch, 1, own[0], own[1])
+                    if own != grid:  # a coarser level (UNets): upsample to the finest grid
+                        gate_map = torch.nn.functional.interpolate(gate_map, size=grid, mode="nearest")
+                    out[s, layers.index(site)] = gate_map[:, 0]
         return GateMaps(timesteps, layers, out)
+
+
+def _grid_of(entry: tuple) -> tuple[int, int]:
+    grid, tokens = entry[5], entry[4].shape[1]
+    if grid is not None:
+        return tuple(grid)
+    side = int(round(math.sqrt(tokens)))
+    if side * side != tokens:
+        raise MedSteerError(f"unknown token grid for {tokens} tokens; pass CallInfo.latent_size (or grid)")
+    return side, side
 
 
 class HookHandle:
@@ -360,6 +381,16 @@ class _CallState:
         self.cond_index = torch.tensor(self.cond_list, device=device, dtype=torch.long)
         self._prepared_for = (device, dtype)
 
+    def grid(self, index: int) -> tuple[int, int] | None:
+        """The token grid of site ``index`` in the current call (for gate maps)."""
+        call = self.call
+        if call.latent_size is not None:
+            try:
+                return self.sites.token_grid(index, call.latent_size)
+            except MedSteerError:
+                return call.grid
+        return call.grid
+
 
 def _first_tensor(output):
     if isinstance(output, torch.Tensor):
@@ -370,19 +401,15 @@ def _first_tensor(output):
 
 
 def _call_from_arguments(sites: Sites, layout: str, args: tuple, kwargs: dict) -> CallInfo:
-    """Read timesteps, batch and grid from the transformer's own arguments (both hosts)."""
-    if sites.host == "diffusers":
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        timesteps = kwargs.get("timestep", args[2] if len(args) > 2 else None)
-    else:
-        latents = kwargs.get("x", args[0] if args else None)
-        timesteps = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
-    if latents is None or timesteps is None:
-        raise MedSteerError("cannot read the latents and timesteps of this transformer call; pass call_info=")
-    batch = latents.shape[0]
-    grid = (latents.shape[-2] // sites.patch_size, latents.shape[-1] // sites.patch_size)
-    options = kwargs.get("transformer_options") or {}
-    return CallInfo.from_layout(timesteps, batch, layout, grid, options.get("cond_or_uncond"))
+    """Read timesteps, batch and latent size from the transformer's own arguments (its backbone knows how)."""
+    latents, timesteps, options = sites.read_call(args, kwargs)
+    return CallInfo.from_layout(
+        timesteps,
+        latents.shape[0],
+        layout,
+        cond_or_uncond=options.get("cond_or_uncond"),
+        latent_size=latents.shape[-2:],
+    )
 
 
 class _SiteForward:
@@ -557,7 +584,7 @@ def attach_steering(
                         j,
                         state.call.timesteps.to(h.device).index_select(0, state.cond_index),
                         gate.index_select(0, state.cond_index),
-                        state.call.grid,
+                        state.grid(index),
                     )
                     if torch.compiler.is_compiling():
                         pending.append(entry)

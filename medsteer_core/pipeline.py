@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .backbones import find_sites
 from .checkpoints import looks_like_local_path
 from .driver import SamplingSpec, sample
 from .errors import MedSteerError, VectorMismatchError
@@ -45,7 +46,6 @@ from .estimate import VectorEstimator
 from .heatmap import gate_grid, parse_steps, select_maps, to_mask
 from .hooks import GateMaps, GateRecord, SteeringPlan
 from .plans import PAPER_FIGURE_3, build_metadata
-from .sites import find_sites
 from .vector import PathologyVector, load_vector, metadata_list, save_vector
 
 __all__ = [
@@ -301,11 +301,13 @@ class PixArtModel:
         """The sampling spec of images ``height x width`` (default: the model's size)."""
         default_h, default_w = self.default_size
         height, width = height or default_h, width or default_w
-        step = self.latent_scale * self.sites.patch_size
+        # Latent pixels per token side, from the backbone's grid of a probe latent.
+        per_token = 64 // max(self.sites.token_grid(0, (64, 64))[0], 1)
+        step = self.latent_scale * per_token  # image pixels per token side
         if height % step or width % step or height <= 0 or width <= 0:
             raise ValueError(
                 f"image size {width}x{height} must be positive multiples of {step} for this model "
-                f"({self.latent_scale} pixels per latent pixel x patch size {self.sites.patch_size})"
+                f"({self.latent_scale} pixels per latent pixel, {step // self.latent_scale} latent pixels per token)"
             )
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .backbones import Sites, check_latent_size, find_sites
 from .errors import MedSteerError
 from .heatmap import index_entries
 from .hooks import SteeringPlan
-from .sites import Sites, find_sites
 from .vector import INTERPOLATIONS, PathologyVector
 
 __all__ = [
@@ -66,30 +66,6 @@ HEATMAP_PRESETS: dict[str, HeatmapSelection | None] = {
     "custom (steps and layers below)": None,
     "paper Fig. 3 (layer 8; steps 8, 12, 14, 19)": PAPER_FIGURE_3,
 }
-
-
-# ---------------------------------------------------------------------------------- latents
-def check_latent_size(height: int, width: int, patch_size: int = 2) -> None:
-    """Refuse latents that PixArt cannot sample.
-
-    ComfyUI's PixArt builds its position embedding with ``base_size = round((H + W) // 2 / 64) * 64
-    // patch_size``, which is 0 (a division by zero) when ``(H + W) // 2 <= 32`` latent pixels.
-
-    Args:
-        height / width: latent size in latent pixels (image size / 8).
-        patch_size: the transformer's patch size.
-
-    Raises:
-        MedSteerError: the latent is too small; the message gives the smallest usable size.
-    """
-    resolution = (int(height) + int(width)) // 2
-    if (round(resolution / 64) * 64) // max(int(patch_size), 1) == 0:
-        raise MedSteerError(
-            f"latent of {height}x{width} (an image of {width * 8}x{height * 8} pixels) is too small for "
-            "PixArt: ComfyUI's PixArt position embedding divides by zero when (height + width) / 2 is 32 "
-            "latent pixels or less. Use at least 34x34 latent pixels (272x272 px); PixArt-XL-2-512x512 "
-            "is trained at 512x512 px (64x64)."
-        )
 
 
 def seed_batches(seed: int, num_seeds: int, batch_size: int) -> list[list[int]]:

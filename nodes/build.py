@@ -22,10 +22,8 @@ from .common import (
     CATEGORY,
     PathologyVectorSocket,
     call_info,
-    check_latent_fits,
     model_family,
-    pixart_sites,
-    pixel_scale,
+    model_sites,
     split_call,
 )
 
@@ -161,11 +159,11 @@ class BuildPathologyVector(io.ComfyNode):
         scheduler: str,
     ) -> io.NodeOutput:
         # Everything is checked before the first sampling step.
-        sites = pixart_sites(model)
+        sites = model_sites(model)
         shape = latent_image["samples"].shape
         batch, height, width = int(shape[0]), int(shape[-2]), int(shape[-1])
-        check_latent_fits(sites.transformer, height, width)
-        scale = pixel_scale(sites.transformer)
+        sites.check_latent(height, width)
+        scale = sites.pixel_scale
         batches = seed_batches(seed, num_seeds, batch)
         if _same_conditioning(with_concept, without_concept):
             raise ValueError(

@@ -15,8 +15,7 @@ import os
 from comfy_api.latest import io
 
 from ..medsteer_core import CallInfo, UnsupportedModelError
-from ..medsteer_core.plans import check_latent_size
-from ..medsteer_core.sites import Sites, find_sites
+from ..medsteer_core.backbones import Sites, find_sites
 
 #: The one custom socket type of the pack: a ``medsteer_core.PathologyVector``.
 PathologyVectorSocket = io.Custom("PATHOLOGY_VECTOR")
@@ -45,7 +44,7 @@ def inside(root: str, name: str) -> str | None:
     return path if os.path.commonpath([root, path]) == root else None
 
 
-def pixart_sites(model) -> Sites:
+def model_sites(model) -> Sites:
     """The cross-attention sites of a ComfyUI MODEL, or a clear error if it is not PixArt.
 
     Raises:
@@ -80,45 +79,20 @@ def model_family(model) -> str:
     return str(unet_config.get("image_model") or type(config).__name__).replace("_", "-")
 
 
-#: Image pixels per latent pixel of PixArt's VAE (SD1.5 / SDXL autoencoders).
-VAE_SCALE = 8
-
-
-def pixel_scale(diffusion_model) -> int:
-    """Image pixels per latent pixel: the model's ``pixel_scale`` (1 for MedSteer-mini, which works
-    in pixel space) or PixArt's VAE factor 8."""
-    return int(getattr(diffusion_model, "pixel_scale", VAE_SCALE))
-
-
-def check_latent_fits(diffusion_model, height: int, width: int) -> None:
-    """The model's own latent-size rule (``check_latent_size`` method, MedSteer-mini) or PixArtMS's.
-
-    Raises:
-        MedSteerError: the latent cannot be sampled by this model; the message says what to use.
-    """
-    rule = getattr(diffusion_model, "check_latent_size", None)
-    if callable(rule):
-        rule(int(height), int(width))
-        return
-    patch = getattr(diffusion_model, "patch_size", 2)
-    check_latent_size(height, width, int(patch[0] if isinstance(patch, (tuple, list)) else patch))
-
-
 def call_info(base_model, x, sigma, transformer_options) -> CallInfo:
     """The ``CallInfo`` of one ``apply_model`` call (see the module docstring).
 
     Args:
-        base_model: ``comfy.model_base.PixArt`` (``executor.class_obj`` in the wrapper).
-        x: the noisy latent ``[B, C, H, W]``.
+        base_model: ComfyUI's ``BaseModel`` (``executor.class_obj`` in the wrapper).
+        x: the noisy latent ``[B, C, H, W]`` (each site's token grid follows from its size).
         sigma: ``[B]`` sigmas of the rows.
         transformer_options: the call's options (``cond_or_uncond``).
     """
-    patch = base_model.diffusion_model.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
     timesteps = base_model.model_sampling.timestep(sigma).float()
-    grid = (int(x.shape[-2]) // patch, int(x.shape[-1]) // patch)
     chunks = (transformer_options or {}).get("cond_or_uncond")
-    return CallInfo.from_layout(timesteps, int(x.shape[0]), "comfyui", grid, chunks)
+    return CallInfo.from_layout(
+        timesteps, int(x.shape[0]), "comfyui", cond_or_uncond=chunks, latent_size=(int(x.shape[-2]), int(x.shape[-1]))
+    )
 
 
 def split_call(args: tuple, kwargs: dict) -> dict:

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, select_maps, to_mask
 from ..medsteer_core.plans import HEATMAP_PRESETS, heatmap_selection, resolve_edit
-from .common import CATEGORY, pixel_scale
+from .common import CATEGORY, model_sites
 from .steer import steering_of
 
 
@@ -145,7 +145,9 @@ class GateHeatmap(io.ComfyNode):
             )
         gates = record.maps(plan=plan)
         batch, height, width = int(samples.shape[0]), int(samples.shape[-2]), int(samples.shape[-1])
-        grid = (height // wrapper.patch_size, width // wrapper.patch_size)
+        sites = model_sites(model)
+        # Gate maps come on the finest grid of the recorded sites (coarser levels are upsampled).
+        grid = max((sites.token_grid(i, (height, width)) for i in gates.layers), key=lambda g: (g[0] * g[1], g))
         recorded = (int(gates.maps.shape[2]), *gates.maps.shape[-2:])
         if recorded != (batch, *grid):
             raise MedSteerError(
@@ -158,7 +160,7 @@ class GateHeatmap(io.ComfyNode):
                 f"image has {int(image.shape[0])} images but the latent has {batch}: connect the decoded "
                 "steered latent (or a single image)"
             )
-        scale = pixel_scale(model.model.diffusion_model)
+        scale = sites.pixel_scale
         mask_size = tuple(image.shape[1:3]) if image is not None else (height * scale, width * scale)
 
         pictures, masks = [], []

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..medsteer_core import GateRecord, steering
 from ..medsteer_core.plans import ROW_OPTIONS, chain_plans, make_plan, timestep_window
 from ..medsteer_core.vector import INTERPOLATIONS
-from .common import CATEGORY, PathologyVectorSocket, call_info, check_latent_fits, pixart_sites, split_call
+from .common import CATEGORY, PathologyVectorSocket, call_info, model_sites, split_call
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 #: The key of MedSteer's wrappers on a ModelPatcher (one per wrapper type).
@@ -47,9 +47,8 @@ class SteeringWrapper:
 
     KEEP_RUNS = 4
 
-    def __init__(self, plans, patch_size: int):
+    def __init__(self, plans):
         self.plans = tuple(plans)
-        self.patch_size = int(patch_size)
         self.record: GateRecord | None = None
         self.runs: OrderedDict[str, GateRecord] = OrderedDict()
 
@@ -66,7 +65,7 @@ class SteeringWrapper:
     def outer_sample(self, executor, noise, latent_image, *args, **kwargs):
         # Before any model call: a clear error instead of PixArt's division by zero. Each run gets
         # its own record, kept by the fingerprint of the LATENT it returns (memory stays bounded).
-        check_latent_fits(executor.class_obj.model_patcher.model.diffusion_model, noise.shape[-2], noise.shape[-1])
+        model_sites(executor.class_obj.model_patcher).check_latent(noise.shape[-2], noise.shape[-1])
         record = self.record = GateRecord()
         try:
             output = executor(noise, latent_image, *args, **kwargs)
@@ -90,10 +89,10 @@ def steering_of(model) -> SteeringWrapper | None:
     return None
 
 
-def steered_clone(model, plan, patch_size: int):
+def steered_clone(model, plan):
     """A clone of ``model`` whose MedSteer wrapper holds the upstream plans plus ``plan``."""
     upstream = steering_of(model)
-    wrapper = SteeringWrapper(chain_plans(upstream.plans if upstream else (), plan), patch_size)
+    wrapper = SteeringWrapper(chain_plans(upstream.plans if upstream else (), plan))
     clone = model.clone()
     # clone() copied the wrapper dicts, so removing the key here leaves `model` as it was.
     clone.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
@@ -252,7 +251,7 @@ class ApplySSPSSteer(io.ComfyNode):
         preserve_norm: bool,
         interpolation: str,
     ) -> io.NodeOutput:
-        sites = pixart_sites(model)
+        sites = model_sites(model)
         plan = make_plan(
             sites,
             pathology_vector,
@@ -266,4 +265,4 @@ class ApplySSPSSteer(io.ComfyNode):
             preserve_norm=preserve_norm,
             interpolation=interpolation,
         )
-        return io.NodeOutput(steered_clone(model, plan, sites.patch_size))
+        return io.NodeOutput(steered_clone(model, plan))

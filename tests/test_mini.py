@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from medsteer_core import SteeringPlan, synthetic
+from medsteer_core.backbones import find_sites
 from medsteer_core.demo import EDITS, setting_of
 from medsteer_core.metrics import score_pairs
 from medsteer_core.mini import build_tokenizer, load_mini, new_mini, save_mini
 from medsteer_core.scan import prompts_for
-from medsteer_core.sites import find_sites
 from medsteer_core.vector import load_vector
 from tests._mini import shipped_mini, shipped_oracle
 
@@ -130,7 +130,8 @@ def test_unedited_copy_of_the_shipped_mini_loads(tmp_path):
 
 def test_shipped_model_is_a_pixart_with_six_sites(mini):
     sites = find_sites(mini.transformer)
-    assert (sites.host, sites.depth, sites.hidden_size, sites.patch_size) == ("diffusers", 6, 128, 4)
+    assert (sites.host, sites.depth, sites.hidden_size, sites.token_grid(0, (32, 32))) == ("diffusers", 6, 128, (8, 8))
+    assert (sites.latent_channels, sites.pixel_scale) == (3, 1)  # pixel space
     assert int(mini.metadata["trained_steps"]) > 0
 
 

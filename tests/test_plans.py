@@ -402,8 +402,8 @@ def test_make_plan_refuses_strengths_that_overflow(strength):
 @pytest.mark.parametrize("strength", ["1e30", "1e300"])
 def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, strength, capsys):
     """It wrote all-black PNGs and exited 0 (1e30), or raised a raw RuntimeError after creating --out."""
+    from medsteer_core.backbones import find_sites as sites_of
     from medsteer_core.cli import main
-    from medsteer_core.sites import find_sites as sites_of
     from tests.tiny_pipeline import save_tiny_pixart
 
     model = save_tiny_pixart(tmp_path / "model")

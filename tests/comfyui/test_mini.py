@@ -74,8 +74,9 @@ def test_loader_model_matches_the_library_transformer(loaded, library_mini):
 
 def test_loader_model_is_steerable_and_pixel_space(comfy_env, loaded):
     model, _, vae = loaded
-    sites = comfy_env.pack.nodes.common.pixart_sites(model)
-    assert (sites.depth, sites.hidden_size, sites.patch_size) == (6, 128, 4)
+    sites = comfy_env.pack.nodes.common.model_sites(model)
+    assert (sites.depth, sites.widths, sites.token_grid(5, (32, 48))) == (6, (128,) * 6, (8, 12))
+    assert (sites.pixel_scale, sites.latent_channels) == (1, 3)
     assert comfy_env.pack.nodes.common.model_family(model) == "medsteer-mini"
     assert model.model.model_type.name == "V_PREDICTION"
     image = torch.rand(1, 32, 32, 3)

@@ -9,7 +9,8 @@ from tests.conftest import make_transformer
 def test_diffusers_sites_in_depth_order(transformer):
     sites = find_sites(transformer)
     assert sites.host == "diffusers"
-    assert sites.depth == 4 and sites.hidden_size == 16 and sites.patch_size == 2
+    assert sites.depth == 4 and sites.widths == (16,) * 4 and sites.token_grid(3, (8, 12)) == (4, 6)
+    assert (sites.family, sites.latent_channels, sites.pixel_scale) == ("pixart", 4, 8)
     assert list(sites.modules) == [b.attn2 for b in transformer.transformer_blocks]
 
 
@@ -53,7 +54,7 @@ def test_comfyui_pixartms_is_recognised_structurally_also_through_base_model():
 
 @pytest.mark.parametrize("model", [nn.Linear(3, 3), nn.Sequential(nn.Conv2d(3, 3, 1))])
 def test_other_models_get_a_clear_error_naming_supported_classes(model):
-    with pytest.raises(UnsupportedModelError, match="PixArtTransformer2DModel.*PixArtMS"):
+    with pytest.raises(UnsupportedModelError, match="PixArtTransformer2DModel.*PixArtMS.*matcher="):
         find_sites(model)
 
 

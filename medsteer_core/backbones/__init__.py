@@ -1,0 +1,38 @@
+"""Backbone adapters: one per model family and host, tried in order by ``find_sites``.
+
+To add a model family: write a ``Backbone`` subclass (see ``base.Backbone`` for what it answers,
+``pixart.py`` for a complete one) and ``register_backbone`` an instance; nothing else in the
+engine, the nodes or the CLI needs to change. For a one-off model, ``find_sites(model,
+matcher=lambda m: [its cross-attention modules])`` or ``model.medsteer_backbone = MyBackbone()``.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    Backbone,
+    ModuleListBackbone,
+    Sites,
+    find_sites,
+    register_backbone,
+    registered_backbones,
+    unregister_backbone,
+    unwrap,
+)
+from .pixart import PixArtComfyUI, PixArtDiffusers, check_latent_size
+
+__all__ = [
+    "Backbone",
+    "ModuleListBackbone",
+    "PixArtComfyUI",
+    "PixArtDiffusers",
+    "Sites",
+    "check_latent_size",
+    "find_sites",
+    "register_backbone",
+    "registered_backbones",
+    "unregister_backbone",
+    "unwrap",
+]
+
+register_backbone(PixArtDiffusers())
+register_backbone(PixArtComfyUI())
