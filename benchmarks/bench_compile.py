@@ -112,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     model = build_transformer(geometry)
     vector = random_vector(torch.linspace(0, 999, 20).round(), args.layers, geometry.hidden_size)
     start = args.layers // 4
-    plan = ms.SteeringPlan(vector, args.strength, start, max(start + 1, args.layers - start))
     inputs = make_inputs(geometry, args.size, args.tokens)
+    # A random direction can be anti-aligned with every token of a random model (all gates 0: the
+    # plan would measure overhead only). Take the sign that steers, and refuse to report otherwise.
+    for candidate in (vector, -vector):
+        plan = ms.SteeringPlan(candidate, args.strength, start, max(start + 1, args.layers - start))
+        if (one_call(model, model, plan, inputs, 500.0) - one_call(model, model, None, inputs, 500.0)).abs().max() > 0:
+            break
+    else:
+        raise SystemExit("neither the random vector nor its negative changes this model's output: try --seed")
 
     torch._dynamo.reset()
     backend = CountingBackend(args.backend)
@@ -205,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     ok = (
-        checks["max_abs_diff_steered_compiled_vs_eager"] <= args.tolerance
+        checks["steering_effect_eager"] > 0
+        and checks["steering_effect_compiled"] > 0
+        and checks["max_abs_diff_steered_compiled_vs_eager"] <= args.tolerance
         and checks["graphs_compiled_while_timing"] == 0
     )
     return 0 if ok else 1
