@@ -8,13 +8,14 @@ does not grow with the number of seeds. Sums stay on the model's device during s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .backbones import Sites, find_sites
 from .errors import MedSteerError
+from .provenance import site_widths
 from .vector import PathologyVector
 
 __all__ = ["LABELS", "VectorEstimator"]
@@ -32,6 +33,8 @@ class VectorEstimator:
         hidden_size: width ``D`` of the cross-attention output.
         accumulate_dtype: dtype of the running sums (float64 by default; use float32 on devices
             without float64 support).
+        widths: the width of each site instead of ``depth`` and ``hidden_size``, for models whose
+            sites differ in width; the sums are ``[L, max(widths)]``, zero beyond each site's width.
 
     Example:
         >>> est = VectorEstimator.for_model(transformer)               # doctest: +SKIP
@@ -40,11 +43,28 @@ class VectorEstimator:
         >>> vector = est.result({"concept_with": "dyed lifted polyps"})  # doctest: +SKIP
     """
 
-    def __init__(self, depth: int, hidden_size: int, accumulate_dtype: torch.dtype = torch.float64) -> None:
-        if depth <= 0 or hidden_size <= 0:
-            raise ValueError(f"depth and hidden_size must be positive, got {depth} and {hidden_size}")
-        self.depth = depth
-        self.hidden_size = hidden_size
+    def __init__(
+        self,
+        depth: int | None = None,
+        hidden_size: int | None = None,
+        accumulate_dtype: torch.dtype = torch.float64,
+        *,
+        widths: Sequence[int] | None = None,
+    ) -> None:
+        if widths is None:
+            if depth is None or hidden_size is None or depth <= 0 or hidden_size <= 0:
+                raise ValueError(f"depth and hidden_size must be positive, got {depth} and {hidden_size}")
+            widths = (hidden_size,) * depth
+        widths = tuple(int(w) for w in widths)
+        if not widths or min(widths) <= 0:
+            raise ValueError(f"widths must be one positive width per site, got {list(widths)}")
+        if (depth, hidden_size) != (None, None) and (depth, hidden_size) != (len(widths), max(widths)):
+            raise ValueError(
+                f"widths {list(widths)} disagree with depth {depth} and hidden_size {hidden_size}: give widths only"
+            )
+        self.widths = widths
+        self.depth = len(widths)
+        self.hidden_size = max(widths)
         self.accumulate_dtype = accumulate_dtype
         # label -> timestep key -> [L, D] sum of per-image token means
         self._sums: dict[str, dict[float, torch.Tensor]] = {label: {} for label in LABELS}
@@ -59,14 +79,14 @@ class VectorEstimator:
     @classmethod
     def for_model(cls, model: nn.Module, accumulate_dtype: torch.dtype = torch.float64) -> VectorEstimator:
         """An estimator sized for ``model``'s sites."""
-        sites = find_sites(model)
-        return cls(sites.depth, sites.hidden_size, accumulate_dtype)
+        return cls(accumulate_dtype=accumulate_dtype, widths=site_widths(find_sites(model)))
 
     def check_sites(self, sites: Sites) -> None:
-        if (sites.depth, sites.hidden_size) != (self.depth, self.hidden_size):
+        widths = site_widths(sites)
+        if widths != self.widths:
             raise MedSteerError(
-                f"this estimator collects {self.depth} layers of width {self.hidden_size}; the model "
-                f"has {sites.depth} layers of width {sites.hidden_size}. Use one estimator per model."
+                f"this estimator collects {_describe(self.widths)}; the model has {_describe(widths)}. "
+                "Use one estimator per model."
             )
 
     # Called by capture hooks ------------------------------------------------------------------
@@ -90,7 +110,7 @@ class VectorEstimator:
         label = self._call_label
         sums, counts = self._sums[label], self._counts[label]
         for key, site, total in self._staged:
-            self._sum_for(sums, key, total.device)[site].add_(total)
+            self._sum_for(sums, key, total.device)[site, : total.shape[-1]].add_(total)
         for key in self._call_keys:
             counts[key] = counts.get(key, 0) + 1
         self._discard_call()
@@ -136,10 +156,10 @@ class VectorEstimator:
         Raises:
             MedSteerError: the two estimators have different geometry.
         """
-        if (other.depth, other.hidden_size) != (self.depth, self.hidden_size):
+        if other.widths != self.widths:
             raise MedSteerError(
-                f"cannot add an estimator of {other.depth} layers x {other.hidden_size} to one of "
-                f"{self.depth} x {self.hidden_size}: both must come from the same model"
+                f"cannot add an estimator of {_describe(other.widths, 'x')} to one of "
+                f"{_describe(self.widths, 'x')}: both must come from the same model"
             )
         for label in LABELS:
             sums = self._sums[label]
@@ -153,7 +173,7 @@ class VectorEstimator:
 
     def to(self, device: torch.device | str) -> VectorEstimator:
         """A copy with the running sums on ``device`` (e.g. ``"cpu"`` before sending it elsewhere)."""
-        copy = VectorEstimator(self.depth, self.hidden_size, self.accumulate_dtype)
+        copy = VectorEstimator(accumulate_dtype=self.accumulate_dtype, widths=self.widths)
         for label in LABELS:
             copy._sums[label] = {k: v.to(device, copy=True) for k, v in self._sums[label].items()}
             copy._counts[label] = dict(self._counts[label])
@@ -196,6 +216,20 @@ class VectorEstimator:
         sum_without, count_without = stacked("without")
         meta = {"hidden_size": str(self.hidden_size), "depth": str(self.depth)}
         meta.update(metadata or {})
+        meta.pop("site_widths", None)  # the estimator's widths are the vector's
         return PathologyVector.from_sums(
-            torch.tensor(keys, dtype=torch.float64), sum_with, sum_without, count_with, count_without, meta
+            torch.tensor(keys, dtype=torch.float64),
+            sum_with,
+            sum_without,
+            count_with,
+            count_without,
+            meta,
+            widths=self.widths,
         )
+
+
+def _describe(widths: tuple[int, ...], joiner: str = "of width") -> str:
+    """``28 layers of width 1152`` (one width) or ``3 layers of widths [8, 8, 16]``."""
+    if len(set(widths)) == 1:
+        return f"{len(widths)} layers {joiner} {widths[0]}"
+    return f"{len(widths)} layers of widths {list(widths)}"

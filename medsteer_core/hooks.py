@@ -24,6 +24,7 @@ from torch import nn
 
 from .backbones import Sites, find_sites
 from .errors import MedSteerError
+from .provenance import site_widths
 from .ssps import ssps
 from .vector import INTERPOLATIONS, PathologyVector
 
@@ -170,7 +171,7 @@ class SteeringPlan:
         """Raise a clear error unless this plan can run on ``sites``."""
         if not isinstance(self.vector, PathologyVector):
             raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
-        self.vector.check_compatible(sites.depth, sites.hidden_size)
+        self.vector.check_compatible(site_widths(sites))
         sites.check_window(self.layer_start, self.layer_end)
         effective = self.effective_strength
         if not math.isfinite(effective) or abs(effective) > MAX_STRENGTH:
@@ -565,8 +566,12 @@ def attach_steering(
             record.add(state.call_id, *entry)
         pending.clear()
 
+    widths = site_widths(sites)
+
     def site_hook(index: int):
         plan_ids = [j for j, plan in enumerate(plans) if plan.covers(index)]
+        # A site narrower than the widest reads its part of the zero-padded rows (issue 9).
+        width = widths[index] if widths[index] < max(widths) else None
 
         def hook(module, args, output):
             h, rest = _first_tensor(output)
@@ -577,7 +582,7 @@ def attach_steering(
                     continue
                 directions, row_strength = rows
                 plan = plans[j]
-                h, gate = ssps(h, directions[:, index, None, :], row_strength, plan.preserve_norm)
+                h, gate = ssps(h, directions[:, index, None, :width], row_strength, plan.preserve_norm)
                 if record is not None and state.cond_list:
                     entry = (
                         index,

@@ -206,3 +206,87 @@ def test_an_interrupted_call_leaves_the_estimator_as_it_was(transformer, embeds,
         call(500.0, 0)
         call(500.0, 1)
     assert _same(_snapshot(est), _snapshot(clean))
+
+
+# ---------------------------------------------------------------------------------- ragged widths (issue 9)
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, width: int, context: int = 4) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(width, width)
+        self.k = torch.nn.Linear(context, width)
+        self.v = torch.nn.Linear(context, width)
+        self.out = torch.nn.Linear(width, width)
+
+    def forward(self, x, context):
+        weights = torch.softmax(self.q(x) @ self.k(context).transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)
+        return self.out(weights @ self.v(context))
+
+
+class _TwoWidths(torch.nn.Module):
+    """Cross-attention sites of widths 8, 8 and 16 (an up-projection between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _CrossAttention(8), _CrossAttention(8), _CrossAttention(16)
+        self.up = torch.nn.Linear(8, 16)
+        self.medsteer_backbone = lambda model: [model.a, model.b, model.c]  # find_sites' override
+
+    def forward(self, x, context, site_a=None):
+        h = x + (self.a(x, context) if site_a is None else site_a)
+        h = self.up(h + self.b(h, context))
+        return h + self.c(h, context)
+
+
+def test_ragged_sites_capture_save_load_and_steer(tmp_path):
+    """Sites of two widths: the estimator keeps [L, 16] sums zero beyond width 8, the vector file
+    keeps the widths, and steering gives each site its own width of the direction."""
+    from medsteer_core import SteeringPlan, load_vector, save_vector, steering
+    from medsteer_core.ssps import ssps
+
+    torch.manual_seed(0)
+    model = _TwoWidths().eval()
+    x = torch.randn(2, 4, 8)
+    contexts = {"with": torch.randn(2, 3, 4), "without": torch.randn(2, 3, 4)}
+    estimator = VectorEstimator.for_model(model)
+    assert estimator.widths == (8, 8, 16) and estimator.hidden_size == 16
+    outputs = {}
+    with torch.no_grad():
+        for label, context in contexts.items():
+            for t in (700.0, 300.0):
+                call = CallInfo(torch.tensor([t, t]), (False, True))
+                with capture(model, estimator, label, call_info=call):
+                    model(x, context)
+            outputs[label] = [model.a(x, context)[1].mean(0), model.c(_c_input(model, x, context), context)[1].mean(0)]
+    vector = estimator.result({"concept_with": "w", "concept_without": "o", "seeds": "[0]"})
+    assert vector.widths == (8, 8, 16)
+    assert float(vector.sum_with[:, :2, 8:].abs().max()) == 0.0
+    for site, width, index in ((0, 8, 0), (2, 16, 1)):
+        diff = (outputs["with"][index] - outputs["without"][index]).double()
+        torch.testing.assert_close(vector.directions[0, site, :width].double(), diff / diff.norm(), atol=1e-5, rtol=0)
+
+    loaded = load_vector(save_vector(vector, tmp_path / "ragged"))
+    assert loaded == vector and loaded.widths == (8, 8, 16)
+    context, call = contexts["with"], CallInfo(torch.tensor([700.0, 700.0]), (False, True))
+    with torch.no_grad():
+        plain = model(x, context)
+        with steering(model, SteeringPlan(loaded, strength=0.0, layer_start=0, layer_end=3), call_info=call):
+            assert torch.equal(model(x, context), plain)
+        with steering(model, SteeringPlan(loaded, strength=2.0, layer_start=0, layer_end=1), call_info=call):
+            steered = model(x, context)
+        by_hand, _ = ssps(model.a(x, context), loaded.at(700.0)[0, :8], 2.0)
+        torch.testing.assert_close(steered, model(x, context, site_a=by_hand))
+        with steering(model, SteeringPlan(loaded, strength=2.0, layer_start=2, layer_end=3), call_info=call):
+            assert not torch.equal(model(x, context), plain)  # the 16-wide site takes the full rows
+
+
+def _c_input(model, x, context):
+    h = x + model.a(x, context)
+    return model.up(h + model.b(h, context))
+
+
+def test_estimator_widths_must_agree_with_depth_and_hidden_size():
+    assert VectorEstimator(3, 16).widths == (16, 16, 16)
+    with pytest.raises(ValueError, match=r"widths \[8, 16\] disagree with depth 3"):
+        VectorEstimator(3, 16, widths=(8, 16))
+    with pytest.raises(MedSteerError, match=r"cannot add an estimator of 2 layers of widths \[8, 16\]"):
+        VectorEstimator(2, 16).add(VectorEstimator(widths=(8, 16)))
