@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -46,7 +46,8 @@ from .estimate import VectorEstimator
 from .heatmap import gate_grid, parse_steps, select_maps, to_mask
 from .hooks import GateMaps, GateRecord, SteeringPlan
 from .plans import PAPER_FIGURE_3, build_metadata
-from .vector import PathologyVector, load_vector, metadata_list, save_vector
+from .provenance import Provenance
+from .vector import FORMAT_NAME, PathologyVector, load_vector, save_vector
 
 __all__ = [
     "DTYPES",
@@ -871,12 +872,12 @@ def build_vector(
     base = model.provenance()
     scheduler_class = type(model.scheduler(scheduler)).__name__
 
-    def metadata(seed_list: list[int]) -> dict[str, str]:
-        meta = build_metadata(
+    provenance = Provenance.from_metadata(
+        build_metadata(
             prompts_with=prompts["with"],
             prompts_without=prompts["without"],
             negative_prompt=negative_prompt,
-            seeds=seed_list,
+            seeds=flat,
             steps=spec.steps,
             cfg=spec.cfg,
             sampler_name=scheduler,
@@ -885,17 +886,22 @@ def build_vector(
             width=spec.width * model.latent_scale,
             model_family=model.family,
             host="diffusers",
+            sites=model.sites,  # site widths and weights fingerprint, hashed once for all halves
         )
-        meta["concept_with"] = concept_with or prompts["with"][0]
-        meta["concept_without"] = concept_without or prompts["without"][0]
-        meta.update(
-            model=base["model"],
-            lora=base["lora"] or "",
-            dtype=base["dtype"],
-            batch_size=str(batch_size),
-            library_version=__version__,
-        )
-        return meta
+    ).replace(
+        concept_with=concept_with or prompts["with"][0],
+        concept_without=concept_without or prompts["without"][0],
+        library_version=__version__,
+        extra={
+            "model": base["model"],
+            "lora": base["lora"] or "",
+            "dtype": base["dtype"],
+            "batch_size": str(batch_size),
+        },
+    )
+
+    def metadata(seed_list: list[int]) -> dict[str, str]:
+        return provenance.replace(seeds=seed_list).to_metadata()
 
     vector = total.result(metadata(flat))
     halves_out = None
@@ -940,7 +946,7 @@ def check_new_seeds(existing: PathologyVector, seeds: Iterable[int]) -> None:
     Raises:
         VectorMismatchError: some seeds overlap; the message lists them and the free range.
     """
-    held = set(metadata_list(existing.metadata, "seeds", int))
+    held = set(existing.provenance.seeds)
     overlap = sorted(held & {int(s) for s in seeds})
     if overlap:
         raise VectorMismatchError(
@@ -1786,8 +1792,10 @@ def inspect_vector(
         "file": str(file) if file is not None else None,
         "sha256": _sha256_file(file) if file is not None else None,
         "metadata": dict(vector.metadata),
+        "format_version": vector.metadata.get("format_version", ""),
+        "provenance": _provenance_report(vector),
         "gain": vector.gain,
-        "shapes": {"timesteps": k, "layers": depth, "hidden_size": width},
+        "shapes": {"timesteps": k, "layers": depth, "hidden_size": width, "widths": list(vector.widths)},
         "images": {"with": int(vector.count_with.max()), "without": int(vector.count_without.max())},
         "timesteps": [float(t) for t in vector.timesteps],
         "difference_norms": norms.float().tolist(),
@@ -1800,6 +1808,44 @@ def inspect_vector(
         },
         "seed_stability": seed_stability,
     }
+
+
+def _provenance_report(vector: PathologyVector) -> dict:
+    """The typed provenance as JSON-able data (lists for tuples)."""
+    provenance = vector.provenance
+    report = {f.name: getattr(provenance, f.name) for f in fields(provenance)}
+    return {k: list(v) if isinstance(v, tuple) else dict(v) if k == "extra" else v for k, v in report.items()}
+
+
+def _provenance_lines(prov: dict) -> list[str]:
+    """The provenance block of ``format_inspection``: what built the vector, on which weights."""
+
+    def known(value, suffix: str = "") -> str:
+        return "unknown" if value in (None, "", []) else f"{value}{suffix}"
+
+    seeds = prov["seeds"]
+    if not seeds:
+        seed_text = "none recorded (merging refuses it)"
+    elif seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        seed_text = f"{len(seeds)} ({seeds[0]}-{seeds[-1]})"
+    else:
+        seed_text = f"{len(seeds)} ({', '.join(map(str, seeds[:8]))}{', ...' if len(seeds) > 8 else ''})"
+    size = f"{prov['width']}x{prov['height']}" if prov["width"] and prov["height"] else "unknown"
+    calibrated = [prov[f"calibrated_{k}"] for k in ("layer_start", "layer_end", "strength")]
+    lines = [
+        "provenance:",
+        f"  prompts: {len(prov['prompts_with'])} with, {len(prov['prompts_without'])} without; "
+        f"negative {prov['negative_prompt']!r}",
+        f"  seeds: {seed_text}",
+        f"  sampling: {known(prov['steps'], ' steps')}, sampler {known(prov['sampler'])}, scheduler "
+        f"{known(prov['scheduler'])}, cfg {known(prov['cfg'])}, {size} px",
+        f"  model: {known(prov['model_family'])}, weights fingerprint "
+        f"{prov['weights_fingerprint'] or 'not recorded (built before format 2)'}",
+        f"  built by: {known(prov['host'])}, medsteer {known(prov['library_version'])}",
+    ]
+    if any(c is not None for c in calibrated):
+        lines.append(f"  calibrated setting: layers {calibrated[0]}-{calibrated[1]}, strength {calibrated[2]}")
+    return lines
 
 
 def _fmt_value(value, spec: str = ".4f") -> str:
@@ -1818,6 +1864,11 @@ def format_inspection(report: dict) -> str:
         f"shape: {shapes['timesteps']} timesteps x {shapes['layers']} layers x {shapes['hidden_size']}; "
         f"images per timestep: {report['images']['with']} with, {report['images']['without']} without"
     )
+    widths = shapes.get("widths") or [shapes["hidden_size"]] * shapes["layers"]
+    width_text = f"{widths[0]} at every site" if len(set(widths)) == 1 else f"per site {widths}"
+    lines.append(f"format: {FORMAT_NAME} version {report.get('format_version') or '?'}; widths {width_text}")
+    if "provenance" in report:
+        lines.extend(_provenance_lines(report["provenance"]))
     lines.append("metadata:")
     for key in sorted(meta):
         value = meta[key]

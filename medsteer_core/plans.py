@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from .backbones import Sites, check_latent_size, find_sites
 from .errors import MedSteerError
 from .heatmap import index_entries
 from .hooks import SteeringPlan
+from .provenance import Provenance, site_widths, weights_fingerprint
 from .vector import INTERPOLATIONS, PathologyVector
 
 __all__ = [
@@ -293,30 +293,35 @@ def build_metadata(
     width: int,
     model_family: str,
     host: str,
+    sites: Sites | None = None,
+    fingerprint: bool = True,
 ) -> dict[str, str]:
-    """The provenance strings a built vector carries (see DESIGN.md, "Pathology vector file").
+    """The provenance strings a built vector carries (``Provenance.to_metadata``, the one writer).
 
-    Unknown prompt texts are stored as empty strings.
+    Unknown prompt texts are stored as empty strings. With ``sites``, the site widths and (unless
+    ``fingerprint`` is False) the ``weights_fingerprint`` of the model are recorded too: merging
+    then refuses vectors built on other weights.
     """
     with_texts = [t or "" for t in prompts_with]
     without_texts = [t or "" for t in prompts_without]
-    return {
-        "concept_with": with_texts[0] if len(set(with_texts)) == 1 else "",
-        "concept_without": without_texts[0] if len(set(without_texts)) == 1 else "",
-        "prompts_with": json.dumps(with_texts),
-        "prompts_without": json.dumps(without_texts),
-        "negative_prompt": negative_prompt or "",
-        "seeds": json.dumps([int(s) for s in seeds]),
-        "num_seeds": str(len(seeds)),
-        "steps": str(int(steps)),
-        "cfg": repr(float(cfg)),
-        "sampler": str(sampler_name),
-        "scheduler": str(scheduler),
-        "height": str(int(height)),
-        "width": str(int(width)),
-        "model_family": str(model_family),
-        "host": str(host),
-    }
+    return Provenance(
+        concept_with=with_texts[0] if len(set(with_texts)) == 1 else "",
+        concept_without=without_texts[0] if len(set(without_texts)) == 1 else "",
+        prompts_with=with_texts,
+        prompts_without=without_texts,
+        negative_prompt=negative_prompt or "",
+        seeds=[int(s) for s in seeds],
+        steps=int(steps),
+        cfg=float(cfg),
+        sampler=str(sampler_name),
+        scheduler=str(scheduler),
+        height=int(height),
+        width=int(width),
+        model_family=str(model_family),
+        host=str(host),
+        site_widths=site_widths(sites) if sites is not None else (),
+        weights_fingerprint=weights_fingerprint(sites) if sites is not None and fingerprint else "",
+    ).to_metadata()
 
 
 def check_save_name(name: str) -> str:

@@ -21,7 +21,6 @@ way ``medsteer build-vector`` does (varied caption templates, one seed per image
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -29,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from . import synthetic
+from .backbones import find_sites
 from .estimate import VectorEstimator
 from .hooks import GateRecord, SteeringPlan
 from .metrics import score_pairs
+from .provenance import Provenance, weights_fingerprint
 from .vector import PathologyVector
 
 __all__ = [
@@ -87,25 +88,23 @@ def build_vector(
             if progress is not None:
                 progress(len(seeds[i : i + batch]))
     spec = model.spec()
-    meta = {
-        "concept_with": synthetic.CONCEPTS[with_class],
-        "concept_without": synthetic.CONCEPTS[without_class],
-        "class_with": with_class,
-        "class_without": without_class,
-        # JSON like every other vector (plans.build_metadata); vector.metadata_list also reads the
-        # repr / comma forms of the vectors shipped before issue 11.
-        "prompts_with": json.dumps(sorted(set(prompts_for(with_class, seeds)))),
-        "prompts_without": json.dumps(sorted(set(prompts_for(without_class, seeds)))),
-        "seeds": json.dumps([int(s) for s in seeds]),
-        "steps": str(spec.steps),
-        "cfg": str(spec.cfg),
-        "sampler": "ddim",
-        "scheduler": "trailing, clip_sample",
-        "width": str(spec.width),
-        "height": str(spec.height),
-        "model_family": "medsteer-mini",
-    }
-    return estimator.result(meta)
+    provenance = Provenance(  # the one writer of every vector's metadata (issue 9)
+        concept_with=synthetic.CONCEPTS[with_class],
+        concept_without=synthetic.CONCEPTS[without_class],
+        prompts_with=sorted(set(prompts_for(with_class, seeds))),
+        prompts_without=sorted(set(prompts_for(without_class, seeds))),
+        seeds=[int(s) for s in seeds],
+        steps=int(spec.steps),
+        cfg=float(spec.cfg),
+        sampler="ddim",
+        scheduler="trailing, clip_sample",
+        width=int(spec.width),
+        height=int(spec.height),
+        model_family="medsteer-mini",
+        weights_fingerprint=weights_fingerprint(find_sites(model.transformer)),
+        extra={"class_with": with_class, "class_without": without_class},
+    )
+    return estimator.result(provenance.to_metadata())
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,10 @@ class BuildPathologyVector(io.ComfyNode):
             width=width * scale,
             model_family=model_family(model),
             host="ComfyUI BuildPathologyVector",
+            sites=sites,
+            # ComfyUI patches LoRA weights into the module only while that model is loaded, so the
+            # weights read before sampling may be another patcher's: record no fingerprint here.
+            fingerprint=False,
         )
 
         # float64 running sums where the device has them (MPS and some others do not).

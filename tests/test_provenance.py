@@ -367,3 +367,71 @@ def test_header_of_a_v2_file_is_sorted_and_stable(tmp_path):
     (n,) = struct.unpack("<Q", a[:8])
     header = json.loads(a[8 : 8 + n])
     assert list(header["__metadata__"]) == sorted(header["__metadata__"]) and a == b
+
+
+def test_builders_write_through_the_one_writer():
+    from medsteer_core.plans import build_metadata
+
+    meta = build_metadata(
+        prompts_with=["dyed"],
+        prompts_without=[None],
+        negative_prompt=None,
+        seeds=[4, 5],
+        steps=20,
+        cfg=4.5,
+        sampler_name="euler",
+        scheduler="normal",
+        height=512,
+        width=512,
+        model_family="pixart-alpha",
+        host="ComfyUI BuildPathologyVector",
+    )
+    assert meta == Provenance.from_metadata(meta).to_metadata()
+    assert Provenance.from_metadata(meta).prompts_without == ("",)
+
+
+@pytest.mark.parametrize("path", SHIPPED[:1], ids=lambda p: p.stem)
+def test_medsteer_inspect_shows_the_format_version_and_the_provenance(path, tmp_path, capsys):
+    from medsteer_core.cli import main
+
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: medsteer.pathology_vector version 1; widths 128 at every site" in out
+    assert "seeds: 40 (0-39)" in out and "weights fingerprint not recorded" in out
+    assert "sampling: 20 steps, sampler ddim" in out and "calibrated setting: layers" in out
+    ragged = _with_metadata(ragged_vector(seeds=(3, 9)), weights_fingerprint="0123456789abcdef", steps="4")
+    written = save_vector(ragged, tmp_path / "ragged")
+    assert main(["inspect", str(written), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format_version"] == "2" and report["shapes"]["widths"] == [8, 8, 16]
+    assert report["provenance"]["seeds"] == [3, 9] and report["provenance"]["steps"] == 4
+    assert main(["inspect", str(written)]) == 0
+    out = capsys.readouterr().out
+    assert "version 2; widths per site [8, 8, 16]" in out and "seeds: 2 (3, 9)" in out
+    assert "weights fingerprint 0123456789abcdef" in out
+
+
+def test_build_metadata_records_the_sites_widths_and_weights():
+    from medsteer_core.plans import build_metadata
+
+    torch.manual_seed(0)
+    sites = _Sites([_Site(8), _Site(16)])
+    sites.widths = (8, 16)
+    common = dict(
+        prompts_with=["a"],
+        prompts_without=["b"],
+        negative_prompt="",
+        seeds=[0],
+        steps=2,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="normal",
+        height=64,
+        width=64,
+        model_family="custom",
+        host="test",
+    )
+    prov = Provenance.from_metadata(build_metadata(**common, sites=sites))
+    assert prov.site_widths == (8, 16) and prov.weights_fingerprint == weights_fingerprint(sites) != ""
+    unhashed = Provenance.from_metadata(build_metadata(**common, sites=sites, fingerprint=False))
+    assert unhashed.site_widths == (8, 16) and unhashed.weights_fingerprint == ""
