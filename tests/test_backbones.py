@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from medsteer_core import UnsupportedModelError, find_sites
+from medsteer_core.backbones import Backbone, register_backbone, unregister_backbone
 from tests.conftest import make_transformer
 
 
@@ -65,3 +66,148 @@ def test_check_window_names_depth():
         with pytest.raises(ValueError, match="4 layers"):
             sites.check_window(start, end)
     assert torch.is_tensor(next(sites.transformer.parameters()))
+
+
+# ------------------------------------------------------------------ a backbone the library does not know
+class _TinyCrossAttention(nn.Module):
+    """Single-head cross-attention: image tokens [B, N, width] attend to context [B, T, 6]."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(6, width), nn.Linear(6, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, tokens, context):
+        weights = torch.softmax(self.q(tokens) @ self.k(context).transpose(1, 2) / tokens.shape[-1] ** 0.5, -1)
+        return self.out(weights @ self.v(context))
+
+
+class _TwoLevelModel(nn.Module):
+    """Neither PixArt nor a UNet: a width-8 level on the latent's grid, then a width-16 level on a
+    grid half as fine, each with its own cross-attention (so the two sites differ in width and grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Conv2d(4, 8, 1)
+        self.attn_fine = _TinyCrossAttention(8)
+        self.down = nn.Linear(8, 16)
+        self.attn_coarse = _TinyCrossAttention(16)
+        self.up = nn.Linear(16, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, timesteps, context):
+        b, _, h, w = x.shape
+        fine = self.inp(x).flatten(2).transpose(1, 2) + timesteps.reshape(b, 1, 1) / 1000
+        fine = fine + self.attn_fine(fine, context)
+        pooled = nn.functional.avg_pool2d(fine.transpose(1, 2).reshape(b, 8, h, w), 2)
+        coarse = self.down(pooled.flatten(2).transpose(1, 2))
+        coarse = coarse + self.attn_coarse(coarse, context)
+        back = self.up(coarse).transpose(1, 2).reshape(b, 8, h // 2, w // 2)
+        fine = fine.transpose(1, 2).reshape(b, 8, h, w) + nn.functional.interpolate(back, scale_factor=2.0)
+        return self.out(fine)
+
+
+class _TwoLevelBackbone(Backbone):
+    """The test-only adapter: everything MedSteer needs to know about ``_TwoLevelModel``."""
+
+    name = "two-level test model"
+    family = "two-level-test"
+
+    def transformer(self, model):
+        return model if isinstance(model, _TwoLevelModel) else None
+
+    def site_modules(self, transformer):
+        return [transformer.attn_fine, transformer.attn_coarse]
+
+    def token_grid(self, transformer, index, latent_size):
+        return latent_size if index == 0 else (latent_size[0] // 2, latent_size[1] // 2)
+
+    def read_call(self, transformer, args, kwargs):
+        return args[0], args[1], {}
+
+    def pixel_scale(self, transformer):
+        return 1
+
+
+@pytest.fixture
+def two_level():
+    backbone = register_backbone(_TwoLevelBackbone())
+    yield _TwoLevelModel().eval()
+    unregister_backbone(backbone)
+
+
+def _call(model, seed: int, t: float, concept: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 4, 6, generator=g)  # [uncond, cond], a 4x6 latent
+    context = torch.randn(2, 3, 6, generator=g)
+    context[1, :, 0] += concept  # the "concept" lives in the conditional row's context
+    return model(x, torch.full((2,), t), context)
+
+
+def test_an_unknown_backbone_runs_capture_build_save_steer_and_gates_without_library_changes(two_level, tmp_path):
+    from medsteer_core import (
+        GateRecord,
+        SteeringPlan,
+        VectorEstimator,
+        capture,
+        load_vector,
+        save_vector,
+        steering,
+    )
+
+    model = two_level
+    sites = find_sites(model)
+    assert sites.widths == (8, 16) and sites.family == "two-level-test"
+    assert [sites.token_grid(i, (4, 6)) for i in range(2)] == [(4, 6), (2, 3)]
+
+    # capture + build: the conditional rows' means per site, each at its own width
+    estimator = VectorEstimator.for_model(model)
+    with torch.no_grad():
+        for seed in range(3):
+            for t in (900.0, 100.0):
+                with capture(model, estimator, "with"):
+                    _call(model, seed, t, concept=3.0)
+                with capture(model, estimator, "without"):
+                    _call(model, seed, t, concept=0.0)
+    vector = estimator.result({"concept_with": "x", "concept_without": ""})
+    assert vector.depth == 2 and tuple(vector.widths) == (8, 16)
+    assert torch.all(vector.directions[:, 0, 8:] == 0)  # the width-8 site's rows are padded with zeros
+    assert torch.allclose(vector.directions[:, 1].norm(dim=-1), torch.ones(2))
+
+    # save / load keeps the ragged widths
+    loaded = load_vector(save_vector(vector, tmp_path / "two_level"))
+    assert tuple(loaded.widths) == (8, 16) and torch.equal(loaded.directions, vector.directions)
+
+    with torch.no_grad():
+        plain = _call(model, 7, 500.0, concept=3.0)
+        with steering(model, SteeringPlan(loaded, strength=0.0, layer_start=0, layer_end=2)):
+            zero = _call(model, 7, 500.0, concept=3.0)
+        assert torch.equal(zero, plain)  # strength 0 is bit-identical to unsteered
+        record = GateRecord()
+        for t in (900.0, 500.0, 100.0):  # one run: timesteps going down
+            with steering(model, SteeringPlan(loaded, strength=2.0, layer_start=0, layer_end=2), record=record):
+                steered = _call(model, 7, t, concept=3.0)
+        assert not torch.equal(steered, _call(model, 7, 100.0, concept=3.0))
+    gates = record.maps()
+    # [steps, layers, conditional images, rows, columns]: the coarse site's 2x3 gates on the 4x6 grid
+    assert gates.maps.shape == (3, 2, 1, 4, 6) and gates.layers == (0, 1)
+    coarse = gates.maps[:, 1, 0]
+    assert torch.equal(coarse[:, ::2, ::2], coarse[:, 1::2, 1::2])  # nearest-upsampled 2x2 blocks
+    assert float(gates.maps.max()) > 0
+
+    # a vector of the two-level model does not fit PixArt, and says so with both width lists
+    with pytest.raises(ValueError, match=r"8, 16"):
+        SteeringPlan(loaded, strength=1.0, layer_start=0, layer_end=2).validate(
+            find_sites(make_transformer(num_layers=2))
+        )
+
+
+def test_the_override_names_sites_of_a_model_no_backbone_knows():
+    model = _TwoLevelModel()
+    with pytest.raises(UnsupportedModelError, match="matcher="):
+        find_sites(model)
+    sites = find_sites(model, matcher=lambda m: [m.attn_fine, m.attn_coarse])
+    assert sites.widths == (8, 16) and sites.modules[1] is model.attn_coarse
+    model.medsteer_backbone = _TwoLevelBackbone()
+    assert find_sites(model).token_grid(1, (8, 8)) == (4, 4)
