@@ -388,9 +388,14 @@ def _checked_widths(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str
     against the tensors: one per site, the widest equal to ``D``, zeros beyond each width."""
     _, layers, width = tensors["directions"].shape
     try:
-        widths = tuple(metadata_list(metadata, "site_widths", int)) or (width,) * layers
+        widths = tuple(metadata_list(metadata, "site_widths", int))
     except VectorFileError as exc:
         raise VectorFileError(f"{source}: {exc}") from None
+    if not widths and metadata.get("format_version") != "1":
+        raise _fail(
+            source, f"metadata site_widths is empty; format version 2 lists the width of each of the {layers} sites"
+        )
+    widths = widths or (width,) * layers
     if len(widths) != layers or not all(1 <= w <= width for w in widths) or max(widths) != width:
         raise _fail(
             source,

@@ -185,3 +185,33 @@ def test_non_regular_files(tmp_path, kind):
         pytest.skip(f"no {path} here")
     with pytest.raises(VectorFileError, match="not a regular file"):
         load_vector(path)
+
+
+# ---------------------------------------------------------------------------------- issue 9: format v2
+def _ragged_file(site_widths: str, version: str) -> bytes:
+    from tests.test_provenance import ragged_vector
+
+    v = ragged_vector()
+    tensors = {n: getattr(v, n).contiguous() for n in ("directions", "timesteps", "sum_with", "sum_without")}
+    tensors |= {n: getattr(v, n).contiguous() for n in ("count_with", "count_without")}
+    return st_save(tensors, metadata={**v.metadata, "site_widths": site_widths, "format_version": version})
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(st.integers(-3, 40), max_size=5).map(json.dumps),
+        st.lists(st.integers(-3, 40), max_size=5).map(lambda xs: ",".join(map(str, xs))),
+    ),
+    st.sampled_from(["1", "2"]),
+)
+def test_any_site_widths_value_loads_or_is_refused_by_name(site_widths, version):
+    data = _ragged_file(site_widths, version)
+    try:
+        vector = vector_from_bytes(data)
+    except VectorFileError:
+        return
+    # Version 2 must list widths these zero-padded tensors fit; a version 1 file without them has one width.
+    expected = {(8, 8, 16)} if version == "2" else {(8, 8, 16), (16, 16, 16)}
+    assert vector.widths in expected
