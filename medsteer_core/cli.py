@@ -453,12 +453,12 @@ def _cmd_demo(args) -> int:
 
 def _run_demo(argv: list[str]) -> int:
     try:
-        demo = importlib.import_module("medsteer_core.demo")
+        demo = importlib.import_module("medsteer_core.mini.demo")
     except ModuleNotFoundError as exc:
-        if exc.name != "medsteer_core.demo":
+        if exc.name != "medsteer_core.mini.demo":
             raise
         print(
-            "medsteer: the demo is not part of this installation (medsteer_core.demo is missing); "
+            "medsteer: the demo is not part of this installation (medsteer_core.mini.demo is missing); "
             "reinstall medsteer, or use build-vector / generate with --model",
             file=sys.stderr,
         )
@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         add_help=False,
         help="offline demo on the shipped MedSteer-mini model (its options: medsteer demo --help)",
-        description="Run the offline demo (medsteer_core.demo); every argument after 'demo' goes to it.",
+        description="Run the offline demo (medsteer_core.mini.demo); every argument after 'demo' goes to it.",
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(run=_cmd_demo, quiet=False)

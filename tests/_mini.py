@@ -7,7 +7,7 @@ import functools
 
 @functools.lru_cache(maxsize=1)
 def shipped_oracle():
-    from medsteer_core.oracle import load_oracle
+    from medsteer_core.mini.oracle import load_oracle
 
     return load_oracle()
 

@@ -319,19 +319,19 @@ def test_torchrun_two_gloo_processes_equal_one_process(work, tmp_path):
 
 # ----------------------------------------------------------------------------------- demo
 def test_demo_is_dispatched_lazily(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "medsteer_core.demo", None)  # as if the module were not installed
+    monkeypatch.setitem(sys.modules, "medsteer_core.mini.demo", None)  # as if the module were not installed
     assert main(["demo"]) == 2
-    assert "medsteer_core.demo is missing" in capsys.readouterr().err
+    assert "medsteer_core.mini.demo is missing" in capsys.readouterr().err
     seen = []
-    stub = types.ModuleType("medsteer_core.demo")
+    stub = types.ModuleType("medsteer_core.mini.demo")
     stub.main = lambda args: seen.append(args) or 0
-    monkeypatch.setitem(sys.modules, "medsteer_core.demo", stub)
+    monkeypatch.setitem(sys.modules, "medsteer_core.mini.demo", stub)
     assert main(["demo", "--seeds", "8", "--out", "x"]) == 0
     assert seen == [["--seeds", "8", "--out", "x"]]
 
 
 # ----------------------------------------------------------------------------------- MedSteer-mini defaults (issue 11)
-SHIPPED_VECTORS = REPO / "medsteer_core" / "assets" / "mini" / "vectors"
+SHIPPED_VECTORS = REPO / "medsteer_core" / "mini" / "assets" / "vectors"
 
 
 def test_generate_with_a_shipped_vector_and_no_prompt_uses_its_prompts(tmp_path, capsys):

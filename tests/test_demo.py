@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from medsteer_core import demo
+from medsteer_core.mini import demo
 
 
 def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
@@ -80,8 +80,8 @@ def test_unknown_edit_is_refused(tmp_path, capsys):
 
 
 def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
-    from medsteer_core.demo import calibrate_and_ship, setting_of
-    from medsteer_core.scan import SweepRow, calibrate, removal
+    from medsteer_core.mini.demo import calibrate_and_ship, setting_of
+    from medsteer_core.mini.scan import SweepRow, calibrate, removal
     from medsteer_core.vector import load_vector
 
     summary = calibrate_and_ship(

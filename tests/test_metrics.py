@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from medsteer_core import synthetic
-from medsteer_core.metrics import PSNR_CAP, background_mask, masked_psnr, masked_ssim, score_pairs
+from medsteer_core.mini import synthetic
+from medsteer_core.mini.metrics import PSNR_CAP, background_mask, masked_psnr, masked_ssim, score_pairs
 from tests._mini import shipped_oracle
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsteer_core import SteeringPlan, synthetic
+from medsteer_core import SteeringPlan
 from medsteer_core.backbones import find_sites
-from medsteer_core.demo import EDITS, setting_of
-from medsteer_core.metrics import score_pairs
-from medsteer_core.mini import build_tokenizer, load_mini, new_mini, save_mini
-from medsteer_core.scan import prompts_for
+from medsteer_core.mini import build_tokenizer, load_mini, new_mini, save_mini, synthetic
+from medsteer_core.mini.demo import EDITS, setting_of
+from medsteer_core.mini.metrics import score_pairs
+from medsteer_core.mini.scan import prompts_for
 from medsteer_core.vector import load_vector
 from tests._mini import shipped_mini, shipped_oracle
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medsteer_core import oracle as oracle_module
-from medsteer_core import synthetic
+from medsteer_core.mini import oracle as oracle_module
+from medsteer_core.mini import synthetic
 from tests._mini import shipped_oracle
 
 
@@ -29,7 +29,7 @@ def test_oracle_rejects_wrong_shapes(oracle):
 
 
 def test_missing_oracle_file_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="python -m medsteer_core.oracle train"):
+    with pytest.raises(ValueError, match="python -m medsteer_core.mini.oracle train"):
         oracle_module.load_oracle(tmp_path / "nope.safetensors")
 
 

@@ -58,12 +58,29 @@ def test_wheel_contains_medsteer_core_only(tmp_path):
     packages = {t for t in tops if not t.endswith(".dist-info")}
     assert packages == {"medsteer_core"}
     names = set(zipfile.ZipFile(wheel).namelist())
-    # The demo's default model, oracle and vectors ship inside the package (issue 5).
-    for asset in ("mini/medsteer_mini.safetensors", "mini/oracle.safetensors", "mini/vectors/dye_removal.safetensors"):
-        assert f"medsteer_core/assets/{asset}" in names, asset
+    # Every module ships, the subpackages' (backbones, the wings) included.
+    for module in sorted((ROOT / "medsteer_core").rglob("*.py")):
+        assert module.relative_to(ROOT).as_posix() in names, module
+    # The demo's default model, oracle and vectors ship inside the package (issue 5), in the mini's wing.
+    for asset in ("medsteer_mini.safetensors", "oracle.safetensors", "vectors/dye_removal.safetensors"):
+        assert f"medsteer_core/mini/assets/{asset}" in names, asset
     entry_points = (
         zipfile.ZipFile(wheel)
         .read(next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt")))
         .decode()
     )
     assert "medsteer = medsteer_core.cli:main" in entry_points
+
+
+def test_the_engine_and_headless_route_do_not_import_medsteer_mini():
+    """MedSteer-mini is a wing: importing the package, the CLI and the headless pipeline (a fresh
+    interpreter, so nothing this session imported counts) loads none of it; ``medsteer demo`` and
+    ``--model mini`` import it when they run."""
+    code = (
+        "import sys\n"
+        "import medsteer_core, medsteer_core.cli, medsteer_core.pipeline\n"
+        "print(sorted(m for m in sys.modules if m.startswith('medsteer_core.mini')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -329,7 +329,7 @@ def test_check_new_seeds_reads_the_shipped_vectors_comma_seeds():
 
     from medsteer_core import VectorMismatchError, load_vector
 
-    shipped = Path(mp.__file__).parent / "assets" / "mini" / "vectors" / "dye_removal.safetensors"
+    shipped = Path(mp.__file__).parent / "mini" / "assets" / "vectors" / "dye_removal.safetensors"
     vector = load_vector(shipped)
     with pytest.raises(VectorMismatchError, match=r"already holds seeds \[0, 1, 2\] .* start the new seeds at --seed"):
         mp.check_new_seeds(vector, [0, 1, 2])

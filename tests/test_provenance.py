@@ -17,7 +17,7 @@ from medsteer_core.provenance import Provenance, weights_fingerprint
 from medsteer_core.vector import FORMAT_VERSION, vector_from_bytes
 from tests.test_vector import make_vector
 
-SHIPPED = sorted((Path(medsteer_core.__file__).parent / "assets" / "mini" / "vectors").glob("*.safetensors"))
+SHIPPED = sorted((Path(medsteer_core.__file__).parent / "mini" / "assets" / "vectors").glob("*.safetensors"))
 
 
 def _raw_metadata(path) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsteer_core.scan import SweepRow, all_windows, calibrate, layer_profile, prompts_for, shortlist
+from medsteer_core.mini.scan import SweepRow, all_windows, calibrate, layer_profile, prompts_for, shortlist
 from medsteer_core.vector import PathologyVector
 
 
@@ -77,7 +77,7 @@ def test_build_vector_writes_prompts_and_seeds_as_json():
     import json
 
     from medsteer_core.mini import load_mini
-    from medsteer_core.scan import build_vector
+    from medsteer_core.mini.scan import build_vector
 
     vector = build_vector(load_mini(), "dyed", "polyp", [3, 5])
     assert json.loads(vector.metadata["seeds"]) == [3, 5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsteer_core import synthetic
+from medsteer_core.mini import synthetic
 
 
 @pytest.mark.parametrize("name", synthetic.CLASSES)

@@ -249,7 +249,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- shipped metadata (issue 11)
-SHIPPED = sorted((Path(medsteer_core.__file__).parent / "assets" / "mini" / "vectors").glob("*.safetensors"))
+SHIPPED = sorted((Path(medsteer_core.__file__).parent / "mini" / "assets" / "vectors").glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

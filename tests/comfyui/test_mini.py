@@ -197,7 +197,7 @@ def test_quickstart_template_runs_and_shows_pair_heatmap_and_mask(comfy_env, cla
 @pytest.fixture(scope="module")
 def quickstart_scores(comfy_env, classes):
     """The template over COMFY_SEEDS, with a re-prompting sampler added on the same seed."""
-    from medsteer_core import metrics, oracle, synthetic
+    from medsteer_core.mini import metrics, oracle, synthetic
 
     prompt, ids = quickstart_prompt(classes)
     steered_sampler, plain_sampler = ids["Steered sampler"], ids["Unsteered sampler"]
@@ -248,8 +248,9 @@ def test_quickstart_background_beats_reprompting(quickstart_scores):
 def test_comfyui_route_agrees_with_the_library_route(quickstart_scores):
     """The README's side-by-side table: the library route on the same seeds and prompt. The two routes
     differ only in how clipping enters the sampler (see README), so removal rates agree closely."""
-    from medsteer_core import SteeringPlan, load_vector, metrics, oracle, synthetic
+    from medsteer_core import SteeringPlan, load_vector
     from medsteer_core import mini as library
+    from medsteer_core.mini import metrics, oracle, synthetic
 
     model = library.load_mini()
     vector = load_vector(library.VECTOR_DIR / "dye_removal.safetensors")

@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
+from .. import GateRecord, SteeringPlan
+from ..errors import MedSteerError
+from ..heatmap import overlay
+from ..vector import PathologyVector, load_vector, save_vector
 from . import synthetic
-from .errors import MedSteerError
-from .heatmap import overlay
-from .hooks import GateRecord, SteeringPlan
 from .metrics import rendering_rates, score_pairs
 from .scan import build_vector, calibrate, gate_localisation, layer_profile, prompts_for, sweep
-from .vector import PathologyVector, load_vector, save_vector
 
 __all__ = ["EDITS", "Edit", "main", "run_demo"]
 
-VECTOR_DIR = Path(__file__).parent / "assets" / "mini" / "vectors"
+VECTOR_DIR = Path(__file__).parent / "assets" / "vectors"
 #: Seeds of the vectors (the paper: 50 images per prompt; 40 is where the mini's vector is stable).
 VECTOR_SEEDS = 40
 #: Held-out seeds of every table: disjoint from the vector seeds.
@@ -169,8 +169,8 @@ def run_demo(
     The strength sweep defaults to 0-6 in steps of 1 and the window sweep to single layers and a few
     spans; both always include the first edit's calibrated setting.
     """
-    from .mini import DEFAULT_PATH as MODEL_PATH
-    from .mini import load_mini
+    from .model import DEFAULT_PATH as MODEL_PATH
+    from .model import load_mini
     from .oracle import load_oracle
 
     started = time.time()
@@ -518,7 +518,7 @@ def calibrate_and_ship(
     removal >= 0.8 and Bg-PSNR >= re-prompting, every confirmed row). Every seed used here is
     disjoint from the demo's held-out seeds, so the demo's numbers are out-of-sample.
     """
-    from .mini import load_mini
+    from .model import load_mini
     from .oracle import load_oracle
     from .scan import MIN_REMOVAL, all_windows, removal, shortlist, sweep_settings
 

@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import GateRecord, SteeringPlan
+from ..backbones import find_sites
+from ..estimate import VectorEstimator
+from ..provenance import Provenance, weights_fingerprint
+from ..vector import PathologyVector
 from . import synthetic
-from .backbones import find_sites
-from .estimate import VectorEstimator
-from .hooks import GateRecord, SteeringPlan
 from .metrics import score_pairs
-from .provenance import Provenance, weights_fingerprint
-from .vector import PathologyVector
 
 __all__ = [
     "MIN_REMOVAL",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MedSteerError
+from ..errors import MedSteerError
 
 
 def read_tagged(

@@ -4,9 +4,9 @@ The paper judges counterfactuals with a classifier (AUC 0.98) and masks lesions 
 (method.md); here one small CNN does both for the synthetic world of ``synthetic.py``: a class head
 (``CLASSES``) and a per-pixel head with two channels, lesion and dye. It is trained on rendered
 frames with noise, blur and colour jitter so that it also reads the mini model's renders, and it
-ships beside the model (``assets/mini/oracle.safetensors``). Train it again with::
+ships beside the model (``medsteer_core/mini/assets/oracle.safetensors``). Train it again with::
 
-    python -m medsteer_core.oracle train --out oracle.safetensors
+    python -m medsteer_core.mini.oracle train --out oracle.safetensors
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MedSteerError
 from . import synthetic
 from ._assets import read_tagged
-from .errors import MedSteerError
 
 __all__ = ["DEFAULT_PATH", "Oracle", "OracleOutput", "load_oracle", "save_oracle", "train_oracle"]
 
-DEFAULT_PATH = Path(__file__).parent / "assets" / "mini" / "oracle.safetensors"
+DEFAULT_PATH = Path(__file__).parent / "assets" / "oracle.safetensors"
 FORMAT_NAME = "medsteer.oracle"
 #: A frame "shows dye" when at least this many pixels (of 32x32) are segmented as dye; a dyed
 #: cushion covers 150-400 px, so this tolerates stray pixels but not a visible remnant.
@@ -202,7 +202,7 @@ def load_oracle(path: str | os.PathLike | None = None) -> Oracle:
         path,
         FORMAT_NAME,
         "MedSteer oracle",
-        "pass a file written by `python -m medsteer_core.oracle train`, or reinstall the package to "
+        "pass a file written by `python -m medsteer_core.mini.oracle train`, or reinstall the package to "
         "restore the shipped one",
     )
     oracle = Oracle()
@@ -211,7 +211,7 @@ def load_oracle(path: str | os.PathLike | None = None) -> Oracle:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medsteer_core.oracle", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medsteer_core.mini.oracle", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the oracle on synthetic frames")
     p.add_argument("--out", required=True)

@@ -1,0 +1,50 @@
+"""MedSteer-mini: the offline world in which the method is seen and measured in minutes.
+
+A wing of ``medsteer_core``, apart from the method: nothing in the engine (hooks, estimation,
+vectors, backbones, the headless route at import time) imports it. It holds
+
+- ``model``: the tiny pixel-space PixArt and its T5 text encoder (``load_mini``, ``train``);
+- ``synthetic``: the procedural endoscopy classes the model is trained on;
+- ``oracle``: a small CNN that labels and segments those classes (``load_oracle``);
+- ``metrics``: the counterfactual metrics (removal, masked PSNR / SSIM);
+- ``scan``: the layer scan and calibration, and ``build_vector`` through ``VectorEstimator``;
+- ``demo``: ``medsteer demo`` (also ``python -m medsteer_core.mini.demo``);
+- ``assets/``: the shipped model, oracle and pathology vectors.
+
+``from medsteer_core.mini import load_mini`` is the model's import path; ``python -m
+medsteer_core.mini train`` trains it again.
+"""
+
+from .model import (
+    DEFAULT_PATH,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_TOKENS,
+    VECTOR_DIR,
+    MiniModel,
+    MiniParts,
+    build_tokenizer,
+    encode_unpadded,
+    load_mini,
+    load_mini_parts,
+    new_mini,
+    save_mini,
+    train,
+)
+
+__all__ = [
+    "DEFAULT_PATH",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_TOKENS",
+    "VECTOR_DIR",
+    "MiniModel",
+    "MiniParts",
+    "build_tokenizer",
+    "encode_unpadded",
+    "load_mini",
+    "load_mini_parts",
+    "new_mini",
+    "save_mini",
+    "train",
+]
