@@ -20,17 +20,9 @@ from .backbones import Sites, find_sites
 from .driver import SamplingSpec, initial_latents, sample
 from .errors import MedSteerError, UnsupportedModelError, VectorFileError, VectorMismatchError
 from .estimate import VectorEstimator
-from .hooks import (
-    CallInfo,
-    GateMaps,
-    GateRecord,
-    HookHandle,
-    SteeringPlan,
-    attach_capture,
-    attach_steering,
-    capture,
-    steering,
-)
+from .gates import GateMaps, GateRecord
+from .hooks import CallInfo, HookHandle, attach_capture, attach_steering, capture, steering
+from .plan import SteeringPlan
 from .ssps import ssps
 from .vector import PathologyVector, load_vector, save_vector
 

@@ -86,7 +86,7 @@ def _index_list(what: str, words: tuple[str, ...] = ("all",)):
     """An argparse type that checks a step or layer list before anything loads (exit 2 if bad)."""
 
     def check(text: str) -> str:
-        from .plans import check_index_list
+        from .gates import check_index_list
 
         try:
             check_index_list(text, what, words)
@@ -589,9 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent(
             """\
             Sample one seed steered and draw the gate sigma = max(<h, v>, 0) per token: rows are
-            layers, columns are steps. The defaults draw the paper's Fig. 3 (layer 8 at steps 8, 12,
-            14 and 19 of 20; other step counts are scaled): broad at early steps, sparse patches
-            at the end."""
+            steps, columns are layers (as GateHeatmap draws it). The defaults draw the paper's
+            Fig. 3 (layer 8 at steps 8, 12, 14 and 19 of 20; other step counts are scaled): broad
+            at early steps, sparse patches at the end."""
         ),
         epilog=textwrap.dedent(
             f"""\

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .backbones import find_sites
-from .hooks import GateRecord, SteeringPlan, attach_capture, attach_steering
+from .gates import GateRecord
+from .hooks import attach_capture, attach_steering
+from .plan import SteeringPlan
 
 __all__ = ["SamplingSpec", "initial_latents", "sample"]
 
@@ -85,7 +87,7 @@ def sample(
         negative_embeds: ``[1 or B, T', C]`` unconditional embeddings; required when ``cfg != 1``.
         prompt_mask / negative_mask: ``[1 or B, T]`` attention masks of the embeddings.
         plans: steering plans (empty: unsteered).
-        record: a ``GateRecord`` for the gates of the steered runs.
+        record: a ``GateRecord`` for the gates of the steered run (one run per call).
         estimator: a ``VectorEstimator`` to feed with the conditional rows (``label`` names the class).
         latents: starting noise ``[B, C, H, W]`` (default: ``initial_latents(seeds, spec)``).
         progress: called with ``(step, steps)`` after every step.
@@ -142,6 +144,9 @@ def sample(
             hooks.callback(attach_capture(transformer, estimator, label, layout=layout).remove)
         if plans:
             hooks.callback(attach_steering(transformer, list(plans), layout=layout, record=record).remove)
+            if record is not None:  # this call is one sampling run, whatever its timesteps
+                record.begin_run()
+                hooks.callback(record.end_run)
         for i, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import GateRecord, SamplingSpec, SteeringPlan, VectorEstimator, sample, save_vector
-from .heatmap import gate_grid, select_maps
+from .gates import select_maps
+from .heatmap import gate_grid
 
 
 def _tiny_pixart():

@@ -1,5 +1,8 @@
 """Gate maps to pictures: coloured maps, labelled step x layer grids, overlays and masks.
 
+What to draw (the selection grammar, ``select_maps``, the mask's definition) is ``gates``; this
+module only draws it. Grids have rows = steps and columns = layers in every host.
+
 Images here are float tensors ``[H, W, 3]`` in 0-1 (ComfyUI's IMAGE layout without the batch
 axis). Colormaps are perceptually uniform (viridis, magma, cividis) or grey, built by interpolating
 a few published anchor colours in sRGB, so no plotting library is needed.
@@ -7,26 +10,20 @@ a few published anchor colours in sRGB, so no plotting library is needed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import MedSteerError
-from .hooks import GateMaps
+from .gates import selection_gate
 
 __all__ = [
     "COLORMAPS",
-    "MAX_INDEX",
     "apply_colormap",
     "gate_grid",
-    "index_entries",
     "normalise",
     "overlay",
-    "parse_layers",
-    "parse_steps",
-    "select_maps",
+    "selection_mask",
     "to_mask",
 ]
 
@@ -136,138 +133,11 @@ def overlay(image: torch.Tensor, gate: torch.Tensor, opacity: float = 0.5, color
     return image.float() * (1 - alpha) + colours * alpha
 
 
-def parse_steps(text: str | Sequence[int], num_steps: int) -> list[int]:
-    """Step indices from ``"all"``, ``"last"`` or a list such as ``"8,12,14,19"`` (0-based).
-
-    Negative indices count from the end. Raises ``ValueError`` naming the bad entry and the range.
-    """
-    return _parse_indices(text, num_steps, "step", allow_all=True)
-
-
-def parse_layers(text: str | Sequence[int], layers: Sequence[int]) -> list[int] | str:
-    """Layer (site) indices from a list such as ``"8,10,12"`` or ``"8-16"`` (end exclusive), or
-    ``"mean"`` (average over every recorded layer). Only recorded layers are valid."""
-    if isinstance(text, str) and text.strip().lower() == "mean":
-        return "mean"
-    wanted = _parse_indices(text, max(layers) + 1 if layers else 0, "layer", allow_all=True, absolute=True)
-    missing = [w for w in wanted if w not in layers]
-    if missing:
-        raise MedSteerError(
-            f"layer(s) {missing} were not steered, so they have no gate; recorded layers are "
-            f"{list(layers)} (the steering window)"
-        )
-    return wanted
-
-
-#: The largest step or layer index a list may name. ComfyUI's samplers allow at most 10000 steps
-#: and no PixArt has that many layers, so a larger number cannot select anything in any run; it is
-#: refused while reading the text, before a range such as ``0-1000000000`` could be expanded.
-MAX_INDEX = 10_000
-_ENTRY = re.compile(r"(?P<minus>-)?\s*(?P<start>[0-9]+)(?:\s*-\s*(?P<end>[0-9]+))?")
-
-
-def index_entries(text: str, what: str) -> list[int | range]:
-    """The entries of a step or layer list, without expanding its ranges.
-
-    ``"8,12"`` -> ``[8, 12]``; ``"8-16"`` -> ``[range(8, 16)]`` (end exclusive); ``"-1"`` -> ``[-1]``
-    (from the end). Entries are separated by ``,`` or ``;``. Every number must be at most
-    ``MAX_INDEX``, so no selection is larger than ``MAX_INDEX`` per entry whatever the text says.
-
-    Args:
-        text: the list (not ``"all"`` / ``"last"`` / ``"mean"``: callers handle those words).
-        what: ``"step"`` or ``"layer"``, for the messages.
-
-    Raises:
-        MedSteerError: an unreadable entry, an empty range, or a number above ``MAX_INDEX``.
-    """
-    entries: list[int | range] = []
-    for part in str(text).replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        match = _ENTRY.fullmatch(part)
-        if match is None:
-            raise MedSteerError(
-                f"cannot read {what} {part[:40]!r} in {_short(text)}: use numbers like '8,12,14,19' or a range "
-                "'8-16' (end exclusive)"
-            )
-        numbers = [g for g in (match["start"], match["end"]) if g is not None]
-        for number in numbers:
-            if len(number) > len(str(MAX_INDEX)) or int(number) > MAX_INDEX:
-                raise MedSteerError(
-                    f"{what} {_short(number)} in {_short(text)} is beyond any run: a {what} list names "
-                    f"indices 0 to {MAX_INDEX} at most (the run's own count is checked once it is known)"
-                )
-        first = int(match["start"])
-        if match["end"] is None:
-            entries.append(-first if match["minus"] else first)
-            continue
-        last = int(match["end"])
-        if match["minus"] or last <= first:
-            raise MedSteerError(
-                f"{what} range {part!r} is empty: write start-end with 0 <= start < end (end exclusive)"
-            )
-        entries.append(range(first, last))
-    return entries
-
-
-def _short(text) -> str:
-    text = str(text)
-    return repr(text) if len(text) <= 60 else repr(text[:57] + "...") + f" ({len(text)} characters)"
-
-
-def _parse_indices(text, count: int, what: str, allow_all: bool, absolute: bool = False) -> list[int]:
-    if isinstance(text, str):
-        raw = text.strip().lower()
-        if allow_all and raw in ("all", ""):
-            return list(range(count))
-        if raw == "last":
-            return [count - 1]
-        entries = index_entries(raw, what)
-    else:
-        entries = [int(i) for i in text]
-    out: list[int] = []
-    for entry in entries:
-        if isinstance(entry, range):
-            # Checked before expanding, so the list never holds more than `count` items per entry.
-            if entry.stop > count:
-                raise MedSteerError(
-                    f"{what} range {entry.start}-{entry.stop} is out of range: this run has {count} {what}s "
-                    f"(0 to {count - 1}; a range's end is exclusive, so at most {entry.start}-{count})"
-                )
-            out.extend(entry)
-            continue
-        j = entry + count if (entry < 0 and not absolute) else entry
-        if not 0 <= j < count:
-            raise MedSteerError(f"{what} {entry} is out of range: this run has {count} {what}s (0 to {count - 1})")
-        out.append(j)
-    if not out:
-        raise MedSteerError(f"no {what}s selected in {_short(text)}")
-    return out
-
-
-def select_maps(
-    gates: GateMaps, steps: str | Sequence[int] = "all", layers: str | Sequence[int] = "mean", image: int = 0
-):
-    """Pick ``[S', L', H, W]`` maps of one image plus row/column labels.
-
-    Returns:
-        ``(maps, step_labels, layer_labels)``.
-    """
-    num_steps, _, batch = gates.maps.shape[:3]
-    if not 0 <= image < batch:
-        raise MedSteerError(f"image {image} is out of range: the run has {batch} image(s)")
-    step_ids = parse_steps(steps, num_steps)
-    chosen = parse_layers(layers, gates.layers)
-    maps = gates.maps[step_ids, :, image]  # [S', L, H, W]
-    if chosen == "mean":
-        maps = maps.mean(dim=1, keepdim=True)
-        layer_labels = [f"layers {gates.layers[0]}-{gates.layers[-1]} mean"]
-    else:
-        maps = maps[:, [gates.layers.index(c) for c in chosen]]
-        layer_labels = [f"layer {c}" for c in chosen]
-    step_labels = [f"step {s} (t={gates.timesteps[s]:.0f})" for s in step_ids]
-    return maps, step_labels, layer_labels
+def selection_mask(maps: torch.Tensor, size: tuple[int, int], smooth: bool = True) -> torch.Tensor:
+    """The heatmap mask of selected maps ``[steps, layers, h, w]``: ``gates.selection_gate`` (the mean
+    over the chosen steps and layers) as a 0-1 mask ``[height, width]`` at image size. GateHeatmap's
+    MASK and ``medsteer generate --heatmaps``' ``-mask.png`` are both this."""
+    return to_mask(selection_gate(maps), size, smooth)
 
 
 def gate_grid(

@@ -12,40 +12,32 @@ contexts remove only their own hooks.
 
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .backbones import Sites, find_sites
 from .errors import MedSteerError
+from .gates import GateRecord
+from .plan import SteeringPlan
 from .provenance import site_widths
 from .ssps import ssps
-from .vector import INTERPOLATIONS, PathologyVector
 
 __all__ = [
     "CallInfo",
-    "GateMaps",
-    "GateRecord",
     "HookHandle",
     "LAYOUTS",
-    "MAX_STRENGTH",
-    "ROWS",
-    "SteeringPlan",
     "attach_capture",
     "attach_steering",
     "capture",
     "steering",
 ]
 
-#: Which batch rows a plan steers: both halves of a CFG batch (as the authors' code does) or the
-#: conditional rows only.
-ROWS = ("all", "cond")
 #: How a context reads the row layout from the transformer call when no ``CallInfo`` is given:
 #: ``uncond_cond`` - diffusers pipelines with CFG, first half unconditional; ``cond`` - every row is
 #: conditional (no CFG); ``comfyui`` - ``transformer_options["cond_or_uncond"]`` of the call.
@@ -122,193 +114,6 @@ class CallInfo:
         else:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         return cls(t, conditional, grid, latent_size)
-
-
-#: The largest ``|strength * vector.gain|`` a plan accepts. The update subtracts
-#: ``strength * max(<h, v>, 0)`` along a unit direction, and half-precision models compute it in
-#: their own dtype, where float16 overflows above 65504: at strength 7e4 the per-row strength itself
-#: was inf (and ``0 * inf`` turned even untouched tokens into NaN), at 1e30 float32 images came out
-#: black. With ``|strength| <= 1e3`` the product stays finite in float16 for gates up to 65 (a
-#: token's gate is at most its norm) and in bfloat16/float32 for any realistic activation, while
-#: 1e3 is 400x the paper's 2.5: the update already reverses the concept's component at strength
-#: 2, so nothing useful lies beyond it.
-MAX_STRENGTH = 1e3
-
-
-@dataclass(frozen=True)
-class SteeringPlan:
-    """One edit: a vector applied with SSPS at a strength, on a window of layers and timesteps.
-
-    Attributes:
-        vector: the pathology vector.
-        strength: the paper's alpha (2.5 in the paper; 0 = no change; negative amplifies);
-            ``|strength * vector.gain|`` at most ``MAX_STRENGTH`` (1e3).
-        layer_start: first steered block (the paper: 8).
-        layer_end: one past the last steered block (exclusive; the paper: 16).
-        timestep_max / timestep_min: steer rows whose model timestep t satisfies
-            ``timestep_min <= t <= timestep_max`` (default: all, 0-1000).
-        rows: ``"all"`` (both halves of a CFG batch, as the authors' code) or ``"cond"``.
-        preserve_norm: rescale each steered token to its original norm (the authors' code).
-        interpolation: ``"nearest"`` timestep key or ``"linear"`` between keys.
-    """
-
-    vector: PathologyVector
-    strength: float = 2.5
-    layer_start: int = 8
-    layer_end: int = 16
-    timestep_max: float = 1000.0
-    timestep_min: float = 0.0
-    rows: str = "all"
-    preserve_norm: bool = False
-    interpolation: str = "nearest"
-
-    @property
-    def effective_strength(self) -> float:
-        """``strength * vector.gain``: what the update actually uses."""
-        return float(self.strength) * float(self.vector.gain)
-
-    def validate(self, sites: Sites) -> None:
-        """Raise a clear error unless this plan can run on ``sites``."""
-        if not isinstance(self.vector, PathologyVector):
-            raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
-        self.vector.check_compatible(site_widths(sites))
-        sites.check_window(self.layer_start, self.layer_end)
-        effective = self.effective_strength
-        if not math.isfinite(effective) or abs(effective) > MAX_STRENGTH:
-            raise MedSteerError(
-                f"strength must be finite with |strength x vector gain| at most {MAX_STRENGTH:g}; got strength "
-                f"{self.strength!r} x gain {self.vector.gain!r} = {effective!r}. Beyond that the steered "
-                "activations overflow "
-                "float16 and bfloat16 (and later layers overflow even float32), giving NaN or black images. "
-                "Useful strengths are small (the paper's 2.5); lower the strength or the vector's gain"
-            )
-        if self.rows not in ROWS:
-            raise ValueError(f"rows must be one of {ROWS}, got {self.rows!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if not self.timestep_min <= self.timestep_max:
-            raise ValueError(
-                f"empty timestep window: timestep_min {self.timestep_min} > timestep_max {self.timestep_max}"
-            )
-
-    def covers(self, site: int) -> bool:
-        return self.layer_start <= site < self.layer_end
-
-
-@dataclass(frozen=True)
-class GateMaps:
-    """Gate maps of one sampling run: ``maps[s, l, b]`` is the gate of image ``b`` at step ``s``,
-    layer ``layers[l]``, on the token grid.
-
-    Attributes:
-        timesteps: ``[S]`` model timestep of each step (in sampling order).
-        layers: the site indices of axis 1.
-        maps: ``[S, L, B, H, W]`` float32 on the CPU (zero where a site was not steered at a step).
-    """
-
-    timesteps: torch.Tensor
-    layers: tuple[int, ...]
-    maps: torch.Tensor
-
-
-@dataclass
-class GateRecord:
-    """The gates ``sigma = max(<h, v>, 0)`` of the conditional rows, per call, site and plan.
-
-    Entries stay on the model's device while sampling (no host sync); ``maps()`` moves them to the
-    CPU. Every model call with conditional rows counts as one step, so multi-evaluation samplers
-    (Heun, DPM-2) record each evaluation. A new run starts where the timestep goes back up.
-
-    Example:
-        >>> record = GateRecord()
-        >>> with steering(transformer, [plan], record=record): ...   # doctest: +SKIP
-        >>> record.maps().maps.shape    # [steps, layers, images, H, W]   # doctest: +SKIP
-    """
-
-    entries: list[tuple[int, int, int, torch.Tensor, torch.Tensor, tuple[int, int] | None]] = field(
-        default_factory=list
-    )
-    _calls: int = 0
-
-    def _begin_call(self) -> int:
-        self._calls += 1
-        return self._calls
-
-    def add(self, call: int, site: int, plan: int, timesteps: torch.Tensor, gate: torch.Tensor, grid) -> None:
-        self.entries.append((call, site, plan, timesteps.detach(), gate.detach(), grid))
-
-    def clear(self) -> None:
-        """Forget everything recorded so far."""
-        self.entries.clear()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def runs(self, plan: int = 0) -> int:
-        """How many sampling runs the record holds for ``plan``."""
-        return len(self._split_runs(plan))
-
-    def _split_runs(self, plan: int) -> list[list[tuple]]:
-        calls: dict[int, list[tuple]] = {}
-        for entry in self.entries:
-            if entry[2] == plan:
-                calls.setdefault(entry[0], []).append(entry)
-        runs: list[list[tuple]] = []
-        last_t = math.inf
-        for call in sorted(calls):
-            t = float(calls[call][0][3].reshape(-1)[0])
-            if t > last_t + 1e-6 or not runs:
-                runs.append([])
-            runs[-1].append(calls[call])
-            last_t = t
-        return runs
-
-    def maps(self, plan: int = 0, run: int = -1) -> GateMaps:
-        """Stack the recorded gates of one run into ``[S, L, B, H, W]`` (see ``GateMaps``).
-
-        Args:
-            plan: which steering plan (index in the list given to ``steering``).
-            run: which sampling run (default: the last).
-
-        Raises:
-            MedSteerError: nothing was recorded for this plan, or the grid is unknown.
-        """
-        runs = self._split_runs(plan)
-        if not runs:
-            raise MedSteerError(
-                f"no gates recorded for plan {plan}: sample with the steered model first (with "
-                "record= set) and make sure the plan's window covers the sampled timesteps"
-            )
-        try:
-            calls = runs[run]
-        except IndexError:
-            raise MedSteerError(f"run {run} not recorded; the record holds {len(runs)} run(s)") from None
-        layers = tuple(sorted({e[1] for call in calls for e in call}))
-        batch = calls[0][0][4].shape[0]
-        grids = {e[1]: _grid_of(e) for call in calls for e in call}
-        grid = max(grids.values(), key=lambda g: (g[0] * g[1], g))
-        out = torch.zeros(len(calls), len(layers), batch, grid[0], grid[1])
-        timesteps = torch.zeros(len(calls))
-        for s, call in enumerate(calls):
-            timesteps[s] = float(call[0][3].reshape(-1)[0])
-            for _, site, _, _, gate, _ in call:
-                if gate.shape[0] == batch:
-                    own = grids[site]
-                    gate_map = gate.float().cpu().reshape(batch, 1, own[0], own[1])
-                    if own != grid:  # a coarser level (UNets): upsample to the finest grid
-                        gate_map = torch.nn.functional.interpolate(gate_map, size=grid, mode="nearest")
-                    out[s, layers.index(site)] = gate_map[:, 0]
-        return GateMaps(timesteps, layers, out)
-
-
-def _grid_of(entry: tuple) -> tuple[int, int]:
-    grid, tokens = entry[5], entry[4].shape[1]
-    if grid is not None:
-        return tuple(grid)
-    side = int(round(math.sqrt(tokens)))
-    if side * side != tokens:
-        raise MedSteerError(f"unknown token grid for {tokens} tokens; pass CallInfo.latent_size (or grid)")
-    return side, side
 
 
 class HookHandle:

@@ -43,10 +43,10 @@ from .checkpoints import looks_like_local_path
 from .driver import SamplingSpec, sample
 from .errors import MedSteerError, VectorMismatchError
 from .estimate import VectorEstimator
-from .heatmap import gate_grid, parse_steps, select_maps, to_mask
-from .hooks import GateMaps, GateRecord, SteeringPlan
-from .plans import PAPER_FIGURE_3, build_metadata
-from .provenance import Provenance
+from .gates import PAPER_FIGURE_3, GateMaps, GateRecord, parse_steps, select_maps
+from .heatmap import gate_grid, selection_mask
+from .plan import SteeringPlan
+from .provenance import Provenance, build_metadata
 from .vector import FORMAT_NAME, PathologyVector, load_vector, save_vector
 
 __all__ = [
@@ -1453,10 +1453,10 @@ def generate(
         seeds: one pair per prompt and seed.
         out_dir: the output folder.
         negative_prompt / steps / cfg / scheduler / height / width / batch_size: sampling settings.
-        heatmaps: also write, per pair, the gate grid (``-gate.png``: rows are layers, columns are
-            steps) and a mask (``-mask.png``: the gate averaged over those steps and layers,
+        heatmaps: also write, per pair, the gate grid (``-gate.png``: rows are steps, columns are
+            layers) and a mask (``-mask.png``: the gate averaged over those steps and layers,
             resized to the image and scaled to 0-255).
-        heatmap_steps / heatmap_layers: ``heatmap.select_maps`` syntax (default: the paper's Fig. 3
+        heatmap_steps / heatmap_layers: ``gates`` selection grammar (default: the paper's Fig. 3
             steps scaled to ``steps``; layer 8, or the window's first layer if 8 is not steered).
         heatmap_plan: which steer's gates to show.
         colormap: the heatmaps' colormap.
@@ -1618,21 +1618,22 @@ def _generate_units(
 
 
 def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, **style):
-    """The gate grid of one image of a batch as a PIL image (rows: layers, columns: steps, as in
-    the paper's Fig. 3), and the selected ``[steps, layers, h, w]`` maps."""
+    """The gate grid of one image of a batch as a PIL image (rows: steps, columns: layers, as
+    GateHeatmap draws it), and the selected ``[steps, layers, h, w]`` maps."""
     from PIL import Image
 
     maps, step_labels, layer_labels = select_maps(gates, steps, layers, image)
-    grid = gate_grid(maps.transpose(0, 1), layer_labels, step_labels, **style)
+    grid = gate_grid(maps, step_labels, layer_labels, **style)
     return Image.fromarray((grid.numpy() * 255).round().astype("uint8")), maps
 
 
 def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture):
-    """The gate grid and the 0-255 mask (the selected gates averaged, at image size) of one image."""
+    """The gate grid and the 0-255 mask (``heatmap.selection_mask``: the selected gates averaged
+    over steps and layers, at image size) of one image."""
     from PIL import Image
 
     grid, maps = _gate_picture(gates, image, steps, layers, colormap=colormap)
-    mask = to_mask(maps.mean(dim=(0, 1)), (picture.height, picture.width))
+    mask = selection_mask(maps, (picture.height, picture.width))
     return grid, Image.fromarray((mask.numpy() * 255).round().astype("uint8"), mode="L")
 
 
@@ -1668,7 +1669,7 @@ def gate_heatmap(
     cell: int = 128,
     per_map: bool = True,
 ) -> Heatmap:
-    """Sample one seed steered and unsteered and draw the gate grid (rows: layers, columns: steps).
+    """Sample one seed steered and unsteered and draw the gate grid (rows: steps, columns: layers).
 
     Defaults draw the paper's Fig. 3: layer 8 at steps 8, 12, 14 and 19 of 20 (scaled to other
     step counts; the window's first layer if layer 8 is not steered).

@@ -28,6 +28,7 @@ __all__ = [
     "CALIBRATED_FIELDS",
     "STRUCTURAL_KEYS",
     "Provenance",
+    "build_metadata",
     "calibrated_setting",
     "metadata_list",
     "site_widths",
@@ -350,3 +351,50 @@ def weights_fingerprint(sites) -> str:
     except (NotImplementedError, RuntimeError, TypeError):
         return ""  # meta tensors ("Cannot copy out of meta tensor") or exotic tensor types
     return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- builds
+def build_metadata(
+    *,
+    prompts_with: Sequence[str | None],
+    prompts_without: Sequence[str | None],
+    negative_prompt: str | None,
+    seeds: Sequence[int],
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    height: int,
+    width: int,
+    model_family: str,
+    host: str,
+    sites=None,
+    fingerprint: bool = True,
+) -> dict[str, str]:
+    """The provenance strings a built vector carries (``Provenance.to_metadata``, the one writer).
+
+    The ComfyUI and headless builds write through it. Unknown prompt texts are stored as empty
+    strings. With ``sites`` (a ``Sites``), the site widths and (unless ``fingerprint`` is False)
+    the ``weights_fingerprint`` of the model are recorded too: merging then refuses vectors built
+    on other weights.
+    """
+    with_texts = [t or "" for t in prompts_with]
+    without_texts = [t or "" for t in prompts_without]
+    return Provenance(
+        concept_with=with_texts[0] if len(set(with_texts)) == 1 else "",
+        concept_without=without_texts[0] if len(set(without_texts)) == 1 else "",
+        prompts_with=with_texts,
+        prompts_without=without_texts,
+        negative_prompt=negative_prompt or "",
+        seeds=[int(s) for s in seeds],
+        steps=int(steps),
+        cfg=float(cfg),
+        sampler=str(sampler_name),
+        scheduler=str(scheduler),
+        height=int(height),
+        width=int(width),
+        model_family=str(model_family),
+        host=str(host),
+        site_widths=site_widths(sites) if sites is not None else (),
+        weights_fingerprint=weights_fingerprint(sites) if sites is not None and fingerprint else "",
+    ).to_metadata()

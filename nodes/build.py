@@ -17,7 +17,8 @@ import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import VectorEstimator, capture
-from ..medsteer_core.plans import build_metadata, prompt_text, seed_batches
+from ..medsteer_core.comfy_widgets import prompt_text, seed_batches
+from ..medsteer_core.provenance import build_metadata
 from .common import (
     CATEGORY,
     PathologyVectorSocket,

@@ -13,8 +13,9 @@ import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
-from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, select_maps, to_mask
-from ..medsteer_core.plans import HEATMAP_PRESETS, heatmap_selection, resolve_edit
+from ..medsteer_core.comfy_widgets import HEATMAP_PRESETS, heatmap_selection, resolve_edit
+from ..medsteer_core.gates import select_maps
+from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, selection_mask
 from .common import CATEGORY, model_sites
 from .steer import steering_of
 
@@ -98,8 +99,9 @@ class GateHeatmap(io.ComfyNode):
                 ),
                 io.Mask.Output(
                     display_name="mask",
-                    tooltip="The gate at the last chosen step (mean over the chosen layers), scaled to 0-1 "
-                    "at image size: usable for inpainting or background metrics.",
+                    tooltip="The gate averaged over the chosen steps and layers (the maps the grid shows; "
+                    "steps 'last' for the last step only), scaled to 0-1 at image size: usable for "
+                    "inpainting or background metrics.",
                 ),
             ],
         )
@@ -173,5 +175,5 @@ class GateHeatmap(io.ComfyNode):
                 for s in range(maps.shape[0]):
                     for layer in range(maps.shape[1]):
                         pictures.append(overlay(picture, maps[s, layer], opacity, colormap))
-            masks.append(to_mask(maps[-1].mean(dim=0), mask_size))
+            masks.append(selection_mask(maps, mask_size))
         return io.NodeOutput(torch.stack(pictures), torch.stack(masks))

@@ -17,8 +17,9 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..medsteer_core import GateRecord, steering
-from ..medsteer_core.plans import ROW_OPTIONS, chain_plans, make_plan, timestep_window
+from ..medsteer_core.gates import GateRecord
+from ..medsteer_core.hooks import steering
+from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
 from ..medsteer_core.vector import INTERPOLATIONS
 from .common import CATEGORY, PathologyVectorSocket, call_info, model_sites, split_call
 
@@ -67,12 +68,13 @@ class SteeringWrapper:
         # its own record, kept by the fingerprint of the LATENT it returns (memory stays bounded).
         model_sites(executor.class_obj.model_patcher).check_latent(noise.shape[-2], noise.shape[-1])
         record = self.record = GateRecord()
+        record.begin_run()  # every model call of this sample is one run, whatever its timesteps
         try:
             output = executor(noise, latent_image, *args, **kwargs)
         finally:
+            record.end_run()
             self.record = None
-        # One device-to-host copy per run, after sampling: the gates leave the accelerator.
-        record.entries = [(c, site, plan, t.cpu(), gate.cpu(), grid) for c, site, plan, t, gate, grid in record.entries]
+        record.offload()  # one device-to-host copy per run, after sampling
         key = latent_fingerprint(output)
         self.runs.pop(key, None)
         self.runs[key] = record

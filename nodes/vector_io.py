@@ -15,7 +15,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..medsteer_core import load_vector, save_vector
-from ..medsteer_core.plans import check_save_name
+from ..medsteer_core.comfy_widgets import check_save_name
 from .common import CATEGORY, PathologyVectorSocket, model_name_problem
 
 FOLDER = "medsteer"

@@ -149,7 +149,7 @@ def test_build_generate_heatmap_inspect(work, tmp_path, capsys):
     heat += ["--layer-end", "3", "--steps", "3", "--seed", "1", "--layers", "1,2", "--at-steps", "all"]
     assert main([*heat, "--save-images", "--out", str(figure)]) == 0
     grid = Image.open(figure)
-    assert grid.width > grid.height  # 3 step columns, 2 layer rows
+    assert grid.size == (150 + 2 * (128 + 4) + 4, 20 + 3 * (128 + 4) + 4)  # rows: 3 steps, columns: 2 layers
     assert (tmp_path / "fig3-steered.png").read_bytes() == (
         work["reference"] / manifest(work["reference"])[1]["files"]["steered"]["path"]  # prompt 0, seed 1
     ).read_bytes()

@@ -44,3 +44,35 @@ def test_progress_is_reported_every_step(transformer, embeds):
         progress=lambda i, n: seen.append((i, n)),
     )
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_each_sample_call_is_one_explicit_gate_run(transformer, embeds):
+    """The driver marks its run: gates recorded afterwards at lower timesteps (which the old
+    rising-timestep rule merged into the driver's run) form runs of their own."""
+    from medsteer_core import GateRecord, PathologyVector, SteeringPlan, find_sites, steering
+
+    sites = find_sites(transformer)
+    g = torch.Generator().manual_seed(0)
+    shape = (2, sites.depth, sites.hidden_size)
+    ones = torch.ones(2, dtype=torch.int64)
+    vector = PathologyVector.from_sums(
+        torch.tensor([0.0, 999.0]), torch.randn(shape, generator=g), torch.randn(shape, generator=g), ones, ones
+    )
+    plan = SteeringPlan(vector, 2.5, 0, 2)
+    record = GateRecord()
+    common = {"negative_embeds": embeds["uncond"], "plans": [plan], "record": record}
+    sample(transformer, DDIMScheduler(), embeds["with"], [0], SPEC, **common)
+    assert record.runs() == 1
+    steps = record.maps().timesteps.tolist()
+    assert len(steps) == SPEC.steps and steps == sorted(steps, reverse=True)
+    # one more steered call, not above the run's last timestep, outside any sample call
+    with steering(transformer, plan, layout="cond", record=record), torch.no_grad():
+        transformer(
+            torch.randn(1, 4, 8, 8, generator=g),
+            encoder_hidden_states=embeds["with"],
+            timestep=torch.tensor([0.0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+    assert steps[-1] == 0.0 and record.runs() == 2
+    assert record.maps(run=0).timesteps.tolist() == steps and record.maps().timesteps.tolist() == [0.0]

@@ -6,17 +6,14 @@ import pytest
 import torch
 
 from medsteer_core import GateMaps, MedSteerError
+from medsteer_core.gates import MAX_INDEX, index_entries, parse_layers, parse_steps, select_maps
 from medsteer_core.heatmap import (
     COLORMAPS,
-    MAX_INDEX,
     apply_colormap,
     gate_grid,
-    index_entries,
     normalise,
     overlay,
-    parse_layers,
-    parse_steps,
-    select_maps,
+    selection_mask,
     to_mask,
 )
 
@@ -137,3 +134,22 @@ def test_ranges_still_expand_within_the_run():
         parse_steps("+3", 20)
     assert index_entries("8-16,3,-1", "layer") == [range(8, 16), 3, -1]
     assert index_entries(f"0-{MAX_INDEX}", "step") == [range(0, MAX_INDEX)]
+
+
+def test_the_headless_host_draws_steps_as_rows_and_the_shared_mask():
+    """`medsteer heatmap` / `generate --heatmaps` drew layers as rows and GateHeatmap steps as rows;
+    both now draw rows = steps, columns = layers, and use the one mask (``selection_mask``)."""
+    import numpy as np
+    from PIL import Image
+
+    from medsteer_core.pipeline import _pair_heatmap
+
+    gates = _gates(steps=5, layers=(8, 9))
+    picture = Image.new("RGB", (16, 16))
+    grid, mask = _pair_heatmap(gates, 0, "0,2,4", "8,9", "viridis", picture)
+    maps, rows, cols = select_maps(gates, "0,2,4", "8,9")
+    expected = gate_grid(maps, rows, cols, colormap="viridis")  # what GateHeatmap draws
+    assert grid.size == (expected.shape[1], expected.shape[0]) and grid.height > grid.width  # 3 rows, 2 columns
+    assert np.array_equal(np.asarray(grid), (expected.numpy() * 255).round().astype("uint8"))
+    shared = (selection_mask(maps, (16, 16)).numpy() * 255).round().astype("uint8")
+    assert np.array_equal(np.asarray(mask), shared)

@@ -16,7 +16,7 @@ from medsteer_core import (
     sample,
     steering,
 )
-from medsteer_core.hooks import MAX_STRENGTH
+from medsteer_core.plan import MAX_STRENGTH
 from tests.conftest import make_transformer
 
 SPEC = SamplingSpec(steps=4, cfg=4.0, height=8, width=8)

@@ -370,7 +370,7 @@ def test_header_of_a_v2_file_is_sorted_and_stable(tmp_path):
 
 
 def test_builders_write_through_the_one_writer():
-    from medsteer_core.plans import build_metadata
+    from medsteer_core.provenance import build_metadata
 
     meta = build_metadata(
         prompts_with=["dyed"],
@@ -412,7 +412,7 @@ def test_medsteer_inspect_shows_the_format_version_and_the_provenance(path, tmp_
 
 
 def test_build_metadata_records_the_sites_widths_and_weights():
-    from medsteer_core.plans import build_metadata
+    from medsteer_core.provenance import build_metadata
 
     torch.manual_seed(0)
     sites = _Sites([_Site(8), _Site(16)])

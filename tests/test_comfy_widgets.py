@@ -1,46 +1,27 @@
-"""The node logic that runs without ComfyUI: input parsing, validation and plan building."""
+"""The ComfyUI widget rules that run without ComfyUI: seeds, prompt texts, save names, chained
+edits, heatmap presets, what a built vector records, and the queue-time checks."""
 
 import importlib.util
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from medsteer_core import (
-    GateMaps,
-    MedSteerError,
-    PathologyVector,
-    SteeringPlan,
-    UnsupportedModelError,
-    VectorMismatchError,
-    find_sites,
-    load_vector,
-    save_vector,
-    steering,
-)
-from medsteer_core.heatmap import parse_layers, parse_steps, select_maps
-from medsteer_core.plans import (
+from medsteer_core import GateMaps, MedSteerError, PathologyVector, load_vector, save_vector
+from medsteer_core.backbones import check_latent_size
+from medsteer_core.comfy_widgets import (
     HEATMAP_PRESETS,
     MAX_SEED,
-    PAPER_FIGURE_3,
-    ROW_OPTIONS,
-    build_metadata,
-    chain_plans,
-    check_index_list,
-    check_latent_size,
     check_save_name,
     heatmap_selection,
-    make_plan,
     prompt_text,
     resolve_edit,
     seed_batches,
-    timestep_window,
 )
-from tests.conftest import make_transformer
+from medsteer_core.gates import PAPER_FIGURE_3, check_index_list, select_maps
+from medsteer_core.provenance import build_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +37,6 @@ def make_vector(depth=4, hidden=16, keys=5, seed=0) -> PathologyVector:
         count.clone(),
         {"concept_with": "dye"},
     )
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_transformer(num_layers=4, heads=2, head_dim=8)  # hidden 16
 
 
 # ---------------------------------------------------------------------------------- latents
@@ -99,145 +75,12 @@ def test_seed_batches_refuse_bad_counts_and_overflow():
     assert seed_batches(MAX_SEED - 1, 2, 2) == [[MAX_SEED - 1, MAX_SEED]]
 
 
-# ---------------------------------------------------------------------------------- windows
-def test_whole_run_window_needs_no_mapping_and_covers_every_timestep():
-    def never(_):
-        raise AssertionError("not called for the whole run")
-
-    assert timestep_window(0.0, 1.0, never) == (0.0, 1000.0)
-
-
-def test_window_maps_percents_through_the_host():
-    seen = []
-
-    def to_timestep(p):
-        seen.append(p)
-        return 999.0 * (1 - p)
-
-    low, high = timestep_window(0.25, 0.75, to_timestep)
-    assert seen == [0.25, 0.75] and high == pytest.approx(749.25) and low == pytest.approx(249.75)
-    assert timestep_window(0.5, 1.0, to_timestep) == (0.0, pytest.approx(499.5))
-
-
-@pytest.mark.parametrize(
-    ("start", "end", "words"),
-    [
-        (0.6, 0.4, "empty steering window"),
-        (-0.1, 0.5, "between 0 and 1"),
-        (0.0, 1.5, "between 0 and 1"),
-        (1.0, 1.0, "contains no sampling step"),
-        (0.0, 0.0, "contains no sampling step"),
-        (float("nan"), 1.0, "between 0 and 1"),
-    ],
-)
-def test_bad_windows_are_refused(start, end, words):
-    with pytest.raises(ValueError, match=words):
-        timestep_window(start, end, lambda p: 1000 * (1 - p))
-
-
-# ---------------------------------------------------------------------------------- plans
-def test_make_plan_maps_widgets_to_a_validated_plan(tiny):
-    vector = make_vector()
-    plan = make_plan(
-        tiny,
-        vector,
-        strength=2.5,
-        layer_start=1,
-        layer_end=3,
-        start_percent=0.5,
-        end_percent=1.0,
-        percent_to_timestep=lambda p: 999.0 * (1 - p),
-        rows="cond only",
-        preserve_norm=True,
-        interpolation="linear",
-    )
-    assert plan == SteeringPlan(vector, 2.5, 1, 3, 499.5, 0.0, "cond", True, "linear")
-    assert {ROW_OPTIONS[k] for k in ROW_OPTIONS} == {"all", "cond"}
-    assert make_plan(tiny, vector, strength=0, layer_start=0, layer_end=4).rows == "all"
-
-
-def test_plan_from_widgets_steers_like_a_hand_made_plan(tiny):
-    vector = make_vector()
-    g = torch.Generator().manual_seed(0)
-    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
-
-    def call():
-        with torch.no_grad():
-            return tiny(
-                x,
-                encoder_hidden_states=context,
-                timestep=torch.tensor([500.0, 500.0]),
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                return_dict=False,
-            )[0]
-
-    outputs = []
-    for plan in (SteeringPlan(vector, 2.0, 1, 3), make_plan(tiny, vector, strength=2.0, layer_start=1, layer_end=3)):
-        with steering(tiny, plan, layout="cond"):
-            outputs.append(call())
-    assert torch.equal(*outputs) and not torch.equal(outputs[0], call())
-
-
-@pytest.mark.parametrize(
-    ("overrides", "error", "words"),
-    [
-        ({"layer_end": 9}, ValueError, "outside this model's 4 layers"),
-        ({"layer_start": 2, "layer_end": 2}, ValueError, "empty or outside"),
-        ({"layer_start": -1}, ValueError, "empty or outside"),
-        ({"rows": "uncond only"}, ValueError, "rows must be one of"),
-        ({"interpolation": "cubic"}, ValueError, "interpolation must be one of"),
-        ({"strength": float("inf")}, ValueError, "finite"),
-        ({"start_percent": 0.2}, ValueError, "needs percent_to_timestep"),
-    ],
-)
-def test_make_plan_refuses_bad_inputs_with_the_fix(tiny, overrides, error, words):
-    kwargs = {"strength": 2.5, "layer_start": 1, "layer_end": 3, **overrides}
-    with pytest.raises(error, match=words):
-        make_plan(tiny, make_vector(), **kwargs)
-
-
-def test_make_plan_refuses_other_models_and_vectors(tiny):
-    with pytest.raises(VectorMismatchError, match="hidden size 32 with 4 layers.*hidden size 16"):
-        make_plan(tiny, make_vector(hidden=32), strength=2.5, layer_start=1, layer_end=3)
-    with pytest.raises(UnsupportedModelError, match="PixArt"):
-        make_plan(nn.Linear(4, 4), make_vector(), strength=2.5, layer_start=1, layer_end=3)
-    with pytest.raises(TypeError, match="LoadPathologyVector"):
-        make_plan(tiny, torch.zeros(4, 16), strength=2.5, layer_start=1, layer_end=3)
-
-
-def test_chain_plans_appends_without_touching_the_upstream_plans(tiny):
-    a = make_plan(tiny, make_vector(seed=1), strength=2.5, layer_start=0, layer_end=2)
-    b = make_plan(tiny, make_vector(seed=2), strength=1.0, layer_start=1, layer_end=4)
-    upstream = (a,)
-    chained = chain_plans(upstream, b)
-    assert chained == (a, b) and upstream == (a,)
-    assert chain_plans([], a) == (a,)
-
-
+# ---------------------------------------------------------------------------------- edits and heatmaps
 def test_resolve_edit_counts_from_both_ends():
     assert [resolve_edit(e, 3) for e in (0, 1, 2, -1, -3)] == [0, 1, 2, 2, 0]
     for bad in (3, -4):
         with pytest.raises(ValueError, match="3 chained steering edit"):
             resolve_edit(bad, 3)
-
-
-# ---------------------------------------------------------------------------------- heatmaps
-@pytest.mark.parametrize("text", ["all", "last", "8,12,14,19", " 0 ; 3 ", "2-5", "-1", "0,-1", "1-3,7"])
-def test_step_lists_accepted_by_the_syntax_check_parse_in_range(text):
-    check_index_list(text, "step")
-    assert parse_steps(text, 20)
-
-
-@pytest.mark.parametrize("text", ["", ",", "8,x", "1.5", "5-3", "3-3", "a-b", "8,,?"])
-def test_unreadable_step_lists_are_refused_before_sampling(text):
-    with pytest.raises(ValueError, match="step"):
-        check_index_list(text, "step")
-
-
-def test_layer_lists_accept_mean_and_ranges():
-    for text in ("mean", "all", "8", "8-16", "8,10"):
-        check_index_list(text, "layer", words=("mean", "all"))
-    assert parse_layers("8-10", list(range(8, 16))) == [8, 9]
 
 
 def test_paper_figure_3_is_a_preset():
@@ -383,47 +226,3 @@ def test_the_cli_refuses_a_huge_range_before_loading_anything(command, flag, cap
     err = capsys.readouterr().err
     assert f"argument {flag}: " in err and "'1000000000' in '0-1000000000' is beyond any run" in err
     assert not Path("never").exists()
-
-
-# ---------------------------------------------------------------------------------- strength bound (issue 12 F7)
-@pytest.mark.parametrize("strength", [1e30, 7e4, 1e300, -2e3])
-def test_make_plan_refuses_strengths_that_overflow(strength):
-    transformer = make_transformer()
-    sites = find_sites(transformer)
-    shape = (1, sites.depth, sites.hidden_size)
-    vector = PathologyVector.from_sums(
-        torch.tensor([500.0]), torch.randn(shape), torch.randn(shape), torch.ones(1), torch.ones(1)
-    )
-    with pytest.raises(MedSteerError, match=re.escape(f"at most 1000; got strength {strength!r}")):
-        make_plan(transformer, vector, strength=strength, layer_start=0, layer_end=2)
-    assert make_plan(transformer, vector, strength=-1e3, layer_start=0, layer_end=2).strength == -1e3
-
-
-@pytest.mark.parametrize("strength", ["1e30", "1e300"])
-def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, strength, capsys):
-    """It wrote all-black PNGs and exited 0 (1e30), or raised a raw RuntimeError after creating --out."""
-    from medsteer_core.backbones import find_sites as sites_of
-    from medsteer_core.cli import main
-    from tests.tiny_pipeline import save_tiny_pixart
-
-    model = save_tiny_pixart(tmp_path / "model")
-    from diffusers import PixArtTransformer2DModel
-
-    sites = sites_of(PixArtTransformer2DModel.from_pretrained(str(model / "transformer")))
-    g = torch.Generator().manual_seed(0)
-    shape = (2, sites.depth, sites.hidden_size)
-    vector = PathologyVector.from_sums(
-        torch.tensor([100.0, 900.0]),
-        torch.randn(shape, generator=g),
-        torch.randn(shape, generator=g),
-        torch.ones(2),
-        torch.ones(2),
-        {"concept_with": "polyps", "concept_without": "normal"},
-    )
-    path = save_vector(vector, tmp_path / "v.safetensors")
-    out = tmp_path / "pairs"
-    argv = ["generate", "-q", "--model", str(model), "--vector", str(path), "--prompt", "polyps"]
-    argv += ["--layer-start", "0", "--layer-end", "2", "--steps", "2", "--strength", strength, "--out", str(out)]
-    assert main(argv) == 2
-    assert "strength must be finite with |strength x vector gain| at most 1000" in capsys.readouterr().err
-    assert not out.exists()
