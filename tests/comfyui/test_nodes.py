@@ -525,6 +525,26 @@ def test_heatmap_grid_overlay_mask_and_chained_edits(comfy_env):
     assert not torch.equal(result.output(overlays.id, 1), result.output(last_edit.id, 1))
 
 
+def test_heatmap_mask_is_the_mean_over_the_chosen_steps_and_layers(comfy_env):
+    """GateHeatmap's MASK and `medsteer generate --heatmaps`' mask are one definition (here it was
+    the last chosen step's layer mean); the recorded run is the sampler's whole outer sample."""
+    name = comfy_env.write_vector("mask_mean", seed=31)
+    g, nodes = pair_graph(name)
+    shown = heatmap(g, nodes["steered_model"], nodes["steered"], steps="0,-1", layers="mean")
+    keep(g, shown[1])
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    steer_module = sys.modules[comfy_env.pack.__name__ + ".nodes.steer"]
+    wrapper = steer_module.steering_of(result.output(nodes["steered_model"].id))
+    record = wrapper.record_for(result.output(nodes["steered"].id)["samples"])
+    assert record.runs() == 1
+    core = comfy_env.core
+    maps, _, _ = core.gates.select_maps(record.maps(), "0,-1", "mean")
+    mask = result.output(shown.id, 1)[0]
+    assert torch.allclose(mask, core.heatmap.selection_mask(maps, (SIZE, SIZE)))
+    assert not torch.allclose(mask, core.heatmap.to_mask(maps[-1].mean(dim=0), (SIZE, SIZE)))  # not the last step's
+
+
 def test_heatmap_shows_the_run_behind_its_latent_when_samplers_share_a_steered_model(comfy_env):
     name = comfy_env.write_vector("shared", seed=22)
     g, nodes = pair_graph(name)
