@@ -20,7 +20,7 @@ import sys
 from comfy_api.latest import io, ui
 
 from ..medsteer_core.heatmap import COLORMAPS
-from ..medsteer_core.pipeline import format_inspection, inspect_vector, profile_image
+from ..medsteer_core.inspection import format_inspection, inspect_vector, profile_image
 from .common import CATEGORY, PathologyVectorSocket
 
 

@@ -1,6 +1,6 @@
 """Loaders for the authors' setup: PixArt-XL-2-512x512 as PixArt-alpha, and the MedSteer PEFT LoRA.
 
-The key mapping, shape checks and LoRA scales live in ``medsteer_core.checkpoints`` (tested without
+The key mapping, shape checks and LoRA scales live in ``medsteer_core.weights`` (tested without
 ComfyUI); this module only finds files, builds ComfyUI objects and registers patches.
 """
 
@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..medsteer_core import checkpoints as ck
+from ..medsteer_core import weights as ck
 from .common import inside, model_name_problem
 
 CATEGORY = "medsteer/loaders"

@@ -38,8 +38,8 @@ from comfy.ldm.pixart.pixartms import PixArtMS, get_2d_sincos_pos_embed_torch
 from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
-from ..medsteer_core import checkpoints as ck
 from ..medsteer_core import mini as core_mini
+from ..medsteer_core import weights as ck
 from .common import CATEGORY
 from .vector_io import FOLDER as VECTOR_FOLDER
 

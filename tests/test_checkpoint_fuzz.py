@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from medsteer_core import MedSteerError
-from medsteer_core import checkpoints as ck
+from medsteer_core import weights as ck
 from tests.checkpoint_factories import tiny_pixart
 
 FUZZ = settings(

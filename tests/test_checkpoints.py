@@ -1,4 +1,4 @@
-"""medsteer_core.checkpoints without ComfyUI: key layouts, geometry, files, PEFT LoRA scales and mapping.
+"""medsteer_core.weights without ComfyUI: key layouts, geometry, files, PEFT LoRA scales and mapping.
 
 References are independent of the code under test: diffusers' own model (for layouts and
 geometry) and PEFT's own ``merge_and_unload`` (for LoRA updates).
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from medsteer_core import MedSteerError
-from medsteer_core import checkpoints as ck
+from medsteer_core import weights as ck
 from tests.checkpoint_factories import (
     PIXART_XL_2_512_CONFIG,
     T5_TARGETS,

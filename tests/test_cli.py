@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsteer_core import CallInfo, SteeringPlan, load_vector, steering
-from medsteer_core import pipeline as mp
-from medsteer_core.cli import main
+from medsteer_core import CallInfo, MedSteerError, SteeringPlan, inspection, load_vector, steering
+from medsteer_core import headless as mp
+from medsteer_core.headless.cli import main
 from tests.tiny_pipeline import save_tiny_lora, save_tiny_pixart
 
 WITH = "an endoscopic image of dyed lifted polyps"
@@ -122,7 +122,7 @@ def test_build_generate_heatmap_inspect(work, tmp_path, capsys):
     vector = load_vector(work["vector"])
     assert vector.count_with.tolist() == [4, 4, 4]  # 2 phrasings x 2 seeds per timestep
     assert json.loads(vector.metadata["prompts_with"])[1] == "a colonoscopy image of dyed lifted polyps"
-    assert all(p.is_file() for p in mp.halves_paths(work["vector"]))
+    assert all(p.is_file() for p in inspection.halves_paths(work["vector"]))
 
     records = manifest(work["reference"])
     assert [(r["prompt_index"], r["seed"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -216,7 +216,7 @@ def test_lora_changes_the_output_and_is_recorded(work, tmp_path):
 def test_merge_adds_seeds_and_refuses_overlap(work, tmp_path, capsys):
     existing = tmp_path / "dye.safetensors"
     shutil.copy(work["vector"], existing)
-    shutil.copytree(mp.halves_paths(work["vector"])[0].parent, mp.halves_paths(existing)[0].parent)
+    shutil.copytree(inspection.halves_paths(work["vector"])[0].parent, inspection.halves_paths(existing)[0].parent)
     merged = tmp_path / "merged.safetensors"
     assert main(build_args(work["model"], merged, "--seed", "2", "--merge", str(existing))) == 0
     built = mp.load_built(merged)
@@ -301,7 +301,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(work, tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "medsteer_core.cli",
+        "medsteer_core.headless.cli",
     ]
     vector = tmp_path / "dye.safetensors"
     pairs = tmp_path / "pairs"
@@ -312,7 +312,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(work, tmp_path):
         done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     assert vector.read_bytes() == work["vector"].read_bytes()
-    for mine, theirs in zip(mp.halves_paths(vector), mp.halves_paths(work["vector"]), strict=True):
+    for mine, theirs in zip(inspection.halves_paths(vector), inspection.halves_paths(work["vector"]), strict=True):
         assert mine.read_bytes() == theirs.read_bytes()
     assert tree(pairs) == tree(work["reference"])
 
@@ -386,7 +386,7 @@ def _cli(*args: str, limit_bytes: int | None = None) -> subprocess.Popen:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "medsteer_core.cli", *args]
+    command = [sys.executable, "-m", "medsteer_core.headless.cli", *args]
     return subprocess.Popen(
         command,
         env=env,
@@ -643,5 +643,5 @@ def test_device_and_cell_arguments_are_checked_before_loading(work, tmp_path, ca
     assert main([*heat, "--steps", "3", "--at-steps", "7", "--out", str(tmp_path / "f.png")]) == 2
     assert "step 7 is out of range: this run has 3 steps" in capsys.readouterr().err
     model = mp.load_model(work["model"], device="cpu", quiet=True)
-    with pytest.raises(mp.MedSteerError, match="cell must be a whole number of pixels >= 1, got 0"):
+    with pytest.raises(MedSteerError, match="cell must be a whole number of pixels >= 1, got 0"):
         mp.gate_heatmap(model, [mp.Steer(work["vector"])], WITH, 0, cell=0)

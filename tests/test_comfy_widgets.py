@@ -217,7 +217,7 @@ def test_ten_thousand_steps_is_still_a_valid_list():
     ],
 )
 def test_the_cli_refuses_a_huge_range_before_loading_anything(command, flag, capsys):
-    from medsteer_core.cli import main
+    from medsteer_core.headless.cli import main
 
     argv = [command, "--vector", "missing.safetensors", flag, "0-1000000000", "--out", "never"]
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error

@@ -142,7 +142,7 @@ def test_the_headless_host_draws_steps_as_rows_and_the_shared_mask():
     import numpy as np
     from PIL import Image
 
-    from medsteer_core.pipeline import _pair_heatmap
+    from medsteer_core.headless.figures import _pair_heatmap
 
     gates = _gates(steps=5, layers=(8, 9))
     picture = Image.new("RGB", (16, 16))

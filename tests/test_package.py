@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import medsteer_core
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_wheel_contains_medsteer_core_only(tmp_path):
         .read(next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt")))
         .decode()
     )
-    assert "medsteer = medsteer_core.cli:main" in entry_points
+    assert "medsteer = medsteer_core.headless.cli:main" in entry_points
 
 
 def test_the_engine_and_headless_route_do_not_import_medsteer_mini():
@@ -78,9 +80,47 @@ def test_the_engine_and_headless_route_do_not_import_medsteer_mini():
     ``--model mini`` import it when they run."""
     code = (
         "import sys\n"
-        "import medsteer_core, medsteer_core.cli, medsteer_core.pipeline\n"
+        "import medsteer_core, medsteer_core.headless, medsteer_core.headless.cli\n"
         "print(sorted(m for m in sys.modules if m.startswith('medsteer_core.mini')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_headless_wing_layout_nodes_import_none_of_it_and_old_paths_are_gone():
+    """Issue 9, item 5: the headless wing replaces ``pipeline`` / ``cli``, ``weights`` replaces
+    ``checkpoints`` (no forwarding modules left), and no node imports the headless wing (the
+    InspectPathologyVector report is the engine's ``medsteer_core.inspection``)."""
+    import ast
+    import importlib
+
+    for old in ("medsteer_core.pipeline", "medsteer_core.cli", "medsteer_core.checkpoints"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+    for node_file in sorted((ROOT / "nodes").glob("*.py")):
+        tree = ast.parse(node_file.read_text())
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in modules if "headless" in m], node_file.name
+    engine = ROOT / "medsteer_core" / "inspection.py"
+    assert "headless" not in "".join(
+        n.module or "" for n in ast.walk(ast.parse(engine.read_text())) if isinstance(n, ast.ImportFrom)
+    )
+
+
+def test_headless_and_weights_modules_keep_the_size_rule():
+    """Issue 9, item 8, for the split wings: every module under 500 lines and every function under
+    80, except the declarative argparse table ``cli_parser.build_parser``."""
+    import ast
+
+    files = [*(ROOT / "medsteer_core" / "headless").glob("*.py"), *(ROOT / "medsteer_core" / "weights").glob("*.py")]
+    files.append(ROOT / "medsteer_core" / "inspection.py")
+    assert len(files) >= 15
+    for path in files:
+        text = path.read_text()
+        assert text.count("\n") < 500, f"{path.name}: {text.count(chr(10))} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.name}: {node.name} has {length} lines"

@@ -1,4 +1,4 @@
-"""medsteer_core.pipeline on a tiny real diffusers PixArt pipeline saved to disk: loading (alpha,
+"""medsteer_core.headless on a tiny real diffusers PixArt pipeline saved to disk: loading (alpha,
 sigma, errors), the authors' LoRA layout applied with the right scale, build / merge / halves, the
 estimator additions scale-out relies on, and vector interop with the ComfyUI host's call layout."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medsteer_core import CallInfo, VectorEstimator, capture
-from medsteer_core import pipeline as mp
+from medsteer_core import CallInfo, PathologyVector, VectorEstimator, capture, inspection
+from medsteer_core import headless as mp
 from tests.tiny_pipeline import LAYERS, save_tiny_lora, save_tiny_pixart
 
 WITH = "an endoscopic image of dyed lifted polyps"
@@ -164,7 +164,7 @@ def test_build_vector_halves_pool_to_the_whole(model):
 def test_single_batch_has_no_halves_and_inspect_says_why(model):
     built = mp.build_vector(model, [WITH], [WITHOUT], [0, 1], steps=2, batch_size=2, progress=False)
     assert built.halves is None
-    report = mp.inspect_vector(built.vector)
+    report = inspection.inspect_vector(built.vector)
     assert not report["seed_stability"]["available"] and "halves" in report["seed_stability"]["reason"]
 
 
@@ -198,7 +198,7 @@ def _random_vector(model, seed: int = 0):
     scheduler = model.scheduler()
     scheduler.set_timesteps(2)
     k, depth, width = len(scheduler.timesteps), model.sites.depth, model.sites.hidden_size
-    return mp.PathologyVector.from_sums(
+    return PathologyVector.from_sums(
         scheduler.timesteps.float(),
         torch.randn(k, depth, width, generator=g),
         torch.randn(k, depth, width, generator=g),
@@ -292,7 +292,7 @@ def test_profile_image_puts_the_noisiest_timestep_first_and_scales_to_the_larges
     timesteps = [49.0, 549.0, 999.0]  # stored ascending; shown noisiest first
     relative = [[0.1, 0.2], [0.3, 0.4], [0.5, 2.0]]  # [K, L]: the largest is t=999, layer 1
     report = {"timesteps": timesteps, "relative_norms": relative}
-    image = mp.profile_image(report, "viridis", cell=12)
+    image = inspection.profile_image(report, "viridis", cell=12)
     left, head = 44, 14
     assert image.shape == (head + 3 * 12, left + 2 * 12, 3)
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
@@ -304,7 +304,7 @@ def test_profile_image_puts_the_noisiest_timestep_first_and_scales_to_the_larges
     assert torch.allclose(cell(0, 1), (top * 255).round() / 255, atol=1 / 255)  # t=999 is row 0
     low = apply_colormap(torch.tensor(0.1 / 2.0), "viridis")
     assert torch.allclose(cell(2, 0), (low * 255).round() / 255, atol=1 / 255)  # t=49 is the last row
-    text = mp.format_inspection(mp.inspect_vector(_tiny_vector()))
+    text = inspection.format_inspection(inspection.inspect_vector(_tiny_vector()))
     assert "per layer" in text and "per timestep" in text
 
 
@@ -329,7 +329,7 @@ def test_check_new_seeds_reads_the_shipped_vectors_comma_seeds():
 
     from medsteer_core import VectorMismatchError, load_vector
 
-    shipped = Path(mp.__file__).parent / "mini" / "assets" / "vectors" / "dye_removal.safetensors"
+    shipped = Path(mp.__file__).parents[1] / "mini" / "assets" / "vectors" / "dye_removal.safetensors"
     vector = load_vector(shipped)
     with pytest.raises(VectorMismatchError, match=r"already holds seeds \[0, 1, 2\] .* start the new seeds at --seed"):
         mp.check_new_seeds(vector, [0, 1, 2])
@@ -365,7 +365,7 @@ def no_hub(tmp_path, monkeypatch):
     "source", ["./nope", "../nope", "~/nope-medsteer", "models/x", "x.safetensors", "other/x.ckpt", "a/b/c", "x"]
 )
 def test_missing_local_path_fails_at_once_without_the_hub(no_hub, source):
-    from medsteer_core.checkpoints import looks_like_local_path
+    from medsteer_core.weights import looks_like_local_path
 
     assert looks_like_local_path(source) or source == "x"
     with pytest.raises(mp.ModelLoadError, match=rf"no model folder or file at '{re.escape(source)}' .*check the path"):
@@ -373,7 +373,7 @@ def test_missing_local_path_fails_at_once_without_the_hub(no_hub, source):
 
 
 def test_hub_ids_do_not_look_local(no_hub):
-    from medsteer_core.checkpoints import looks_like_local_path
+    from medsteer_core.weights import looks_like_local_path
 
     assert not looks_like_local_path("PixArt-alpha/PixArt-XL-2-512x512")
     assert not looks_like_local_path("other/x")  # ./other does not exist: may be a hub id

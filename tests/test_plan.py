@@ -172,7 +172,7 @@ def test_make_plan_refuses_strengths_that_overflow(strength):
 def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, strength, capsys):
     """It wrote all-black PNGs and exited 0 (1e30), or raised a raw RuntimeError after creating --out."""
     from medsteer_core.backbones import find_sites as sites_of
-    from medsteer_core.cli import main
+    from medsteer_core.headless.cli import main
     from tests.tiny_pipeline import save_tiny_pixart
 
     model = save_tiny_pixart(tmp_path / "model")

@@ -392,7 +392,7 @@ def test_builders_write_through_the_one_writer():
 
 @pytest.mark.parametrize("path", SHIPPED[:1], ids=lambda p: p.stem)
 def test_medsteer_inspect_shows_the_format_version_and_the_provenance(path, tmp_path, capsys):
-    from medsteer_core.cli import main
+    from medsteer_core.headless.cli import main
 
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out

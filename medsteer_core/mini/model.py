@@ -358,7 +358,7 @@ def _check_metadata(meta: dict[str, str], path: Path) -> None:
 
 def _check_transformer(config: dict, state: dict[str, torch.Tensor], path: Path) -> None:
     """The declared transformer config against the weights, on shapes only, before any model exists."""
-    from ..checkpoints import to_pixart_layout
+    from ..weights import to_pixart_layout
 
     missing = [k for k in _SHAPE_KEYS if config.get(k) is None]
     unknown = sorted(set(config) - set(TRANSFORMER_CONFIG))
@@ -390,7 +390,7 @@ def _build_text_encoder(config: dict, state: dict[str, torch.Tensor], vocabulary
     device (a crafted ``num_layers`` or ``vocab_size`` would otherwise allocate what it declares)."""
     from transformers import T5Config, T5EncoderModel
 
-    from ..checkpoints import check_state_dict_fits
+    from ..weights import check_state_dict_fits
 
     unknown = sorted(set(config) - set(TEXT_CONFIG) - set(_TEXT_INT_KEYS))
     if unknown:

@@ -131,7 +131,7 @@ def test_full_size_pixart_xl_2_geometry_builds_as_alpha_without_allocating(comfy
         config.update(sample_size=128, use_additional_conditions=True)
     with torch.device("meta"):
         diffusers_model = PixArtTransformer2DModel.from_config(config)
-    original, geometry = comfy_env.core.checkpoints.to_pixart_layout(diffusers_model.state_dict(), config)
+    original, geometry = comfy_env.core.weights.to_pixart_layout(diffusers_model.state_dict(), config)
     unet_config = geometry.comfy_unet_config()
     pixart = PixArtMS(
         **{k: v for k, v in unet_config.items() if k != "image_model"},
@@ -141,7 +141,7 @@ def test_full_size_pixart_xl_2_geometry_builds_as_alpha_without_allocating(comfy
     )
     comfy_shapes = {k: tuple(v.shape) for k, v in pixart.state_dict().items()}
     assert comfy_shapes == {k: tuple(v.shape) for k, v in original.items()}
-    assert comfy_shapes == comfy_env.core.checkpoints.expected_pixart_shapes(geometry)
+    assert comfy_shapes == comfy_env.core.weights.expected_pixart_shapes(geometry)
     assert pixart.micro_conditioning is additional_conditions
     assert (pixart.hidden_size, pixart.depth, pixart.num_heads) == (1152, 28, 16)
 
@@ -161,7 +161,7 @@ def test_full_size_pixart_xl_2_geometry_builds_as_alpha_without_allocating(comfy
 def test_original_pth_with_real_keys_loads_as_alpha_with_sd15_latents(comfy_env, files):
     from comfy import latent_formats, model_detection, supported_models
 
-    ck = comfy_env.core.checkpoints
+    ck = comfy_env.core.weights
     geometry = ck.PixArtGeometry(144, 2, 2, 2, 4, 8, CAPTION_CHANNELS, 120, 4.0, False, 64, 1)
     g = torch.Generator().manual_seed(3)
     sd = {k: torch.randn(s, generator=g) / math.sqrt(s[-1]) for k, s in ck.expected_pixart_shapes(geometry).items()}

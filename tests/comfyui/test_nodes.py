@@ -821,11 +821,11 @@ def test_inspect_node_shows_the_cores_layer_profile_and_report(comfy_env):
     assert result.success, result.error
     image, text = result.output(inspected.id, 0), result.output(inspected.id, 1)
     core = comfy_env.core
-    report = core.pipeline.inspect_vector(vector_of(comfy_env, name))
-    assert torch.equal(image, core.pipeline.profile_image(report, "magma")[None])
+    report = core.inspection.inspect_vector(vector_of(comfy_env, name))
+    assert torch.equal(image, core.inspection.profile_image(report, "magma")[None])
     assert image.shape[0] == 1 and image.shape[-1] == 3 and 0 <= float(image.min()) <= float(image.max()) <= 1
     report["file"] = f"{name} (models/medsteer)"
-    assert text == core.pipeline.format_inspection(report)
+    assert text == core.inspection.format_inspection(report)
     assert text.splitlines()[0] == f"vector: {name} (models/medsteer)"
     assert "concept: 'concept 23'" in text and "per layer" in text
     assert list(result.ui[inspected.id]["text"]) == [text]  # the report on the node (history / "executed")

@@ -1,24 +1,14 @@
-"""The ``medsteer`` command line: pathology vectors and counterfactual pair datasets, headless.
-
-Every command is a thin shell over ``medsteer_core.pipeline`` (read that module for the Python
-API). ``build-vector`` and ``generate`` scale out with ``torchrun --nproc_per_node N -m
-medsteer_core.cli ...`` (or ``accelerate launch``): seeds are sharded over the processes and the
-result is byte-identical to one process.
+"""The ``medsteer`` argument parser: every command's flags, with examples in its help (a declarative
+table; ``cli`` runs the commands).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
-import os
-import sys
 import textwrap
-from pathlib import Path
 
-from .errors import MedSteerError, VectorFileError
-from .heatmap import COLORMAPS
+from ..heatmap import COLORMAPS
 
 log = logging.getLogger("medsteer")
 
@@ -42,7 +32,7 @@ examples (the paper's dye-removal setting: 50 seeds, 20 steps, layers 8-16, stre
   medsteer heatmap --model {PAPER_MODEL} --lora medsteer_lora --vector vectors/dye.safetensors \\
       --seed 1000 --out fig3.png
   medsteer inspect vectors/dye.safetensors
-  torchrun --nproc_per_node 4 -m medsteer_core.cli generate ...   (same files as one process)
+  torchrun --nproc_per_node 4 -m medsteer_core.headless.cli generate ...   (same files as one process)
 
 run `medsteer COMMAND --help` for every option of a command."""
 
@@ -86,7 +76,7 @@ def _index_list(what: str, words: tuple[str, ...] = ("all",)):
     """An argparse type that checks a step or layer list before anything loads (exit 2 if bad)."""
 
     def check(text: str) -> str:
-        from .gates import check_index_list
+        from ..gates import check_index_list
 
         try:
             check_index_list(text, what, words)
@@ -175,63 +165,6 @@ def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> No
     )
 
 
-def _prompt_list(texts: list[str] | None, file: str | None) -> list[str]:
-    prompts = list(texts or [])
-    if file:
-        try:
-            lines = Path(file).read_text().splitlines()
-        except OSError as exc:
-            raise ValueError(f"cannot read prompt file {file!r}: {exc.strerror or exc}") from None
-        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return prompts
-
-
-def _seeds(args) -> list[int]:
-    if args.seeds:
-        try:
-            return [int(s) for s in args.seeds.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if args.num_seeds < 1:
-        raise ValueError(f"--num-seeds must be at least 1, got {args.num_seeds}")
-    return list(range(args.seed, args.seed + args.num_seeds))
-
-
-def _per_vector(values: list | None, count: int, flag: str) -> list:
-    if not values:
-        return [None] * count
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise ValueError(
-            f"{flag} was given {len(values)} times for {count} vectors: give it once, or once per --vector"
-        )
-    return values
-
-
-def _steers(args):
-    from .pipeline import Steer
-
-    n = len(args.vector)
-    strengths = _per_vector(args.strength, n, "--strength")
-    starts = _per_vector(args.layer_start, n, "--layer-start")
-    ends = _per_vector(args.layer_end, n, "--layer-end")
-    return [
-        Steer(
-            path,
-            strength=strengths[i],
-            layer_start=starts[i],
-            layer_end=ends[i],
-            timestep_min=args.timestep_min,
-            timestep_max=args.timestep_max,
-            rows=args.rows,
-            preserve_norm=args.preserve_norm,
-            interpolation=args.interpolation,
-        )
-        for i, path in enumerate(args.vector)
-    ]
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -240,230 +173,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
     return value
-
-
-def _load(args, shard=None):
-    from .pipeline import load_model
-
-    return load_model(
-        args.model,
-        lora=args.lora,
-        dtype=args.dtype,
-        device=args.device,
-        offload=args.offload,
-        offline=True if args.offline else None,
-        shard=shard,
-        quiet=args.quiet,
-    )
-
-
-# ------------------------------------------------------------------------------------- commands
-def _cmd_build_vector(args) -> int:
-    from .pipeline import (
-        Shard,
-        build_vector,
-        check_device,
-        check_new_seeds,
-        check_output_file,
-        halves_paths,
-        load_built,
-        merge_built,
-        save_built,
-    )
-
-    prompts_with = _prompt_list(args.prompts_with, args.with_file)
-    prompts_without = _prompt_list(args.prompts_without, args.without_file)
-    if not prompts_with or not prompts_without:
-        raise ValueError("build-vector needs prompts on both sides: --with/--with-file and --without/--without-file")
-    out = args.out or args.merge
-    if out is None:
-        raise ValueError("build-vector needs --out (or --merge to add seeds to an existing vector)")
-    seeds = _seeds(args)
-    existing = None
-    if args.merge:  # fail before sampling, not after
-        existing = load_built(args.merge)
-        check_new_seeds(existing.vector, seeds)
-    check_device(args.device)
-    check_output_file(out, "--out" if args.out else "--merge")
-    if not args.no_halves:
-        check_output_file(halves_paths(out)[0], "--out (its halves)")
-    shard = Shard.from_environment()
-    model = _load(args, shard)
-    built = build_vector(
-        model,
-        prompts_with,
-        prompts_without,
-        seeds,
-        concept_with=args.concept_with,
-        concept_without=args.concept_without,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        cfg=args.cfg,
-        scheduler=args.scheduler,
-        height=args.height,
-        width=args.width,
-        batch_size=args.batch_size,
-        halves=not args.no_halves,
-        shard=shard,
-        progress=not args.quiet,
-    )
-    if existing is not None:
-        built = merge_built(existing, built)
-    if shard.main:
-        path = save_built(built, out)
-        v = built.vector
-        log.info(
-            "wrote %s: %r vs %r, %d timesteps x %d layers x %d, %d+%d images per timestep%s",
-            path,
-            v.concept_with,
-            v.concept_without,
-            v.num_timesteps,
-            v.depth,
-            v.hidden_size,
-            int(v.count_with.max()),
-            int(v.count_without.max()),
-            "" if built.halves is None else " (+ halves for `medsteer inspect`)",
-        )
-    shard.barrier()
-    return 0
-
-
-def _cmd_generate(args) -> int:
-    from .pipeline import Shard, check_device, lock_output_folder
-
-    steers = _steers(args)
-    prompts = _prompt_list(args.prompt, args.prompts_file)
-    if not prompts:
-        prompts = _vector_prompts(args.vector[0])
-    seeds = _seeds(args)
-    check_device(args.device)
-    shard = Shard.from_environment()
-    # Held from before the model loads to the manifest: a second run on this folder is refused at once.
-    with lock_output_folder(args.out, shard):
-        return _generate_locked(args, steers, prompts, seeds, shard)
-
-
-def _generate_locked(args, steers, prompts, seeds, shard) -> int:
-    from .pipeline import generate
-
-    model = _load(args, shard)
-    report = generate(
-        model,
-        steers,
-        prompts,
-        seeds,
-        args.out,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        cfg=args.cfg,
-        scheduler=args.scheduler,
-        height=args.height,
-        width=args.width,
-        batch_size=args.batch_size,
-        heatmaps=args.heatmaps,
-        heatmap_steps=args.heatmap_steps,
-        heatmap_layers=args.heatmap_layers,
-        heatmap_plan=args.heatmap_plan,
-        colormap=args.colormap,
-        shard=shard,
-        progress=not args.quiet,
-    )
-    if shard.main:
-        log.info("%d pair(s) written, %d already done; manifest: %s", report.written, report.skipped, report.manifest)
-    return 0
-
-
-def _vector_prompts(path: str) -> list[str]:
-    from .vector import load_vector, metadata_list
-
-    vector = load_vector(path)
-    try:
-        prompts = [p for p in metadata_list(vector.metadata, "prompts_with") if p.strip()]
-    except VectorFileError as exc:
-        raise ValueError(f"no --prompt given and {path!r} has unreadable prompts ({exc}): pass --prompt") from None
-    if not prompts:
-        raise ValueError(f"no --prompt given and {path!r} records no prompts_with: pass --prompt")
-    log.info("no --prompt given: using the vector's prompts with the concept: %s", prompts)
-    return prompts
-
-
-def _cmd_heatmap(args) -> int:
-    from .pipeline import check_device, check_output_file, gate_heatmap
-
-    steers = _steers(args)
-    prompt = args.prompt or _vector_prompts(args.vector[0])[0]
-    out = check_output_file(args.out)
-    if args.save_images:
-        for kind in ("unsteered", "steered"):
-            check_output_file(out.with_name(f"{out.stem}-{kind}.png"), "--save-images")
-    check_device(args.device)
-    model = _load(args)
-    result = gate_heatmap(
-        model,
-        steers,
-        prompt,
-        args.seed,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        cfg=args.cfg,
-        scheduler=args.scheduler,
-        height=args.height,
-        width=args.width,
-        at_steps=args.at_steps,
-        layers=args.layers,
-        plan=args.plan,
-        colormap=args.colormap,
-        cell=args.cell,
-        per_map=not args.global_scale,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.grid.save(out)
-    log.info("wrote %s (layers %s at steps %s, seed %d)", out, result.layers, result.steps, args.seed)
-    if args.save_images:
-        for kind in ("unsteered", "steered"):
-            path = out.with_name(f"{out.stem}-{kind}.png")
-            getattr(result, kind).save(path)
-            log.info("wrote %s", path)
-    return 0
-
-
-def _cmd_inspect(args) -> int:
-    from .pipeline import inspect_vector
-    from .vector import load_vector
-
-    halves = tuple(load_vector(p) for p in args.halves) if args.halves else None
-    report = inspect_vector(args.vector, halves=halves)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_report(report))
-    return 0
-
-
-def format_report(report: dict) -> str:
-    """The text ``medsteer inspect`` prints for an ``inspect_vector`` report."""
-    from .pipeline import format_inspection
-
-    return format_inspection(report)
-
-
-def _cmd_demo(args) -> int:
-    return _run_demo(list(args.demo_args))
-
-
-def _run_demo(argv: list[str]) -> int:
-    try:
-        demo = importlib.import_module("medsteer_core.mini.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name != "medsteer_core.mini.demo":
-            raise
-        print(
-            "medsteer: the demo is not part of this installation (medsteer_core.mini.demo is missing); "
-            "reinstall medsteer, or use build-vector / generate with --model",
-            file=sys.stderr,
-        )
-        return 2
-    return int(demo.main(argv) or 0)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -476,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsteer", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_formatter
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"medsteer {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -506,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                   --without "A colonoscopy image showing normal cecum" \\
                   --concept-with polyps --concept-without "normal cecum" --num-seeds 50 --out vectors/polyp.safetensors
               medsteer build-vector ... --seed 50 --num-seeds 30 --merge vectors/polyp.safetensors   (30 more seeds)
-              torchrun --nproc_per_node 4 -m medsteer_core.cli build-vector ...   (same vector as one process)"""
+              torchrun --nproc_per_node 4 -m medsteer_core.headless.cli build-vector ...   (same vector as one process)"""
         ),
     )
     prompts = build.add_argument_group("prompts")
@@ -530,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--no-halves", action="store_true", help="do not write the per-half vectors used by inspect")
     _model_options(build)
-    build.set_defaults(run=_cmd_build_vector)
 
     gen = commands.add_parser(
         "generate",
@@ -555,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
               medsteer generate ... --vector dye.safetensors --vector polyp.safetensors \\
                   --prompt "An endoscopic image of dyed lifted polyps" --out pairs/dye_polyp   (chained edit)
               medsteer generate ... --strength 0 --out pairs/check   (strength 0: identical pairs)
-              torchrun --nproc_per_node 8 -m medsteer_core.cli generate ...   (seeds sharded over 8 GPUs)"""
+              torchrun --nproc_per_node 8 -m medsteer_core.headless.cli generate ...   (seeds sharded over 8 GPUs)"""
         ),
     )
     _steer_options(gen)
@@ -579,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
     go.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="heatmap colours")
     _model_options(gen)
-    gen.set_defaults(run=_cmd_generate)
 
     heat = commands.add_parser(
         "heatmap",
@@ -629,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--save-images", action="store_true", help="also write OUT-unsteered.png and OUT-steered.png")
     hp.add_argument("--out", required=True, help="PNG file to write")
     _model_options(heat)
-    heat.set_defaults(run=_cmd_heatmap)
 
     insp = commands.add_parser(
         "inspect",
@@ -655,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("vector", help="the .safetensors vector")
     insp.add_argument("--halves", nargs=2, metavar=("A", "B"), help="two vectors built from disjoint seed halves")
     insp.add_argument("--json", action="store_true", help="print the full report (per-timestep x layer norms) as JSON")
-    insp.set_defaults(run=_cmd_inspect)
 
     demo = commands.add_parser(
         "demo",
@@ -664,49 +369,5 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the offline demo (medsteer_core.mini.demo); every argument after 'demo' goes to it.",
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
-    demo.set_defaults(run=_cmd_demo, quiet=False)
+    demo.set_defaults(quiet=False)
     return parser
-
-
-def _setup_logging(quiet: bool, rank: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("medsteer: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``medsteer`` command line; returns the exit status (2 for a usage or input error)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # everything after `demo` belongs to the demo, options included
-        return _run_demo(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.quiet, int(os.environ.get("RANK", "0")))
-    try:
-        return args.run(args)
-    except (MedSteerError, ValueError) as exc:
-        if os.environ.get("MEDSTEER_DEBUG"):
-            raise
-        print(f"medsteer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a file-system error the checks could not foresee: one line, not a traceback
-        if os.environ.get("MEDSTEER_DEBUG"):
-            raise
-        where = f": {exc.filename}" if exc.filename else ""
-        print(
-            f"medsteer {args.command}: error: {exc.strerror or exc}{where} (rerun with MEDSTEER_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        if args.command in ("build-vector", "generate"):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

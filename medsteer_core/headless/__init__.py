@@ -1,0 +1,68 @@
+"""The headless wing: MedSteer on diffusers, without ComfyUI. Load a PixArt model, build vectors,
+generate pair datasets, draw gate heatmaps; the ``medsteer`` CLI (``headless.cli``) is a thin shell
+over it, one function per command.
+
+Sampling, capture and gate recording all go through ``medsteer_core.driver.sample`` and the hooks
+the ComfyUI nodes use, and vectors are keyed by model timestep (0-999), so a vector built here
+steers the same way in ComfyUI and vice versa. Nothing in the engine or the nodes imports this
+wing; it imports the engine, ``medsteer_core.weights`` (checkpoint and LoRA checks) and, only when
+``--model mini`` asks for it, MedSteer-mini.
+
+Modules, by concern: ``models`` (``load_model``, ``PixArtModel``), ``sources`` (local pipeline
+folders and hub ids), ``lora`` (the authors' LoRA, merged), ``distributed`` (``Shard``, devices),
+``build`` (``build_vector``, halves, merging, ``default_window``), ``steer`` (``Steer``),
+``dataset`` (``generate``), ``manifest`` (its records, resuming), ``outputs`` (atomic writes,
+folder lock), ``figures`` (``gate_heatmap``, the paper's Fig. 3), ``cli`` / ``cli_parser``.
+Vector reports (``inspect_vector``, ``format_inspection``) are the engine's
+``medsteer_core.inspection``, shared with the InspectPathologyVector node.
+
+Scale-out (``torchrun --nproc_per_node N -m medsteer_core.headless.cli ...``): work is cut into
+units (one prompt x one batch of seeds) that do not depend on the number of processes, and
+``Shard`` deals them out round-robin. Every image depends only on its unit, and ``build_vector``
+adds the per-unit sums in unit order on every rank, so N processes write the same bytes as one.
+
+Example:
+    >>> from medsteer_core import headless as mh                                          # doctest: +SKIP
+    >>> model = mh.load_model("PixArt-alpha/PixArt-XL-2-512x512", lora="medsteer_lora", dtype="fp16")
+    >>> built = mh.build_vector(model, ["An endoscopic image of dyed lifted polyps"],
+    ...                         ["An endoscopic image of polyps"], seeds=range(50))
+    >>> mh.save_built(built, "dye.safetensors")
+    >>> mh.generate(model, [mh.Steer("dye.safetensors")], ["An endoscopic image of dyed lifted polyps"],
+    ...             seeds=range(100), out_dir="pairs/dye")
+"""
+
+from .build import BuiltVector, build_vector, check_new_seeds, default_window, load_built, merge_built, save_built
+from .dataset import GenerateReport, generate
+from .distributed import Shard, check_device
+from .figures import Heatmap, gate_heatmap
+from .manifest import MANIFEST
+from .models import DTYPES, SCHEDULERS, ModelLoadError, PixArtModel, load_model
+from .outputs import OutputFolderError, check_output_file, lock_output_folder
+from .steer import Steer, paper_heatmap_steps
+
+__all__ = [
+    "DTYPES",
+    "MANIFEST",
+    "SCHEDULERS",
+    "BuiltVector",
+    "GenerateReport",
+    "Heatmap",
+    "ModelLoadError",
+    "OutputFolderError",
+    "PixArtModel",
+    "Shard",
+    "Steer",
+    "build_vector",
+    "check_device",
+    "check_new_seeds",
+    "check_output_file",
+    "default_window",
+    "gate_heatmap",
+    "generate",
+    "load_built",
+    "load_model",
+    "lock_output_folder",
+    "merge_built",
+    "paper_heatmap_steps",
+    "save_built",
+]
