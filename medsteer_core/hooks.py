@@ -12,8 +12,6 @@ contexts remove only their own hooks.
 
 from __future__ import annotations
 
-import sys
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from .errors import MedSteerError
 from .gates import GateRecord
 from .plan import SteeringPlan
 from .provenance import site_widths
+from .site_forward import Callback, add_site_hook, eager_when_compiled
 from .ssps import ssps
 
 __all__ = [
@@ -218,93 +217,6 @@ def _call_from_arguments(sites: Sites, layout: str, args: tuple, kwargs: dict) -
     )
 
 
-class _SiteForward:
-    """The instance ``forward`` of a steered or captured site while any context is open on it.
-
-    Why not ``register_forward_hook``: ``torch.compile`` does not guard on module hooks
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a model compiled and run before the
-    hooks were added keeps running its unhooked graph and steering silently does nothing (issue 12).
-    It does guard on whether a module has an instance ``forward``, so installing this object makes
-    a compiled model trace the hooks into a second graph, and removing it brings the first back.
-    One object per module, reused by every context, so a new context (ComfyUI opens one per model
-    call) matches the same graph instead of recompiling.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = weakref.ref(module)  # _SITE_FORWARDS holds this object: no strong cycle
-        self.function = type(module).forward  # unbound: dynamo traces it without a graph break
-        self.previous = None  # an instance forward already there (e.g. accelerate's offload hook)
-        self.hooks: list = []
-
-    def __call__(self, *args, **kwargs):
-        module = self.module()
-        if self.previous is not None:
-            output = self.previous(*args, **kwargs)
-        else:
-            output = self.function(module, *args, **kwargs)
-        for hook in self.hooks:
-            result = hook(module, args, output)
-            if result is not None:
-                output = result
-        return output
-
-
-_SITE_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _SiteHookHandle:
-    """Takes one hook off a site; the instance ``forward`` goes when the site's last hook goes."""
-
-    def __init__(self, module: nn.Module, dispatcher: _SiteForward, hook) -> None:
-        self._module, self._dispatcher, self._hook = module, dispatcher, hook
-
-    def remove(self) -> None:
-        dispatcher, module = self._dispatcher, self._module
-        if any(h is self._hook for h in dispatcher.hooks):
-            dispatcher.hooks = [h for h in dispatcher.hooks if h is not self._hook]
-        if not dispatcher.hooks and module.__dict__.get("forward") is dispatcher:
-            if dispatcher.previous is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = dispatcher.previous
-            dispatcher.previous = None
-
-
-def _add_site_hook(module: nn.Module, hook) -> _SiteHookHandle:
-    """Run ``hook(module, args, output)`` after the site's forward (like a forward hook; see ``_SiteForward``)."""
-    dispatcher = _SITE_FORWARDS.get(module)
-    if dispatcher is None:
-        dispatcher = _SITE_FORWARDS[module] = _SiteForward(module)
-    if module.__dict__.get("forward") is not dispatcher:
-        dispatcher.previous = module.__dict__.get("forward")
-        module.__dict__["forward"] = dispatcher
-    # Replaced, not mutated: a call in progress keeps iterating the list it started with.
-    dispatcher.hooks = [*dispatcher.hooks, hook]
-    return _SiteHookHandle(module, dispatcher, hook)
-
-
-def _eager_when_compiled(function):
-    """``function``, made to run outside any compiled graph when torch.compile is in use.
-
-    For Python-side bookkeeping (gate records, estimator sums): traced into a graph, the lists and
-    dicts it grows would become guards and the model would recompile at every step (issue 12).
-    Without torch.compile loaded, ``function`` itself: importing dynamo takes seconds.
-    """
-    if "torch._dynamo" not in sys.modules:
-        return function
-    return torch.compiler.disable(function)
-
-
-class _Callback:
-    """A handle whose ``remove()`` calls a function (a last flush when the hooks come off)."""
-
-    def __init__(self, function) -> None:
-        self._function = function
-
-    def remove(self) -> None:
-        self._function()
-
-
 def _attach(
     sites: Sites,
     state: _CallState,
@@ -327,11 +239,51 @@ def _attach(
 
             handle._add(sites.transformer.register_forward_pre_hook(read_call, with_kwargs=True))
         for index in site_indices:
-            handle._add(_add_site_hook(sites.modules[index], site_hook(index)))
+            handle._add(add_site_hook(sites.modules[index], site_hook(index)))
     except BaseException:
         handle.remove()
         raise
     return handle
+
+
+def _steer_hooks(plans: list[SteeringPlan], state: _CallState, widths: Sequence[int], record, pending: list):
+    """``site_hook(index)`` -> the hook that steers site ``index`` with every plan covering it.
+
+    Gates of the conditional rows go to ``record``, or to ``pending`` while torch.compile traces.
+    """
+
+    def site_hook(index: int):
+        plan_ids = [j for j, plan in enumerate(plans) if plan.covers(index)]
+        # A site narrower than the widest reads its part of the zero-padded rows (issue 9).
+        width = widths[index] if widths[index] < max(widths) else None
+
+        def hook(module, args, output):
+            h, rest = _first_tensor(output)
+            state.prepare(h.device, h.dtype)
+            for j in plan_ids:
+                rows = state.plan_rows[j]
+                if rows is None:
+                    continue
+                directions, row_strength = rows
+                plan = plans[j]
+                h, gate = ssps(h, directions[:, index, None, :width], row_strength, plan.preserve_norm)
+                if record is not None and state.cond_list:
+                    entry = (
+                        index,
+                        j,
+                        state.call.timesteps.to(h.device).index_select(0, state.cond_index),
+                        gate.index_select(0, state.cond_index),
+                        state.grid(index),
+                    )
+                    if torch.compiler.is_compiling():
+                        pending.append(entry)
+                    else:
+                        record.add(state.call_id, *entry)
+            return h if rest is None else (h, *rest)
+
+        return hook
+
+    return site_hook
 
 
 def attach_steering(
@@ -371,42 +323,11 @@ def attach_steering(
             record.add(state.call_id, *entry)
         pending.clear()
 
-    widths = site_widths(sites)
-
-    def site_hook(index: int):
-        plan_ids = [j for j, plan in enumerate(plans) if plan.covers(index)]
-        # A site narrower than the widest reads its part of the zero-padded rows (issue 9).
-        width = widths[index] if widths[index] < max(widths) else None
-
-        def hook(module, args, output):
-            h, rest = _first_tensor(output)
-            state.prepare(h.device, h.dtype)
-            for j in plan_ids:
-                rows = state.plan_rows[j]
-                if rows is None:
-                    continue
-                directions, row_strength = rows
-                plan = plans[j]
-                h, gate = ssps(h, directions[:, index, None, :width], row_strength, plan.preserve_norm)
-                if record is not None and state.cond_list:
-                    entry = (
-                        index,
-                        j,
-                        state.call.timesteps.to(h.device).index_select(0, state.cond_index),
-                        gate.index_select(0, state.cond_index),
-                        state.grid(index),
-                    )
-                    if torch.compiler.is_compiling():
-                        pending.append(entry)
-                    else:
-                        record.add(state.call_id, *entry)
-            return h if rest is None else (h, *rest)
-
-        return hook
+    site_hook = _steer_hooks(plans, state, site_widths(sites), record, pending)
 
     if record is None:
         return _attach(sites, state, site_hook, covered, call_info, layout)
-    flush = _eager_when_compiled(flush)
+    flush = eager_when_compiled(flush)
     set_call = state.set
 
     def flush_and_set(call: CallInfo) -> None:
@@ -415,7 +336,7 @@ def attach_steering(
 
     state.set = flush_and_set  # type: ignore[method-assign]
     handle = _attach(sites, state, site_hook, covered, call_info, layout)
-    handle._add(_Callback(flush))
+    handle._add(Callback(flush))
     return handle
 
 
@@ -477,7 +398,7 @@ def attach_capture(
         estimator._begin_call(label, call)
 
     # The estimator's counts and sums are Python-side state: kept out of compiled graphs (issue 12).
-    state.set = _eager_when_compiled(set_and_count)  # type: ignore[method-assign]
+    state.set = eager_when_compiled(set_and_count)  # type: ignore[method-assign]
 
     def site_hook(index: int):
         def hook(module, args, output):
@@ -485,7 +406,7 @@ def attach_capture(
             if state.cond_list:
                 estimator._observe(label, index, h, state.cond_list)
 
-        return _eager_when_compiled(hook)
+        return eager_when_compiled(hook)
 
     return _attach(sites, state, site_hook, range(sites.depth), call_info, layout)
 

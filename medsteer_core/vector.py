@@ -11,13 +11,13 @@ Files are safetensors with string metadata (never pickle); see ``save_vector`` /
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from . import vector_ops
 from .errors import VectorMismatchError
 from .provenance import (
     CALIBRATED_FIELDS,
@@ -28,6 +28,7 @@ from .provenance import (
     site_widths,
     weights_fingerprint,
 )
+from .vector_ops import external_rows, short_widths
 
 __all__ = [
     "CALIBRATED_FIELDS",
@@ -63,10 +64,6 @@ _TENSOR_SPEC = {
     "count_with": (1, torch.int64),
     "count_without": (1, torch.int64),
 }
-#: Origins whose sums are real per-class sums: estimated from seeds, or given (``from_directions``).
-_MERGEABLE_ORIGINS = ("estimated", "external")
-_UNIT_TOLERANCE = 1e-3
-_KEY_TOLERANCE = 1e-3  # two timesteps closer than this are the same key
 
 
 @dataclass(eq=False)
@@ -219,7 +216,7 @@ class PathologyVector:
         sum_without = sum_without.double()[order]
         count_with = count_with.long()[order]
         count_without = count_without.long()[order]
-        directions = _directions_from_sums(sum_with, sum_without, count_with, count_without)
+        directions = vector_ops.directions_from_sums(sum_with, sum_without, count_with, count_without)
         return cls(
             directions=directions.float(),
             timesteps=timesteps.float(),
@@ -271,43 +268,14 @@ class PathologyVector:
         """
         if metadata is not None and provenance is not None:
             raise ValueError("give metadata or provenance, not both")
-        if isinstance(directions, Mapping):
-            if timesteps is not None:
-                raise ValueError("directions is a {timestep: rows} mapping: leave timesteps out")
-            timesteps = [float(t) for t in directions]
-            directions = list(directions.values())
-        if timesteps is None:
-            raise ValueError("from_directions needs the model timestep of every row (timesteps=)")
-        rows = _as_tensor(directions, "directions")
-        if rows.dim() != 3 or 0 in rows.shape:
-            raise ValueError(f"directions must be [K, L, D] (K rows of [L, D]), got shape {tuple(rows.shape)}")
-        keys = _as_tensor(timesteps, "timesteps").reshape(-1)
-        if keys.shape[0] != rows.shape[0]:
-            raise ValueError(f"{keys.shape[0]} timesteps for {rows.shape[0]} rows of directions: give one per row")
-        if not bool(torch.isfinite(rows).all()) or not bool(torch.isfinite(keys).all()):
-            raise ValueError("directions and timesteps must be finite (found NaN or infinity)")
-        if bool((keys < 0).any()) or bool((keys > 1000).any()):
-            raise ValueError(f"timesteps must be model timesteps in 0-1000, got {keys.min():g} to {keys.max():g}")
-        order = torch.argsort(keys)
-        keys, rows = keys[order], rows[order]
-        if keys.shape[0] > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            same = int((keys[1:] <= keys[:-1]).nonzero()[0])
-            raise ValueError(f"timestep {float(keys[same]):g} is given twice: give each row its own timestep")
-        norms = rows.norm(dim=-1)
-        bad = ~((norms - 1).abs() <= _UNIT_TOLERANCE) & (norms != 0)
-        if bool(bad.any()):
-            k, layer = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(
-                f"direction row at timestep {float(keys[k]):g}, layer {layer} has norm {float(norms[k, layer]):.6g}: "
-                "every row must be unit length or zero; normalise the rows first"
-            )
+        keys, rows = external_rows(directions, timesteps)
         if provenance is None:
             provenance = Provenance.from_metadata(metadata or {})
         widths = tuple(int(w) for w in widths) if widths is not None else provenance.site_widths or None
         if widths is not None and len(widths) == rows.shape[1] and all(0 <= w <= rows.shape[2] for w in widths):
             beyond = torch.arange(rows.shape[2])[None, :] >= torch.tensor(widths)[:, None]
             if bool(rows[:, beyond].any()):
-                raise ValueError(f"directions are not zero beyond the width of each site {_short(widths)}")
+                raise ValueError(f"directions are not zero beyond the width of each site {short_widths(widths)}")
         extra = dict(provenance.extra)
         extra.setdefault("origin", "external")
         ones = torch.ones(keys.shape[0], dtype=torch.int64)
@@ -377,8 +345,8 @@ class PathologyVector:
                 "Rebuild the vector on this model (BuildPathologyVector / `medsteer build-vector`)."
             )
         raise VectorMismatchError(
-            f"this pathology vector was built for widths {_short(self.widths)} ({self.depth} sites); "
-            f"{what} has widths {_short(widths)} ({len(widths)} sites): rebuild it on this model "
+            f"this pathology vector was built for widths {short_widths(self.widths)} ({self.depth} sites); "
+            f"{what} has widths {short_widths(widths)} ({len(widths)} sites): rebuild it on this model "
             "(BuildPathologyVector / `medsteer build-vector`)."
         )
 
@@ -448,7 +416,7 @@ class PathologyVector:
             self._device_cache[key] = cached
         return cached
 
-    # ------------------------------------------------------------------ combination
+    # ------------------------------------------------------------------ combination (vector_ops)
     def merge(self, other: PathologyVector) -> PathologyVector:
         """Pool the seeds of two vectors built on the same model with the same concepts.
 
@@ -460,84 +428,11 @@ class PathologyVector:
                 fingerprint; overlapping seeds, or a vector that records no seeds (the overlap
                 cannot be ruled out); a vector made by arithmetic (which has no sums).
         """
-        for vec in (self, other):
-            if vec.metadata.get("origin", "estimated") not in _MERGEABLE_ORIGINS:
-                raise VectorMismatchError(
-                    f"cannot merge a vector made by arithmetic (origin {vec.metadata['origin']!r}): "
-                    "only vectors estimated from seeds carry the sums a merge needs"
-                )
-        other.check_compatible(self.widths, what="the vector it is merged into")
-        mine, theirs = self.provenance, other.provenance
-        for key in ("concept_with", "concept_without", "model_family"):
-            a, b = getattr(mine, key), getattr(theirs, key)
-            if a != b:
-                raise VectorMismatchError(f"cannot merge vectors with different {key}: {a!r} vs {b!r}")
-        a, b = mine.weights_fingerprint, theirs.weights_fingerprint
-        if a and b and a != b:
-            raise VectorMismatchError(
-                f"cannot merge vectors built on different weights (weights_fingerprint {a} vs {b}): the "
-                "shapes fit but the activations are not comparable. Build both on the same model "
-                "(checkpoint, LoRA and dtype), or rebuild one of them"
-            )
-        for which, prov in (("the first", mine), ("the second", theirs)):
-            if not prov.seeds:
-                raise VectorMismatchError(
-                    f"cannot merge: {which} vector records no seeds, so whether the two hold the same images "
-                    "cannot be checked (merging a vector with itself would count every image twice). "
-                    "Merge vectors whose metadata lists their seeds (every medsteer build writes them)"
-                )
-        overlap = sorted(set(mine.seeds) & set(theirs.seeds))
-        if overlap:
-            raise VectorMismatchError(
-                f"cannot merge vectors that share seeds {overlap[:10]}: their images would count "
-                "twice. Build the extra vector with a different seed range."
-            )
-        keys = list(self.timesteps.double().tolist())
-        sums = {n: list(getattr(self, n).double().unbind(0)) for n in ("sum_with", "sum_without")}
-        counts = {n: list(getattr(self, n).tolist()) for n in ("count_with", "count_without")}
-        for j, t in enumerate(other.timesteps.double().tolist()):
-            match = next((i for i, k in enumerate(keys) if abs(k - t) <= _KEY_TOLERANCE), None)
-            if match is None:
-                keys.append(t)
-                for n in sums:
-                    sums[n].append(getattr(other, n)[j].double())
-                for n in counts:
-                    counts[n].append(int(getattr(other, n)[j]))
-            else:
-                for n in sums:
-                    sums[n][match] = sums[n][match] + getattr(other, n)[j].double()
-                for n in counts:
-                    counts[n][match] += int(getattr(other, n)[j])
-        merged = mine.replace(
-            seeds=mine.seeds + theirs.seeds, weights_fingerprint=a or b, library_version=""
-        ).to_metadata()
-        return PathologyVector.from_sums(
-            torch.tensor(keys),
-            torch.stack(sums["sum_with"]),
-            torch.stack(sums["sum_without"]),
-            torch.tensor(counts["count_with"]),
-            torch.tensor(counts["count_without"]),
-            merged,
-            widths=self.widths,
-        )
+        return vector_ops.merge(self, other)
 
     def __neg__(self) -> PathologyVector:
         """The reverse edit: the same vector built the other way round (with and without swapped)."""
-        metadata = dict(self.metadata)
-        metadata["concept_with"], metadata["concept_without"] = self.concept_without, self.concept_with
-        for a, b in (("prompts_with", "prompts_without"),):
-            if a in metadata or b in metadata:
-                metadata[a], metadata[b] = self.metadata.get(b, ""), self.metadata.get(a, "")
-        return PathologyVector(
-            directions=-self.directions,
-            timesteps=self.timesteps.clone(),
-            sum_with=self.sum_without.clone(),
-            sum_without=self.sum_with.clone(),
-            count_with=self.count_without.clone(),
-            count_without=self.count_with.clone(),
-            metadata=metadata,
-            gain=self.gain,
-        )
+        return vector_ops.negate(self)
 
     def __mul__(self, k: float) -> PathologyVector:
         """Scale the edit: steering with ``vector * k`` at strength ``s`` equals ``vector`` at ``s * k``.
@@ -547,16 +442,7 @@ class PathologyVector:
         """
         if not isinstance(k, (int, float)) or isinstance(k, bool) or not math.isfinite(k):
             return NotImplemented
-        return PathologyVector(
-            self.directions.clone(),
-            self.timesteps.clone(),
-            self.sum_with.clone(),
-            self.sum_without.clone(),
-            self.count_with.clone(),
-            self.count_without.clone(),
-            dict(self.metadata),
-            gain=self.gain * float(k),
-        )
+        return vector_ops.scale(self, k)
 
     __rmul__ = __mul__
 
@@ -569,36 +455,7 @@ class PathologyVector:
         """
         if not isinstance(other, PathologyVector):
             return NotImplemented
-        other.check_compatible(self.widths, what="the other vector")
-        if other.timesteps.shape != self.timesteps.shape or not torch.allclose(
-            other.timesteps, self.timesteps, atol=_KEY_TOLERANCE, rtol=0
-        ):
-            raise VectorMismatchError(
-                f"cannot add vectors with different timestep keys ({self.num_timesteps} vs "
-                f"{other.num_timesteps} rows): build both with the same scheduler and steps, or "
-                "chain two steering plans instead"
-            )
-        mixed = self.gain * self.directions.double() + other.gain * other.directions.double()
-        directions = mixed / mixed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        directions = torch.where(mixed.norm(dim=-1, keepdim=True) > 1e-12, directions, torch.zeros_like(directions))
-        zeros = torch.zeros_like(self.sum_with)
-        metadata = {
-            "origin": "composed",
-            "concept_with": f"({self.concept_with}) + ({other.concept_with})",
-            "concept_without": f"({self.concept_without}) + ({other.concept_without})",
-            "model_family": self.metadata.get("model_family", ""),
-            "composed_of": json.dumps([_provenance(self), _provenance(other)]),
-        }
-        return PathologyVector(
-            directions.float(),
-            self.timesteps.clone(),
-            zeros,
-            zeros.clone(),
-            torch.zeros_like(self.count_with),
-            torch.zeros_like(self.count_without),
-            metadata,
-            widths=self.widths,
-        )
+        return vector_ops.compose(self, other)
 
     def __sub__(self, other: PathologyVector) -> PathologyVector:
         if not isinstance(other, PathologyVector):
@@ -621,7 +478,7 @@ class PathologyVector:
         return (
             f"PathologyVector({self.concept_with!r} vs {self.concept_without!r}, "
             f"K={self.num_timesteps}, L={self.depth}, D={self.hidden_size}, "
-            + (f"widths={_short(self.widths)}, " if self.ragged else "")
+            + (f"widths={short_widths(self.widths)}, " if self.ragged else "")
             + f"gain={self.gain:g}, "
             f"images={int(self.count_with.max()) if self.count_with.numel() else 0}+"
             f"{int(self.count_without.max()) if self.count_without.numel() else 0})"
@@ -632,47 +489,6 @@ class PathologyVector:
         mean_with = self.sum_with.double() / self.count_with.clamp_min(1).double()[:, None, None]
         mean_without = self.sum_without.double() / self.count_without.clamp_min(1).double()[:, None, None]
         return (mean_with - mean_without).norm(dim=-1).float()
-
-
-def _directions_from_sums(
-    sum_with: torch.Tensor, sum_without: torch.Tensor, count_with: torch.Tensor, count_without: torch.Tensor
-) -> torch.Tensor:
-    defined = (count_with > 0) & (count_without > 0)
-    mean_with = sum_with / count_with.clamp_min(1).to(sum_with.dtype)[:, None, None]
-    mean_without = sum_without / count_without.clamp_min(1).to(sum_without.dtype)[:, None, None]
-    diff = mean_with - mean_without
-    norm = diff.norm(dim=-1, keepdim=True)
-    directions = diff / norm.clamp_min(1e-30)
-    keep = defined[:, None, None] & (norm > 0)
-    return torch.where(keep, directions, torch.zeros_like(directions))
-
-
-def _as_tensor(value, name: str) -> torch.Tensor:
-    """A float64 CPU tensor from a tensor, a NumPy array or a list of them (or of numbers)."""
-    try:
-        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
-            return torch.stack([torch.as_tensor(x).detach().double().cpu() for x in value])
-        return torch.as_tensor(value).detach().double().cpu()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{name} must be numbers of one shape (a tensor, array or list of them): {exc}") from None
-
-
-def _short(widths: Sequence[int]) -> str:
-    """A width list for a message: runs of one width collapsed (``[1152] x 28``)."""
-    widths = list(widths)
-    if widths and len(set(widths)) == 1:
-        return f"[{widths[0]}] x {len(widths)}"
-    text = str(widths)
-    return text if len(text) <= 200 else text[:197] + "...]"
-
-
-def _provenance(vector: PathologyVector) -> dict:
-    return {
-        "concept_with": vector.concept_with,
-        "concept_without": vector.concept_without,
-        "gain": vector.gain,
-        "origin": vector.metadata.get("origin", "estimated"),
-    }
 
 
 # The file format lives in vector_file.py; its functions are part of this module's interface.

@@ -22,13 +22,12 @@ from .errors import VectorFileError
 from .provenance import Provenance, calibrated_setting, metadata_list
 from .vector import (
     _TENSOR_SPEC,
-    _UNIT_TOLERANCE,
     FORMAT_NAME,
     FORMAT_VERSION,
     READABLE_VERSIONS,
     PathologyVector,
-    _short,
 )
+from .vector_ops import UNIT_TOLERANCE, short_widths
 
 __all__ = ["load_vector", "save_vector", "vector_from_bytes"]
 
@@ -349,7 +348,7 @@ def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
     if bool((tensors["count_with"] < 0).any()) or bool((tensors["count_without"] < 0).any()):
         raise _fail(source, "negative image counts")
     norms = d.double().norm(dim=-1)
-    bad = ~((norms - 1).abs() <= _UNIT_TOLERANCE) & (norms != 0)
+    bad = ~((norms - 1).abs() <= UNIT_TOLERANCE) & (norms != 0)
     if bool(bad.any()):
         i, j = (int(x) for x in bad.nonzero()[0])
         raise _fail(source, f"direction row (timestep {i}, layer {j}) has norm {float(norms[i, j]):.6g}, not 1 or 0")
@@ -406,7 +405,7 @@ def _checked_widths(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str
         beyond = torch.arange(width)[None, :] >= torch.tensor(widths)[:, None]  # [L, D]
         for name in ("directions", "sum_with", "sum_without"):
             if bool(tensors[name][:, beyond].any()):
-                raise _fail(source, f"tensor {name!r} is not zero beyond the width of each site {_short(widths)}")
+                raise _fail(source, f"tensor {name!r} is not zero beyond the width of each site {short_widths(widths)}")
     return widths
 
 
