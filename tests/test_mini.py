@@ -130,9 +130,31 @@ def test_unedited_copy_of_the_shipped_mini_loads(tmp_path):
 
 def test_shipped_model_is_a_pixart_with_six_sites(mini):
     sites = find_sites(mini.transformer)
+    assert sites.family == "medsteer-mini"
     assert (sites.host, sites.depth, sites.hidden_size, sites.token_grid(0, (32, 32))) == ("diffusers", 6, 128, (8, 8))
     assert (sites.latent_channels, sites.pixel_scale) == (3, 1)  # pixel space
     assert int(mini.metadata["trained_steps"]) > 0
+
+
+def test_the_mini_is_its_own_model_family_and_a_plain_pixart_is_not():
+    """Issue 9, item 6: importing the mini registers its backbone first; it claims the transformers
+    ``new_mini`` / ``load_mini`` build (also after ``.to()`` and ``torch.compile``) and nothing else,
+    so an untagged PixArt of the very same config stays "pixart"."""
+    from diffusers import PixArtTransformer2DModel
+
+    from medsteer_core.backbones import registered_backbones
+    from medsteer_core.mini import FAMILY, MiniDiffusers
+    from medsteer_core.mini.model import TRANSFORMER_CONFIG
+
+    assert FAMILY == "medsteer-mini"
+    assert isinstance(registered_backbones()[0], MiniDiffusers)
+    fresh = new_mini(1).transformer
+    for model in (fresh, fresh.to(torch.float64), torch.compile(new_mini(2).transformer)):
+        sites = find_sites(model)
+        assert (sites.family, sites.host, sites.depth) == ("medsteer-mini", "diffusers", 6)
+    plain = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
+    assert find_sites(plain).family == "pixart"
+    assert list(find_sites(plain).modules) == [b.attn2 for b in plain.transformer_blocks]
 
 
 def test_shipped_model_renders_every_class(mini, oracle):

@@ -83,3 +83,4 @@ def test_build_vector_writes_prompts_and_seeds_as_json():
     assert json.loads(vector.metadata["seeds"]) == [3, 5]
     assert json.loads(vector.metadata["prompts_with"]) == sorted(set(prompts_for("dyed", [3, 5])))
     assert json.loads(vector.metadata["prompts_without"]) == sorted(set(prompts_for("polyp", [3, 5])))
+    assert vector.metadata["model_family"] == "medsteer-mini"  # from the mini's registered backbone

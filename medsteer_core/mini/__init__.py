@@ -3,7 +3,10 @@
 A wing of ``medsteer_core``, apart from the method: nothing in the engine (hooks, estimation,
 vectors, backbones, the headless route at import time) imports it. It holds
 
-- ``model``: the tiny pixel-space PixArt and its T5 text encoder (``load_mini``, ``train``);
+- ``model``: the tiny pixel-space PixArt and its T5 text encoder (``load_mini``);
+- ``train``: training it again (``python -m medsteer_core.mini train``);
+- ``backbone``: the mini as a model family (``find_sites`` names it ``"medsteer-mini"``; registered
+  on import);
 - ``synthetic``: the procedural endoscopy classes the model is trained on;
 - ``oracle``: a small CNN that labels and segments those classes (``load_oracle``);
 - ``metrics``: the counterfactual metrics (removal, masked PSNR / SSIM);
@@ -15,6 +18,7 @@ vectors, backbones, the headless route at import time) imports it. It holds
 medsteer_core.mini train`` trains it again.
 """
 
+from .backbone import FAMILY, MiniDiffusers
 from .model import (
     DEFAULT_PATH,
     FORMAT_NAME,
@@ -29,15 +33,17 @@ from .model import (
     load_mini_parts,
     new_mini,
     save_mini,
-    train,
 )
+from .train import train
 
 __all__ = [
     "DEFAULT_PATH",
+    "FAMILY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_TOKENS",
     "VECTOR_DIR",
+    "MiniDiffusers",
     "MiniModel",
     "MiniParts",
     "build_tokenizer",

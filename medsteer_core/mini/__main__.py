@@ -1,8 +1,8 @@
-"""``python -m medsteer_core.mini train ...``: train MedSteer-mini again (see ``model.main``)."""
+"""``python -m medsteer_core.mini train ...``: train MedSteer-mini again (see ``train.main``)."""
 
 import sys
 
-from .model import main
+from .train import main
 
 if __name__ == "__main__":
     sys.exit(main())

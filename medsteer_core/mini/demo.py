@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .. import GateRecord, SteeringPlan
 from ..errors import MedSteerError
+from ..gates import GateRecord
 from ..heatmap import overlay
+from ..plan import SteeringPlan
 from ..vector import PathologyVector, load_vector, save_vector
 from . import synthetic
 from .metrics import rendering_rates, score_pairs

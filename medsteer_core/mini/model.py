@@ -22,16 +22,13 @@ string metadata), so nothing is unpickled. Train it again with::
 
     python -m medsteer_core.mini train --out mini.safetensors --minutes 60
 
-(see ``train`` for the settings and the README for the measured time).
+(see ``medsteer_core.mini.train`` for the settings and the README for the measured time).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +39,7 @@ from ..driver import SamplingSpec, sample
 from ..errors import MedSteerError
 from . import synthetic
 from ._assets import read_tagged
+from .backbone import tag_transformer
 
 __all__ = [
     "DEFAULT_PATH",
@@ -54,7 +52,6 @@ __all__ = [
     "load_mini",
     "new_mini",
     "save_mini",
-    "train",
 ]
 
 #: Where the shipped model lives inside the package.
@@ -224,7 +221,7 @@ def new_mini(seed: int = 0) -> MiniModel:
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
+    transformer = tag_transformer(PixArtTransformer2DModel(**TRANSFORMER_CONFIG))
     text_config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **TEXT_CONFIG)
     text_encoder = T5EncoderModel(text_config)
     return MiniModel(
@@ -477,7 +474,7 @@ def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
     from diffusers import PixArtTransformer2DModel
 
     parts = load_mini_parts(path)
-    transformer = PixArtTransformer2DModel(**parts.transformer_config)
+    transformer = tag_transformer(PixArtTransformer2DModel(**parts.transformer_config))
     transformer.load_state_dict(parts.transformer_state)
     return MiniModel(transformer.eval(), parts.text_encoder, parts.tokenizer, parts.metadata)
 
@@ -493,198 +490,3 @@ def encode_unpadded(text_encoder: nn.Module, tokenizer, prompt: str) -> torch.Te
     ids = tokenizer([prompt], truncation=True, max_length=MAX_TOKENS, return_tensors="pt")["input_ids"]
     device = next(text_encoder.parameters()).device
     return text_encoder(input_ids=ids.to(device)).last_hidden_state
-
-
-# ---------------------------------------------------------------------------------------- training
-def train(
-    out: str | os.PathLike,
-    *,
-    minutes: float = 60.0,
-    max_steps: int = 1_000_000,
-    batch: int = 16,
-    lr: float = 6e-4,
-    per_class: int = 3000,
-    caption_dropout: float = 0.1,
-    ema_decay: float = 0.999,
-    seed: int = 0,
-    checkpoint_every: int = 500,
-    resume: bool = False,
-    reset_ema: bool = False,
-    threads: int | None = None,
-    log=print,
-) -> MiniModel:
-    """Train MedSteer-mini on the synthetic classes (v-prediction, linear DDPM schedule).
-
-    Settings: v-prediction, batch 16, AdamW (lr 6e-4, 300 warm-up steps, no weight decay), uniform timesteps,
-    10 % caption dropout (the unconditional prompt is ``""``, as CFG samples it), EMA 0.999 of both
-    networks (the EMA weights are what is saved), gradient clipping at 1. Data: ``per_class``
-    frames per class rendered once (seeds 1,000,000 on, disjoint from every evaluation seed),
-    captions re-drawn from the templates at every step. Stops after ``minutes`` or ``max_steps``;
-    writes ``out`` (EMA weights) every ``checkpoint_every`` steps and ``out + ".state.pt"`` (local
-    resume state: raw weights and optimiser; not for shipping).
-    """
-    from diffusers import DDPMScheduler
-
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out)
-    state_path = Path(str(out) + ".state.pt")
-    model = new_mini(seed)
-    ema = new_mini(seed)
-    nets = nn.ModuleList([model.transformer, model.text_encoder]).train()
-    ema_nets = nn.ModuleList([ema.transformer, ema.text_encoder])
-    ema_nets.load_state_dict(nets.state_dict())
-    ema_nets.requires_grad_(False)
-    optimiser = torch.optim.AdamW(nets.parameters(), lr=lr, weight_decay=0.0)
-    step, elapsed_before = 0, 0.0
-    ema_start = 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        nets.load_state_dict(state["nets"])
-        ema_nets.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimiser"])
-        step, elapsed_before = int(state["step"]), float(state["elapsed"])
-        log(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)")
-        if reset_ema:
-            ema_nets.load_state_dict(nets.state_dict())
-            ema_start = step
-    noise_schedule = DDPMScheduler(**SCHEDULE)
-    alphas = noise_schedule.alphas_cumprod
-    t0 = time.time()
-    data = synthetic.dataset(per_class, seed=1_000_000)
-    images = data["images"] * 2 - 1
-    labels = data["labels"]
-    log(f"rendered {len(images)} training frames in {time.time() - t0:.1f}s")
-    generator = torch.Generator().manual_seed(seed + step)
-    prompts_all = [
-        [synthetic.caption(c, k) for k in range(len(synthetic.TEMPLATES))] for c in range(len(synthetic.CLASSES))
-    ]
-    n_templates = len(synthetic.TEMPLATES)
-    params = sum(p.numel() for p in model.transformer.parameters())
-    text_params = sum(p.numel() for p in model.text_encoder.parameters())
-    settings = {
-        "batch": batch,
-        "lr": lr,
-        "per_class": per_class,
-        "caption_dropout": caption_dropout,
-        "ema_decay": ema_decay,
-        "seed": seed,
-        "transformer_parameters": params,
-        "text_encoder_parameters": text_params,
-        "threads": torch.get_num_threads(),
-        "prediction": PREDICTION,
-    }
-    log(f"training: {params / 1e6:.2f}M transformer + {text_params / 1e6:.2f}M text parameters; {settings}")
-    start = time.time()
-    first_step = step
-    running = 0.0
-
-    def checkpoint() -> None:
-        elapsed = elapsed_before + time.time() - start
-        meta = {
-            "training": json.dumps(settings | {"steps": step, "minutes": round(elapsed / 60, 1)}),
-            "trained_steps": str(step),
-        }
-        save_mini(ema, out, meta)
-        state = {
-            "nets": nets.state_dict(),
-            "ema": ema_nets.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "step": step,
-            "elapsed": elapsed,
-        }
-        tmp = Path(str(state_path) + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
-        log(f"checkpoint at step {step} ({elapsed / 60:.1f} min) -> {out}")
-
-    while step < max_steps and (elapsed_before + time.time() - start) < minutes * 60:
-        index = torch.randint(0, len(images), (batch,), generator=generator)
-        x0 = images[index]
-        templates = torch.randint(0, n_templates, (batch,), generator=generator).tolist()
-        drop = (torch.rand(batch, generator=generator) < caption_dropout).tolist()
-        prompts = [
-            "" if d else prompts_all[int(c)][k] for c, k, d in zip(labels[index].tolist(), templates, drop, strict=True)
-        ]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (batch,), generator=generator)
-        a = alphas[t].sqrt()[:, None, None, None]
-        s = (1 - alphas[t]).sqrt()[:, None, None, None]
-        noisy = a * x0 + s * noise
-        for group in optimiser.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1 - ema_start) / 300)
-        embeds, mask = _encode_train(model.text_encoder, model.tokenizer, prompts)
-        pred = model.transformer(
-            noisy,
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=mask,
-            timestep=t,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )[0]
-        target = a * noise - s * x0 if PREDICTION == "v_prediction" else noise
-        loss = torch.nn.functional.mse_loss(pred, target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
-        optimiser.step()
-        step += 1
-        decay = min(ema_decay, (1 + step - ema_start) / (10 + step - ema_start))
-        with torch.no_grad():
-            for p_ema, p in zip(ema_nets.parameters(), nets.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
-        value = float(loss.detach())
-        running = 0.98 * running + 0.02 * value if step > 1 else value
-        if step % 50 == 0:
-            rate = (time.time() - start) / max(1, step - first_step)
-            log(f"step {step} loss {running:.4f} ({rate:.2f}s/step)")
-        if step % checkpoint_every == 0:
-            checkpoint()
-    checkpoint()
-    ema.transformer.eval()
-    ema.text_encoder.eval()
-    return ema
-
-
-def _encode_train(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    return text_encoder(
-        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-    ).last_hidden_state, tokens["attention_mask"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medsteer_core.mini", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train MedSteer-mini on the synthetic endoscopy classes")
-    p.add_argument("--out", required=True, help="output .safetensors (EMA weights, rewritten at every checkpoint)")
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget (default 60)")
-    p.add_argument("--steps", type=int, default=1_000_000, help="maximum steps")
-    p.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--per-class", type=int, default=3000, help="training frames per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
-    p.add_argument("--reset-ema", action="store_true", help="on resume, restart the EMA from the current weights")
-    args = parser.parse_args(argv)
-    train(
-        args.out,
-        minutes=args.minutes,
-        max_steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        per_class=args.per_class,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        reset_ema=args.reset_ema,
-        threads=args.threads,
-        log=lambda msg: print(msg, flush=True),
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

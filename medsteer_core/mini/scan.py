@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import GateRecord, SteeringPlan
 from ..backbones import find_sites
 from ..estimate import VectorEstimator
+from ..gates import GateRecord
+from ..plan import SteeringPlan
 from ..provenance import Provenance, weights_fingerprint
 from ..vector import PathologyVector
 from . import synthetic
@@ -88,6 +89,7 @@ def build_vector(
             if progress is not None:
                 progress(len(seeds[i : i + batch]))
     spec = model.spec()
+    sites = find_sites(model.transformer)
     provenance = Provenance(  # the one writer of every vector's metadata (issue 9)
         concept_with=synthetic.CONCEPTS[with_class],
         concept_without=synthetic.CONCEPTS[without_class],
@@ -100,8 +102,8 @@ def build_vector(
         scheduler="trailing, clip_sample",
         width=int(spec.width),
         height=int(spec.height),
-        model_family="medsteer-mini",
-        weights_fingerprint=weights_fingerprint(find_sites(model.transformer)),
+        model_family=sites.family,  # "medsteer-mini": the mini's backbone (mini/backbone.py)
+        weights_fingerprint=weights_fingerprint(sites),
         extra={"class_with": with_class, "class_without": without_class},
     )
     return estimator.result(provenance.to_metadata())

@@ -1,0 +1,41 @@
+"""MedSteer-mini as a model family: the backbone ``find_sites`` uses for the mini's transformer.
+
+The mini is a diffusers ``PixArtTransformer2DModel`` in pixel space, so everything but its family
+name is PixArt's. ``new_mini`` and ``load_mini`` tag the transformer they build (``TAG``), which is
+how this backbone tells it from a PixArt; registered first when ``medsteer_core.mini`` is imported,
+so vectors built on the mini record ``model_family`` ``"medsteer-mini"``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..backbones import PixArtDiffusers, register_backbone
+
+__all__ = ["FAMILY", "TAG", "MiniDiffusers", "tag_transformer"]
+
+#: The ``model_family`` of every vector built on MedSteer-mini.
+FAMILY = "medsteer-mini"
+#: The attribute ``new_mini`` / ``load_mini`` set to ``True`` on the transformer they build.
+TAG = "medsteer_mini"
+
+
+def tag_transformer(transformer: nn.Module) -> nn.Module:
+    """Mark ``transformer`` as MedSteer-mini's (kept through ``.to()``, ``eval()`` and wrappers)."""
+    setattr(transformer, TAG, True)
+    return transformer
+
+
+class MiniDiffusers(PixArtDiffusers):
+    """MedSteer-mini's transformer in diffusers: a tagged PixArt, sites and grids as PixArt's."""
+
+    name = "MedSteer-mini (diffusers PixArtTransformer2DModel built by medsteer_core.mini)"
+    family = FAMILY
+
+    def transformer(self, model: nn.Module) -> nn.Module | None:
+        if getattr(model, TAG, False) is not True:
+            return None
+        return super().transformer(model)
+
+
+BACKBONE = register_backbone(MiniDiffusers(), first=True)
