@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -108,6 +109,53 @@ def sample(
     guided = spec.cfg != 1
     if guided and negative_embeds is None:
         raise ValueError("cfg != 1 needs negative_embeds (the unconditional caption embeddings)")
+    conditioning = _conditioning(
+        transformer, spec, batch, guided, device, dtype, prompt_embeds, negative_embeds, prompt_mask, negative_mask
+    )
+
+    scheduler.set_timesteps(spec.steps, device=device)
+    # Hooks for this sampling run only: attached (and validated) once, removed in any case. Each
+    # call's timesteps and grid are read from the transformer's own arguments; the row layout is
+    # the one built above ([uncond, cond] with CFG).
+    layout = "uncond_cond" if guided else "cond"
+    with ExitStack() as hooks:
+        if estimator is not None:
+            hooks.callback(attach_capture(transformer, estimator, label, layout=layout).remove)
+        if plans:
+            hooks.callback(attach_steering(transformer, list(plans), layout=layout, record=record).remove)
+            if record is not None:  # this call is one sampling run, whatever its timesteps
+                record.begin_run()
+                hooks.callback(record.end_run)
+        for i, t in enumerate(scheduler.timesteps):
+            latents = _denoise(transformer, scheduler, latents, t, conditioning, spec.cfg, dtype, device)
+            if progress is not None:
+                progress(i + 1, spec.steps)
+    return latents.cpu()
+
+
+class _Conditioning(NamedTuple):
+    """What every model call of one sampling run gets besides the latents."""
+
+    context: torch.Tensor
+    mask: torch.Tensor | None
+    added: dict
+    rows: int
+    guided: bool
+
+
+def _conditioning(
+    transformer: nn.Module,
+    spec: SamplingSpec,
+    batch: int,
+    guided: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    negative_mask: torch.Tensor | None,
+) -> _Conditioning:
+    """The caption context (``[uncond, cond]`` with CFG), its mask and PixArt's added conditions."""
 
     def expand(x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
@@ -133,40 +181,37 @@ def sample(
             "resolution": torch.tensor([[spec.height * 8, spec.width * 8]], device=device, dtype=dtype).repeat(rows, 1),
             "aspect_ratio": torch.tensor([[spec.height / spec.width]], device=device, dtype=dtype).repeat(rows, 1),
         }
+    return _Conditioning(context, mask, added, rows, guided)
 
-    scheduler.set_timesteps(spec.steps, device=device)
-    # Hooks for this sampling run only: attached (and validated) once, removed in any case. Each
-    # call's timesteps and grid are read from the transformer's own arguments; the row layout is
-    # the one built above ([uncond, cond] with CFG).
-    layout = "uncond_cond" if guided else "cond"
-    with ExitStack() as hooks:
-        if estimator is not None:
-            hooks.callback(attach_capture(transformer, estimator, label, layout=layout).remove)
-        if plans:
-            hooks.callback(attach_steering(transformer, list(plans), layout=layout, record=record).remove)
-            if record is not None:  # this call is one sampling run, whatever its timesteps
-                record.begin_run()
-                hooks.callback(record.end_run)
-        for i, t in enumerate(scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if guided else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            out = transformer(
-                model_in.to(dtype),
-                encoder_hidden_states=context,
-                encoder_attention_mask=mask,
-                timestep=t.to(device).reshape(1).expand(rows),
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0].float()
-            if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise prediction
-                out = out[:, : latents.shape[1]]
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + spec.cfg * (out_cond - out_uncond)
-            latents = scheduler.step(out, t, latents, return_dict=False)[0]
-            if progress is not None:
-                progress(i + 1, spec.steps)
-    return latents.cpu()
+
+def _denoise(
+    transformer: nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    conditioning: _Conditioning,
+    cfg: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """One sampling step: the model's noise prediction (guided with CFG), then the scheduler's step."""
+    guided, rows = conditioning.guided, conditioning.rows
+    model_in = torch.cat([latents, latents]) if guided else latents
+    model_in = scheduler.scale_model_input(model_in, t)
+    out = transformer(
+        model_in.to(dtype),
+        encoder_hidden_states=conditioning.context,
+        encoder_attention_mask=conditioning.mask,
+        timestep=t.to(device).reshape(1).expand(rows),
+        added_cond_kwargs=conditioning.added,
+        return_dict=False,
+    )[0].float()
+    if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise prediction
+        out = out[:, : latents.shape[1]]
+    if guided:
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + cfg * (out_cond - out_uncond)
+    return scheduler.step(out, t, latents, return_dict=False)[0]
 
 
 def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

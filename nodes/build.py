@@ -171,24 +171,14 @@ class BuildPathologyVector(io.ComfyNode):
                 "with_concept and without_concept are the same conditioning, so the vector would be zero: "
                 "connect two prompts that differ only in the concept"
             )
-        prompt, node_id = getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None)
-        metadata = build_metadata(
-            prompts_with=[prompt_text(prompt, node_id, "with_concept")],
-            prompts_without=[prompt_text(prompt, node_id, "without_concept")],
-            negative_prompt=prompt_text(prompt, node_id, "uncond"),
-            seeds=[s for group in batches for s in group],
-            steps=steps,
-            cfg=cfg,
-            sampler_name=sampler_name,
-            scheduler=scheduler,
-            height=height * scale,
-            width=width * scale,
-            model_family=model_family(model),
-            host="ComfyUI BuildPathologyVector",
-            sites=sites,
-            # ComfyUI patches LoRA weights into the module only while that model is loaded, so the
-            # weights read before sampling may be another patcher's: record no fingerprint here.
-            fingerprint=False,
+        metadata = _metadata(
+            getattr(cls.hidden, "prompt", None),
+            getattr(cls.hidden, "unique_id", None),
+            model,
+            sites,
+            [s for group in batches for s in group],
+            (height * scale, width * scale),
+            (steps, cfg, sampler_name, scheduler),
         )
 
         # float64 running sums where the device has them (MPS and some others do not).
@@ -213,22 +203,14 @@ class BuildPathologyVector(io.ComfyNode):
         for seeds in batches:
             for label, patched_model in patched.items():
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                empty = torch.zeros((len(seeds), *shape[1:]), dtype=torch.float32)
-                empty = comfy.sample.fix_empty_latent_channels(patched_model, empty)
-                noise = torch.cat([comfy.sample.prepare_noise(empty[:1], s) for s in seeds])
-                samples = comfy.sample.sample(
+                samples = _sample(
                     patched_model,
-                    noise,
-                    steps,
-                    cfg,
-                    sampler_name,
-                    scheduler,
+                    seeds,
+                    shape,
+                    (steps, cfg, sampler_name, scheduler),
                     positives[label],
                     uncond,
-                    empty,
-                    callback=on_step,
-                    disable_pbar=True,
-                    seed=seeds[0],
+                    on_step,
                 )
                 outputs[label].append(samples.to(comfy.model_management.intermediate_device()))
                 done += steps
@@ -240,3 +222,49 @@ class BuildPathologyVector(io.ComfyNode):
             {"samples": torch.cat(outputs["with"])},
             {"samples": torch.cat(outputs["without"])},
         )
+
+
+def _metadata(prompt, node_id, model, sites, seeds, size, sampling) -> dict[str, str]:
+    """The vector's provenance: the prompts as the graph gives them, seeds, sampling, image ``size``."""
+    steps, cfg, sampler_name, scheduler = sampling
+    height, width = size
+    return build_metadata(
+        prompts_with=[prompt_text(prompt, node_id, "with_concept")],
+        prompts_without=[prompt_text(prompt, node_id, "without_concept")],
+        negative_prompt=prompt_text(prompt, node_id, "uncond"),
+        seeds=seeds,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        model_family=model_family(model),
+        host="ComfyUI BuildPathologyVector",
+        sites=sites,
+        # ComfyUI patches LoRA weights into the module only while that model is loaded, so the
+        # weights read before sampling may be another patcher's: record no fingerprint here.
+        fingerprint=False,
+    )
+
+
+def _sample(patched_model, seeds, shape, sampling, positive, uncond, on_step) -> torch.Tensor:
+    """Sample one batch of seeds with the capturing model (ComfyUI's noise for each seed)."""
+    steps, cfg, sampler_name, scheduler = sampling
+    empty = torch.zeros((len(seeds), *shape[1:]), dtype=torch.float32)
+    empty = comfy.sample.fix_empty_latent_channels(patched_model, empty)
+    noise = torch.cat([comfy.sample.prepare_noise(empty[:1], s) for s in seeds])
+    return comfy.sample.sample(
+        patched_model,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        uncond,
+        empty,
+        callback=on_step,
+        disable_pbar=True,
+        seed=seeds[0],
+    )
