@@ -58,6 +58,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import medsteer_core as ms  # noqa: E402
+from medsteer_core.driver import SamplingSpec, sample  # noqa: E402
+from medsteer_core.hooks import CallInfo  # noqa: E402
 
 VARIANTS = ("plain", "steered", "recorded", "capture", "authors_window", "authors_all")
 #: Which variant each ratio compares against ``plain`` and the target it must meet (issue 2).
@@ -281,7 +283,7 @@ def bench_steps(args) -> dict:
     grid = (side // 2, side // 2)
     added = {"resolution": None, "aspect_ratio": None}
 
-    def hooks(variant: str, call: ms.CallInfo, step: int):
+    def hooks(variant: str, call: CallInfo, step: int):
         if variant == "plain":
             return nullcontext()
         if variant == "steered":
@@ -300,7 +302,7 @@ def bench_steps(args) -> dict:
         t = schedule[step]
         start = time.perf_counter()
         t_rows = t.reshape(1).expand(2)
-        call = ms.CallInfo(t_rows, conditional, grid)
+        call = CallInfo(t_rows, conditional, grid)
         with hooks(variant, call, step):
             out = model(
                 latents,
@@ -321,7 +323,7 @@ def bench_steps(args) -> dict:
         t = schedule[step]
         start = time.perf_counter()
         t_rows = t.reshape(1).expand(2)
-        call = ms.CallInfo(t_rows, conditional, grid)
+        call = CallInfo(t_rows, conditional, grid)
         with hooks(variant, call, step):
             if variant.startswith("authors"):
                 authors[variant].calls = step + 1  # no transformer call here to count
@@ -439,7 +441,7 @@ def bench_memory_once(args) -> dict:
     geometry = TINY if args.tiny else Geometry()
     model = build_transformer(geometry)
     scheduler = DPMSolverMultistepScheduler()
-    spec = ms.SamplingSpec(steps=args.steps, cfg=4.5, height=args.size, width=args.size)
+    spec = SamplingSpec(steps=args.steps, cfg=4.5, height=args.size, width=args.size)
     g = torch.Generator().manual_seed(0)
     embeds = {
         k: torch.randn(1, args.tokens, geometry.caption_channels, generator=g) for k in ("with", "without", "neg")
@@ -449,7 +451,7 @@ def bench_memory_once(args) -> dict:
 
     # Warm-up without hooks at the same batch size, so the allocator's pools exist before the
     # baseline is taken and the growth below belongs to the capture.
-    ms.sample(model, scheduler, embeds["with"], chunks[0], spec, negative_embeds=embeds["neg"])
+    sample(model, scheduler, embeds["with"], chunks[0], spec, negative_embeds=embeds["neg"])
     gc.collect()
     rss_before = _rss_bytes()
     tracemalloc.start()
@@ -460,7 +462,7 @@ def bench_memory_once(args) -> dict:
     with _PeakRss() as peak:
         for chunk in chunks:
             for label in ("with", "without"):
-                ms.sample(
+                sample(
                     model,
                     scheduler,
                     embeds[label],

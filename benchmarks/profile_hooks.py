@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_engine as be  # noqa: E402
 
 import medsteer_core as ms  # noqa: E402
+from medsteer_core.hooks import CallInfo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     authors = be.AuthorsStyleSteering(model, step_vectors, 2.5, range(*window))
     h = torch.randn(2, 256, sites.hidden_size)
     t_rows = schedule[5].reshape(1).expand(2)
-    call = ms.CallInfo(t_rows, (False, True), (16, 16))
+    call = CallInfo(t_rows, (False, True), (16, 16))
 
     def contexts(variant: str):
         if variant == "plain":

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import GateRecord, SamplingSpec, SteeringPlan, VectorEstimator, sample, save_vector
+from . import GateRecord, SteeringPlan, VectorEstimator, save_vector
+from .driver import SamplingSpec, sample
 from .gates import select_maps
 from .heatmap import gate_grid
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsteer_core import CallInfo, MedSteerError, SteeringPlan, inspection, load_vector, steering
+from medsteer_core import MedSteerError, SteeringPlan, inspection, load_vector, steering
 from medsteer_core import headless as mp
 from medsteer_core.headless.cli import main
+from medsteer_core.hooks import CallInfo
 from tests.tiny_pipeline import save_tiny_lora, save_tiny_pixart
 
 WITH = "an endoscopic image of dyed lifted polyps"

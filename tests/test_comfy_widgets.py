@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsteer_core import GateMaps, MedSteerError, PathologyVector, load_vector, save_vector
+from medsteer_core import MedSteerError, PathologyVector, load_vector, save_vector
 from medsteer_core.backbones import check_latent_size
 from medsteer_core.comfy_widgets import (
     HEATMAP_PRESETS,
@@ -20,7 +20,7 @@ from medsteer_core.comfy_widgets import (
     resolve_edit,
     seed_batches,
 )
-from medsteer_core.gates import PAPER_FIGURE_3, check_index_list, select_maps
+from medsteer_core.gates import PAPER_FIGURE_3, GateMaps, check_index_list, select_maps
 from medsteer_core.provenance import build_metadata
 
 ROOT = Path(__file__).resolve().parents[1]

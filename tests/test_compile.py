@@ -15,15 +15,8 @@ import torch
 import torch._dynamo
 from diffusers import DPMSolverMultistepScheduler
 
-from medsteer_core import (
-    GateRecord,
-    SamplingSpec,
-    SteeringPlan,
-    VectorEstimator,
-    find_sites,
-    sample,
-    steering,
-)
+from medsteer_core import GateRecord, SteeringPlan, VectorEstimator, find_sites, steering
+from medsteer_core.driver import SamplingSpec, sample
 from medsteer_core.vector import PathologyVector
 from tests.conftest import make_embeds, make_transformer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from medsteer_core import SamplingSpec, initial_latents, sample
+from medsteer_core.driver import SamplingSpec, initial_latents, sample
 
 SPEC = SamplingSpec(steps=3, cfg=3.0, height=8, width=8)
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from medsteer_core import CallInfo, MedSteerError, SamplingSpec, VectorEstimator, capture, find_sites, sample
+from medsteer_core import MedSteerError, VectorEstimator, capture, find_sites
+from medsteer_core.driver import SamplingSpec, sample
+from medsteer_core.hooks import CallInfo
 
 SPEC = SamplingSpec(steps=3, cfg=4.0, height=8, width=8)
 

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from medsteer_core import GateMaps, MedSteerError
-from medsteer_core.gates import MAX_INDEX, index_entries, parse_layers, parse_steps, select_maps
+from medsteer_core import MedSteerError
+from medsteer_core.gates import MAX_INDEX, GateMaps, index_entries, parse_layers, parse_steps, select_maps
 from medsteer_core.heatmap import (
     COLORMAPS,
     apply_colormap,

@@ -5,17 +5,16 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from medsteer_core import (
-    CallInfo,
     GateRecord,
     MedSteerError,
-    SamplingSpec,
     SteeringPlan,
     VectorEstimator,
     VectorMismatchError,
     find_sites,
-    sample,
     steering,
 )
+from medsteer_core.driver import SamplingSpec, sample
+from medsteer_core.hooks import CallInfo
 from medsteer_core.plan import MAX_STRENGTH
 from tests.conftest import make_transformer
 

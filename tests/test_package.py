@@ -32,10 +32,31 @@ def test_root_init_imports_without_comfyui():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_public_api_is_exported():
+def test_public_api_is_small_and_exported():
+    """Issue 9, item 7: about a dozen top-level names, by task; the rest come from their modules."""
+    assert sorted(medsteer_core.__all__) == sorted(
+        [
+            "__version__",
+            *("PathologyVector", "load_vector", "save_vector"),  # vector I/O
+            *("VectorEstimator", "capture"),  # estimation
+            *("SteeringPlan", "steering", "ssps"),  # steering
+            "GateRecord",  # gates
+            *("find_sites", "Backbone", "register_backbone"),  # models
+            *("MedSteerError", "UnsupportedModelError", "VectorFileError", "VectorMismatchError"),  # errors
+        ]
+    )
     for name in medsteer_core.__all__:
         assert hasattr(medsteer_core, name), name
     assert medsteer_core.__version__
+    for name in ("CallInfo", "HookHandle", "attach_capture", "GateMaps", "Sites", "SamplingSpec", "sample"):
+        assert not hasattr(medsteer_core, name), f"{name} is back at the top level"
+    from medsteer_core.backbones import Sites
+    from medsteer_core.driver import SamplingSpec, initial_latents, sample
+    from medsteer_core.gates import GateMaps
+    from medsteer_core.hooks import CallInfo, HookHandle, attach_capture, attach_steering
+
+    assert all((Sites, SamplingSpec, initial_latents, sample, GateMaps, CallInfo, HookHandle))
+    assert all((attach_capture, attach_steering))
 
 
 def test_wheel_contains_medsteer_core_only(tmp_path):

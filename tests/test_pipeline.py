@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medsteer_core import CallInfo, PathologyVector, VectorEstimator, capture, inspection
+from medsteer_core import PathologyVector, VectorEstimator, capture, inspection
 from medsteer_core import headless as mp
+from medsteer_core.hooks import CallInfo
 from tests.tiny_pipeline import LAYERS, save_tiny_lora, save_tiny_pixart
 
 WITH = "an endoscopic image of dyed lifted polyps"
