@@ -14,8 +14,9 @@ import os
 
 from comfy_api.latest import io
 
-from ..medsteer_core import CallInfo, UnsupportedModelError
+from ..medsteer_core import UnsupportedModelError
 from ..medsteer_core.backbones import Sites, find_sites
+from ..medsteer_core.hooks import CallInfo
 
 #: The one custom socket type of the pack: a ``medsteer_core.PathologyVector``.
 PathologyVectorSocket = io.Custom("PATHOLOGY_VECTOR")
