@@ -80,7 +80,8 @@ def test_unknown_edit_is_refused(tmp_path, capsys):
 
 
 def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
-    from medsteer_core.mini.demo import calibrate_and_ship, setting_of
+    from medsteer_core.mini.calibrate import calibrate_and_ship, calibration_markdown
+    from medsteer_core.mini.demo import setting_of
     from medsteer_core.mini.scan import SweepRow, calibrate, removal
     from medsteer_core.vector import load_vector
 
@@ -107,7 +108,7 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
     vector = load_vector(tmp_path / "dye_removal.safetensors")
     assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
     assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]
-    text = demo.calibration_markdown(summary)
+    text = calibration_markdown(summary)
     assert text.count("| chosen |") == 1 and "| re-prompting |" in text
     assert ("The choice meets the bar" in text) == bar
 

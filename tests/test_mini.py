@@ -242,3 +242,21 @@ def test_lesion_edits_flip_and_keep_the_background_better_than_reprompting(edit)
     _, ours, baseline = score_shipped_edit(edit, HELD_OUT)
     assert ours.delta_p > 0.5 and ours.source_removed >= 0.75, ours
     assert ours.bg_psnr > baseline.bg_psnr, (ours, baseline)
+
+
+def test_the_mini_wing_keeps_modules_and_functions_small():
+    """Issue 9, item 8, for the mini's wing: no module over 500 lines, no function over 80."""
+    import ast
+    from pathlib import Path
+
+    import medsteer_core.mini
+
+    too_long = []
+    for module in sorted(Path(medsteer_core.mini.__file__).parent.glob("*.py")):
+        text = module.read_text()
+        if len(text.splitlines()) > 500:
+            too_long.append(f"{module.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{module.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

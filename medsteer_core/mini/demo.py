@@ -38,7 +38,8 @@ from ..plan import SteeringPlan
 from ..vector import PathologyVector, load_vector, save_vector
 from . import synthetic
 from .metrics import rendering_rates, score_pairs
-from .scan import build_vector, calibrate, gate_localisation, layer_profile, prompts_for, sweep
+from .report import markdown
+from .scan import build_vector, layer_profile, prompts_for, sweep
 
 __all__ = ["EDITS", "Edit", "main", "run_demo"]
 
@@ -140,16 +141,6 @@ def _grid(rows: list[tuple[str, torch.Tensor]], scale: int = 4):
     return canvas
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "-" if x != x else f"{x:.{digits}f}"  # nan: nothing to average
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def run_demo(
     out: str | Path = "medsteer_demo",
     *,
@@ -200,43 +191,63 @@ def run_demo(
     per_edit = 2 * vector_seeds + 3 * eval_seeds
     sweeps = (len(strengths) + len(windows) + len(seed_counts) - 1) * eval_seeds + 2 * (sum(seed_counts) - vector_seeds)
     total = len(synthetic.CLASSES) * eval_seeds + len(chosen) * per_edit + (sweeps if first else 0)
-    progress = _Progress(total, quiet)
+    run = _DemoRun(model, oracle, seeds, vector_seeds, cache, tag, _Progress(total, quiet))
     report: dict = {
         "model": model.metadata.get("training", ""),
         "cfg": model.default_cfg,
         "eval_seeds": seeds[:1] + seeds[-1:],
         "grid_seeds": min(grid_seeds, len(seeds)),
     }
-
-    progress.stage("rendering check")
-    by_class = {}
+    run.progress.stage("rendering check")
     for c, name in enumerate(synthetic.CLASSES):
-        by_class[c] = model.generate(prompts_for(name, seeds), seeds)
-        progress(len(seeds))
-    rates = rendering_rates(oracle, by_class)
+        run.by_class[c] = model.generate(prompts_for(name, seeds), seeds)
+        run.progress(len(seeds))
+    rates = rendering_rates(oracle, run.by_class)
     report["rendering_rate"] = {synthetic.CLASSES[c]: r for c, r in rates.items()}
-
     report["edits"] = {}
-    vectors: dict[str, PathologyVector] = {}
     for edit in chosen:
+        report["edits"][edit.name] = run.edit(edit, out / f"grid_{edit.name}.png", report["grid_seeds"])
+    if first is not None:
+        report.update(run.sweeps(first, first_setting, strengths, windows, seed_counts))
+    run.progress.close()
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report, len(seeds), vector_seeds, chosen, EVAL_SEED_BASE))
+    return report
+
+
+class _DemoRun:
+    """What one demo run shares between its stages: model, oracle, held-out seeds, the unsteered
+    images of every class (``by_class``), the vectors built so far, the vector cache and progress."""
+
+    def __init__(self, model, oracle, seeds, vector_seeds, cache, tag, progress) -> None:
+        self.model, self.oracle, self.seeds, self.vector_seeds = model, oracle, seeds, vector_seeds
+        self.cache, self.tag, self.progress = cache, tag, progress
+        self.by_class: dict[int, torch.Tensor] = {}
+        self.vectors: dict[str, PathologyVector] = {}
+
+    def edit(self, edit: Edit, grid_path: Path, grid_seeds: int) -> dict:
+        """Table 2 for one edit: build its vector, steer the held-out seeds at the shipped setting,
+        score them and re-prompting against the unsteered images, write its grid."""
+        model, seeds, progress = self.model, self.seeds, self.progress
         progress.stage(f"{edit.name}: vector")
         start, end, strength = edit.shipped_setting()
-        vector = _vector(model, edit, list(range(vector_seeds)), cache, tag, progress)
-        vectors[edit.name] = vector
+        vector = _vector(model, edit, list(range(self.vector_seeds)), self.cache, self.tag, progress)
+        self.vectors[edit.name] = vector
         progress.stage(f"{edit.name}: pairs")
         s = synthetic.CLASSES.index(edit.source)
         t = synthetic.CLASSES.index(edit.target)
-        originals = by_class[s]
+        originals = self.by_class[s]
         record = GateRecord()
         plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
         steered = model.generate(prompts_for(edit.source, seeds), seeds, plans=[plan], record=record)
         progress(len(seeds))
-        reprompted = by_class[t]  # same seeds, same template, the without-concept prompt
+        reprompted = self.by_class[t]  # same seeds, same template, the without-concept prompt
         progress(len(seeds))
-        ours = score_pairs(oracle, originals, steered, s, t, dye_edit=edit.dye)
-        baseline = score_pairs(oracle, originals, reprompted, s, t, dye_edit=edit.dye)
+        ours = score_pairs(self.oracle, originals, steered, s, t, dye_edit=edit.dye)
+        baseline = score_pairs(self.oracle, originals, reprompted, s, t, dye_edit=edit.dye)
         gates = record.maps().maps.mean(dim=(0, 1))  # [B, h, w] mean over steps and steered layers
-        n = min(grid_seeds, len(seeds))
+        n = grid_seeds
         heat = torch.stack([overlay(originals[i].permute(1, 2, 0), gates[i], 0.7) for i in range(n)])
         _grid(
             [
@@ -245,51 +256,50 @@ def run_demo(
                 ("re-prompted", reprompted[:n]),
                 ("gate", heat.permute(0, 3, 1, 2)),
             ]
-        ).save(out / f"grid_{edit.name}.png")
-        report["edits"][edit.name] = {
+        ).save(grid_path)
+        progress(len(seeds))
+        return {
             "title": edit.title,
             "setting": {"layer_start": start, "layer_end": end, "strength": strength},
             "medsteer": ours.as_dict(),
             "reprompting": baseline.as_dict(),
             "layer_profile": layer_profile(vector),
         }
-        progress(len(seeds))
 
-    if first is not None:
-        vector = vectors[first.name]
-        start, end, strength = first_setting
-        originals = by_class[synthetic.CLASSES.index(first.source)]
+    def sweeps(self, first: Edit, setting, strengths, windows, seed_counts) -> dict:
+        """Tables 3, 4a and 4b on the first edit: strength, window and seeds sweeps around ``setting``."""
+        model, oracle, seeds, progress = self.model, self.oracle, self.seeds, self.progress
+        vector = self.vectors[first.name]
+        start, end, strength = setting
+        originals = self.by_class[synthetic.CLASSES.index(first.source)]
+        tables = {}
         progress.stage(f"{first.name}: strength sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, [(start, end)], strengths,
             originals=originals, progress=lambda k: progress(k * len(seeds)),
         )  # fmt: skip
-        report["strength_sweep"] = [r.as_dict() for r in rows]
+        tables["strength_sweep"] = [r.as_dict() for r in rows]
         progress.stage(f"{first.name}: window sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, windows, [strength],
             originals=originals, progress=lambda k: progress(k * len(seeds)),
         )  # fmt: skip
-        report["window_sweep"] = [r.as_dict() for r in rows]
+        tables["window_sweep"] = [r.as_dict() for r in rows]
         progress.stage(f"{first.name}: seeds sweep")
         seed_rows = []
         for count in seed_counts:
-            if count == vector_seeds:
+            if count == self.vector_seeds:
                 vec = vector
             else:
-                vec = _vector(model, first, list(range(count)), cache, tag, progress)
+                vec = _vector(model, first, list(range(count)), self.cache, self.tag, progress)
             row = sweep(model, oracle, vec, first.source, first.target, seeds, [(start, end)], [strength],
                         originals=originals)[0]  # fmt: skip
-            if count != vector_seeds:
+            if count != self.vector_seeds:
                 progress(len(seeds))
             cosine = float(torch.nn.functional.cosine_similarity(vec.directions, vector.directions, dim=-1).mean())
             seed_rows.append({"seeds": count, "cosine_to_full": cosine} | row.as_dict())
-        report["seeds_sweep"] = seed_rows
-    progress.close()
-    report["seconds"] = round(time.time() - started, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report, len(seeds), vector_seeds, chosen))
-    return report
+        tables["seeds_sweep"] = seed_rows
+        return tables
 
 
 def _check_arguments(
@@ -321,328 +331,6 @@ def _windows(depth: int) -> list[tuple[int, int]]:
     singles = [(i, i + 1) for i in range(depth)]
     spans = [(0, 2), (0, depth // 2), (depth // 2, depth), (0, depth)]
     return singles + [s for s in spans if s not in singles]
-
-
-#: What every number of report.md means (issue 11: the report used "source removed" undefined).
-METRIC_DEFINITIONS = (
-    "- **Oracle**: the classifier and segmenter shipped with MedSteer-mini (`oracle.safetensors`), trained on "
-    "the synthetic frames; it labels each image with a class and segments lesion and dye. Every rate below is "
-    "the oracle's reading of the images, not a human's.",
-    "- **Rendering rate**: images of a class whose oracle label is the class that was prompted (a sanity check "
-    "that the model draws what it is asked; the edits below are only as good as this).",
-    "- **Flip rate**: steered images the oracle assigns to the target class (e.g. *polyps* for dye removal).",
-    "- **delta-p**: mean drop of the source class's probability from the unsteered to the steered image "
-    "(higher = the concept weakened more; negative = it grew).",
-    "- **Source removed**: steered images the oracle no longer assigns to the source class, whatever class "
-    "it assigns instead. It is at least the flip rate; the gap is edits that left the source class for a third one.",
-    "- **Dye detection**: images in which the oracle still segments dye (dye removal: lower is better; "
-    "shown for the dye edit only in Table 2).",
-    "- **Bg-PSNR / Bg-SSIM**: how unchanged the background is: PSNR (dB, identical pixels capped at 60) and "
-    "SSIM between the unsteered image and its counterfactual, over the field of view minus the (dilated) "
-    "lesion and dye masks of both images. Higher = less collateral change.",
-    "- **Succeeded**: pairs whose edit worked (target class; for dye removal, no dye left), out of all pairs. "
-    "**Eff. Bg-PSNR / Bg-SSIM**: the background scores over those pairs only, so failed edits (which keep "
-    "their background trivially) do not flatter a weak setting.",
-    "- **Re-prompting**: the baseline counterfactual: the same seed sampled with the prompt of the target "
-    "class instead of steering. Same seed, so the two methods are directly comparable.",
-    "- **Layers a-b**: the steered blocks, `a` included and `b` excluded (0-based; MedSteer-mini has 6). "
-    "**Strength**: the paper's alpha; 0 is the unsteered image.",
-)
-
-
-def _figures(report: dict, edits: list[Edit]) -> list[str]:
-    """The section that says what each grid shows (issue 11)."""
-    n = report.get("grid_seeds", 0)
-    first = report["eval_seeds"][0] if report.get("eval_seeds") else EVAL_SEED_BASE
-    parts = [
-        "## Figures",
-        "",
-        "Each `grid_<edit>.png` has one column per seed: "
-        + (f"the first {n} held-out seeds ({first}, {first + 1}, ...)" if n > 1 else f"held-out seed {first}")
-        + ", the same seeds in every row, so a column is one counterfactual set. Rows, top to bottom:",
-        "",
-        "1. **unsteered**: the source prompt (with the concept), sampled as usual;",
-        "2. **steered**: the same prompt and seed with the pathology vector applied (MedSteer), at the setting "
-        "of Table 2;",
-        "3. **re-prompted**: the same seed sampled with the target prompt instead (the baseline);",
-        "4. **gate**: where steering acted: the gate max(<h, v>, 0) averaged over the sampling steps and the "
-        "steered layers, blended over the unsteered image in viridis colours (purple to yellow = weak to strong; "
-        "where the gate is zero the image shows through).",
-        "",
-        "A good edit changes row 2 only where row 4 is bright, and keeps the rest of row 1; re-prompting "
-        "(row 3) usually redraws the whole scene.",
-        "",
-    ]
-    for edit in edits:
-        parts += [f"![{edit.title}](grid_{edit.name}.png)", ""]
-    return parts
-
-
-def _markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit]) -> str:
-    parts = [
-        "# MedSteer demo on MedSteer-mini",
-        "",
-        f"Held-out seeds: {eval_seeds} (from {EVAL_SEED_BASE}); vectors from {vector_seeds} seeds per prompt; "
-        f"DDIM 20 steps, CFG {report['cfg']:g}. Wall time {report['seconds']} s.",
-        "",
-        *(_figures(report, edits) if edits else []),
-        "## What the numbers mean",
-        "",
-        *METRIC_DEFINITIONS,
-        "",
-        "## Rendering check (oracle assigns the prompted class)",
-        "",
-        _table(
-            ["class", "rendering rate"],
-            [[f"{synthetic.CONCEPTS[k]}", _fmt(v, 2)] for k, v in report["rendering_rate"].items()],
-        ),
-        "",
-        "## Table 2: counterfactual edits, MedSteer vs re-prompting (same seeds)",
-        "",
-    ]
-    rows = []
-    for edit in edits:
-        e = report["edits"][edit.name]
-        st = e["setting"]
-        for method, key in (
-            (f"MedSteer (layers {st['layer_start']}-{st['layer_end']}, strength {st['strength']:g})", "medsteer"),
-            ("Re-prompting", "reprompting"),
-        ):
-            m = e[key]
-            rows.append(
-                [
-                    edit.title,
-                    method,
-                    _fmt(m["flip_rate"]),
-                    _fmt(m["delta_p"]),
-                    _fmt(m["source_removed"]),
-                    _fmt(m["dye_detection"]) if edit.dye else "-",
-                    _fmt(m["bg_psnr"], 2),
-                    _fmt(m["bg_ssim"], 4),
-                    f"{m['succeeded']}/{m['images']}",
-                    _fmt(m["effective_bg_psnr"], 2),
-                    _fmt(m["effective_bg_ssim"], 4),
-                ]
-            )
-    header = ["edit", "method", "flip rate", "delta-p", "source removed", "dye detection", "Bg-PSNR", "Bg-SSIM"]
-    parts.append(_table(header + ["succeeded", "eff. Bg-PSNR", "eff. Bg-SSIM"], rows))
-    sweep_header = ["flip rate", "source removed", "dye detection", "Bg-PSNR", "Bg-SSIM"]
-
-    def sweep_cells(r: dict) -> list[str]:
-        return [
-            _fmt(r["flip_rate"]),
-            _fmt(r["source_removed"]),
-            _fmt(r["dye_detection"]),
-            _fmt(r["bg_psnr"], 2),
-            _fmt(r["bg_ssim"], 4),
-        ]
-
-    if "strength_sweep" in report:
-        title = edits[0].title
-        parts += ["", f"## Table 3: strength sweep ({title})", "", "The Table 2 window, strength varied.", ""]
-        parts.append(
-            _table(
-                ["strength"] + sweep_header, [[f"{r['strength']:g}"] + sweep_cells(r) for r in report["strength_sweep"]]
-            )
-        )
-        parts += [
-            "",
-            f"## Table 4a: window sweep ({title}; layer_end exclusive)",
-            "",
-            "The Table 2 strength, steered layers varied.",
-            "",
-        ]
-        parts.append(
-            _table(
-                ["layers"] + sweep_header,
-                [[f"{r['layer_start']}-{r['layer_end']}"] + sweep_cells(r) for r in report["window_sweep"]],
-            )
-        )
-        parts += [
-            "",
-            f"## Table 4b: seeds sweep ({title})",
-            "",
-            "Vectors built from fewer seeds per prompt, applied at the Table 2 setting. Cosine to full vector: the "
-            "mean cosine similarity of their directions to those of the full vector (1 = the same direction).",
-            "",
-        ]
-        parts.append(
-            _table(
-                ["seeds per prompt", "cosine to full vector"] + sweep_header,
-                [[str(r["seeds"]), _fmt(r["cosine_to_full"])] + sweep_cells(r) for r in report["seeds_sweep"]],
-            )
-        )
-        profile = report["edits"][edits[0].name]["layer_profile"]
-        parts += [
-            "",
-            "Relative concept difference per layer (|mean with - mean without| / |mean|): "
-            + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(profile)),
-        ]
-    parts += ["", 'Definitions of every column: see "What the numbers mean" above.', ""]
-    return "\n".join(parts)
-
-
-#: Calibration seeds: disjoint from the vector seeds (0..), the demo's (900000..) and the tests'.
-CALIBRATION_SEED_BASE = 800_000
-#: The strengths a calibration tries (the mini needs more than the paper's 2.5: see README).
-CALIBRATION_STRENGTHS = (1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
-
-
-def calibrate_and_ship(
-    out_dir: str | Path = VECTOR_DIR,
-    *,
-    edits: tuple[str, ...] | None = None,
-    vector_seeds: int = VECTOR_SEEDS,
-    screen_seeds: int = 16,
-    confirm_seeds: int = 64,
-    confirm_top: int = 6,
-    refine: float = 0.25,
-    strengths: tuple[float, ...] = CALIBRATION_STRENGTHS,
-    windows: list[tuple[int, int]] | None = None,
-    model_path: str | None = None,
-    oracle_path: str | None = None,
-    quiet: bool = False,
-) -> dict:
-    """Choose each edit's window and strength on calibration seeds and save its vector with them.
-
-    For every edit: build the vector, scan the layers, then
-
-    1. **screen**: score every contiguous window (or ``windows``) x ``strengths`` on ``screen_seeds`` seeds;
-    2. **confirm**: re-score the ``confirm_top`` settings of ``scan.shortlist``, each also at
-       ``strength -/+ refine`` (removal jumps over a narrow range of strengths, finer than the
-       screening grid), on ``confirm_seeds`` seeds, together with re-prompting them (the baseline);
-    3. **choose** by ``scan.calibrate`` on the confirmation scores: among settings that remove the
-       concept in at least 85 % of the seeds, the best background.
-
-    The vector is saved with ``calibrated_layer_start`` / ``_end`` / ``calibrated_strength`` and a
-    ``calibration`` record (seeds, rule, the baseline, whether the choice meets issue 5's bar of
-    removal >= 0.8 and Bg-PSNR >= re-prompting, every confirmed row). Every seed used here is
-    disjoint from the demo's held-out seeds, so the demo's numbers are out-of-sample.
-    """
-    from .model import load_mini
-    from .oracle import load_oracle
-    from .scan import MIN_REMOVAL, all_windows, removal, shortlist, sweep_settings
-
-    model = load_mini(model_path)
-    oracle = load_oracle(oracle_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    chosen_edits = [e for e in EDITS if edits is None or e.name in edits]
-    seeds = [CALIBRATION_SEED_BASE + i for i in range(max(screen_seeds, confirm_seeds))]
-    screen, confirm = seeds[:screen_seeds], seeds[:confirm_seeds]
-    if windows is None:
-        windows = all_windows(model.transformer.config.num_layers)
-    settings = [(a, b, float(k)) for a, b in windows for k in strengths]
-    per_edit = 2 * vector_seeds + screen_seeds * (len(settings) + 1) + confirm_seeds * (3 * confirm_top + 2)
-    progress = _Progress(len(chosen_edits) * per_edit, quiet)
-    summary = {}
-    for edit in chosen_edits:
-        progress.stage(f"{edit.name}: vector")
-        vector = build_vector(model, edit.source, edit.target, list(range(vector_seeds)), progress=progress)
-        kind = "dye" if edit.dye else "lesion"
-        local, positive, _ = gate_localisation(model, oracle, vector, edit.source, seeds[:8], kind)
-        progress.stage(f"{edit.name}: screen {len(settings)} settings")
-        originals = model.generate(prompts_for(edit.source, screen), screen)
-        progress(screen_seeds)
-        rows = sweep_settings(
-            model, oracle, vector, edit.source, edit.target, screen, settings,
-            originals=originals, progress=lambda k: progress(k * screen_seeds),
-        )  # fmt: skip
-        picks = shortlist(rows, edit.dye, confirm_top)
-        candidates = list(
-            dict.fromkeys(
-                (r.layer_start, r.layer_end, k)
-                for r in picks
-                for k in (r.strength, r.strength - refine, r.strength + refine)
-                if k > 0 or k == r.strength
-            )
-        )
-        progress.stage(f"{edit.name}: confirm {len(candidates)} settings on {confirm_seeds} seeds")
-        s, t = synthetic.CLASSES.index(edit.source), synthetic.CLASSES.index(edit.target)
-        originals = model.generate(prompts_for(edit.source, confirm), confirm)
-        reprompted = model.generate(prompts_for(edit.target, confirm), confirm)
-        baseline = score_pairs(oracle, originals, reprompted, s, t)
-        progress(2 * confirm_seeds)
-        confirmed = sweep_settings(
-            model, oracle, vector, edit.source, edit.target, confirm,
-            candidates,
-            originals=originals, progress=lambda k: progress(k * confirm_seeds),
-        )  # fmt: skip
-        progress(confirm_seeds * (3 * confirm_top - len(candidates)))
-        best = calibrate(confirmed, edit.dye)
-        meets = removal(best, edit.dye) >= 0.8 and best.bg_psnr >= baseline.bg_psnr
-        record = {
-            "seeds": f"{confirm[0]}..{confirm[-1]}",
-            "screen_seeds": f"{screen[0]}..{screen[-1]}",
-            "rule": f"removal >= {MIN_REMOVAL} on the confirmation seeds, then the best Bg-PSNR",
-            "layer_profile": [round(x, 4) for x in layer_profile(vector)],
-            "gate_localisation": [round(x, 3) for x in local],
-            "gate_positive_fraction": [round(x, 3) for x in positive],
-            "reprompting": baseline.as_dict(),
-            "chosen": best.as_dict(),
-            "meets_issue_bar": meets,
-            "confirmed": [r.as_dict() for r in confirmed],
-        }
-        provenance = vector.provenance
-        vector = vector.with_provenance(
-            provenance.replace(
-                calibrated_layer_start=best.layer_start,
-                calibrated_layer_end=best.layer_end,
-                calibrated_strength=best.strength,
-                extra={**provenance.extra, "calibration": json.dumps(record)},
-            )
-        )
-        save_vector(vector, out_dir / f"{edit.name}.safetensors")
-        summary[edit.name] = record | {"screen": [r.as_dict() for r in rows]}
-        if not quiet:
-            margin = best.bg_psnr - baseline.bg_psnr
-            progress.bar.write(
-                f"{edit.name}: layers {best.layer_start}-{best.layer_end} strength {best.strength:g}: "
-                f"removed {removal(best, edit.dye):.2f}, Bg-PSNR {best.bg_psnr:.2f} dB "
-                f"({margin:+.2f} vs re-prompting) on {confirm_seeds} seeds"
-            )
-    progress.close()
-    return summary
-
-
-def calibration_markdown(summary: dict) -> str:
-    """The layer scan and the confirmation table of each edit, from ``calibrate_and_ship``'s summary."""
-    parts = ["# MedSteer-mini calibration", ""]
-    for name, record in summary.items():
-        dye = next(e.dye for e in EDITS if e.name == name)
-        base = record["reprompting"]
-        parts += [
-            f"## {name}",
-            "",
-            "Layer scan (concept difference from the vector; gate on the first 8 calibration seeds):",
-            "",
-        ]
-        rows = [
-            [str(i), _fmt(d), _fmt(g), _fmt(f)]
-            for i, (d, g, f) in enumerate(
-                zip(
-                    record["layer_profile"],
-                    record["gate_localisation"],
-                    record["gate_positive_fraction"],
-                    strict=True,
-                )
-            )
-        ]
-        parts.append(
-            _table(["layer", "relative concept difference", "gate on concept / area share", "positive gate"], rows)
-        )
-        parts += ["", f"Confirmed on seeds {record['seeds']} (rule: {record['rule']}):", ""]
-        key = "dye_detection" if dye else "flip_rate"
-        label = "dye detection" if dye else "flip rate"
-        rows = [["re-prompting", _fmt(base[key]), _fmt(base["bg_psnr"], 2), _fmt(base["bg_ssim"], 4), ""]]
-        for r in record["confirmed"]:
-            mark = "chosen" if r == record["chosen"] else ""
-            setting = f"layers {r['layer_start']}-{r['layer_end']}, strength {r['strength']:g}"
-            rows.append([setting, _fmt(r[key]), _fmt(r["bg_psnr"], 2), _fmt(r["bg_ssim"], 4), mark])
-        parts.append(_table(["setting", label, "Bg-PSNR", "Bg-SSIM", ""], rows))
-        verdict = "meets" if record["meets_issue_bar"] else "does NOT meet"
-        parts += ["", f"The choice {verdict} the bar (removal >= 0.8, Bg-PSNR >= re-prompting's).", ""]
-    return "\n".join(parts)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -714,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, edits: tuple[str, ...]) -> int:
     out = Path(args.out)
     if args.calibrate:
+        from .calibrate import calibrate_and_ship, calibration_markdown
+
         _check_arguments(out, 1, 1, 1, edits, args.model, args.oracle)
         summary = calibrate_and_ship(
             args.out, edits=edits, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet
