@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ssps", "NORM_EPS"]
+__all__ = ["ssps"]
 
 #: Added to the denominator of the ``preserve_norm`` rescale, as the authors' code does.
 NORM_EPS = 1e-8

@@ -20,31 +20,25 @@ import torch
 from . import vector_ops
 from .errors import VectorMismatchError
 from .provenance import (
-    CALIBRATED_FIELDS,
     STRUCTURAL_KEYS,
     Provenance,
     calibrated_setting,
     metadata_list,
-    site_widths,
     weights_fingerprint,
 )
 from .vector_ops import external_rows, short_widths
 
 __all__ = [
-    "CALIBRATED_FIELDS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "INTERPOLATIONS",
     "READABLE_VERSIONS",
     "PathologyVector",
-    "Provenance",
     "calibrated_setting",
     "load_vector",
     "metadata_list",
     "save_vector",
-    "site_widths",
     "vector_from_bytes",
-    "weights_fingerprint",
 ]
 
 FORMAT_NAME = "medsteer.pathology_vector"

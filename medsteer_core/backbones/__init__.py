@@ -16,7 +16,6 @@ from .base import (
     register_backbone,
     registered_backbones,
     unregister_backbone,
-    unwrap,
 )
 from .pixart import PixArtComfyUI, PixArtDiffusers, check_latent_size
 
@@ -31,7 +30,6 @@ __all__ = [
     "register_backbone",
     "registered_backbones",
     "unregister_backbone",
-    "unwrap",
 ]
 
 register_backbone(PixArtDiffusers())

@@ -28,7 +28,9 @@ __all__ = [
     "Sites",
     "find_sites",
     "register_backbone",
+    "last_linear_width",
     "registered_backbones",
+    "unregister_backbone",
 ]
 
 #: The attribute a model can carry to say which ``Backbone`` steers it (the override of ``find_sites``).
