@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsteer_core import SteeringPlan
 from medsteer_core.backbones import find_sites
 from medsteer_core.mini import build_tokenizer, load_mini, new_mini, save_mini, synthetic
 from medsteer_core.mini.demo import EDITS, setting_of
 from medsteer_core.mini.metrics import score_pairs
 from medsteer_core.mini.scan import prompts_for
+from medsteer_core.plan import SteeringPlan
 from medsteer_core.vector import load_vector
 from tests._mini import shipped_mini, shipped_oracle
 
@@ -113,7 +113,7 @@ def _crafted_mini(tmp_path, drop=(), **changes):
 )
 def test_crafted_mini_metadata_is_a_medsteer_error_before_anything_is_built(tmp_path, drop, changes, message):
     """Issue 12, F10: KeyError / TypeError from a crafted file, and declared sizes that were trusted."""
-    from medsteer_core import MedSteerError
+    from medsteer_core.errors import MedSteerError
     from medsteer_core.mini import load_mini_parts
 
     path = _crafted_mini(tmp_path, drop, **changes)

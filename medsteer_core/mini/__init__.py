@@ -11,7 +11,8 @@ vectors, backbones, the headless route at import time) imports it. It holds
 - ``oracle``: a small CNN that labels and segments those classes (``load_oracle``);
 - ``metrics``: the counterfactual metrics (removal, masked PSNR / SSIM);
 - ``scan``: the layer scan and calibration, and ``build_vector`` through ``VectorEstimator``;
-- ``demo``: ``medsteer demo`` (also ``python -m medsteer_core.mini.demo``);
+- ``demo``: ``medsteer demo`` (also ``python -m medsteer_core.mini.demo``), its ``report.md``
+  writer (``report``) and ``medsteer demo --calibrate`` (``calibrate``);
 - ``assets/``: the shipped model, oracle and pathology vectors.
 
 ``from medsteer_core.mini import load_mini`` is the model's import path; ``python -m
