@@ -260,3 +260,20 @@ def test_the_mini_wing_keeps_modules_and_functions_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 too_long.append(f"{module.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+def test_train_writes_a_loadable_checkpoint_and_resumes_from_its_state(tmp_path):
+    """``mini/train.py`` (moved out of ``model.py``): a few steps write a MedSteer-mini file and its
+    resume state; resuming continues the step count; the result is the mini's family."""
+    from medsteer_core.mini import train
+
+    out = tmp_path / "mini.safetensors"
+    train(out, max_steps=2, per_class=1, batch=2, checkpoint_every=1, log=lambda _: None)
+    assert load_mini(out).metadata["trained_steps"] == "2"
+    assert (tmp_path / "mini.safetensors.state.pt").is_file()
+    lines = []
+    train(out, max_steps=3, per_class=1, batch=2, resume=True, log=lines.append)
+    assert lines[0].startswith("resumed at step 2 (")
+    reloaded = load_mini(out)
+    assert reloaded.metadata["trained_steps"] == "3"
+    assert find_sites(reloaded.transformer).family == "medsteer-mini"
