@@ -193,21 +193,26 @@ def _number(metadata: Mapping[str, str], key: str, kind: type) -> int | float | 
     raw = metadata.get(key, "").strip()
     if not raw:
         return None
-    value: int | float | None = None
-    if len(raw) <= _MAX_NUMBER_CHARS:
-        if kind is int and re.fullmatch(r"-?[0-9]+", raw):
-            value = int(raw)
-        elif kind is float:
-            try:
-                value = float(raw)
-            except ValueError:
-                value = None
-            if value is not None and not math.isfinite(value):
-                value = None
+    value = _plain_number(raw, kind, negative=True)
     if value is None:
         example = "a whole number such as 20" if kind is int else "a finite decimal such as 4.5"
         raise VectorFileError(f"metadata {key}={raw[:80]!r} is not {example}: write it so, or remove the field")
     return value
+
+
+def _plain_number(raw: str, kind: type, negative: bool) -> int | float | None:
+    """``raw`` as a plain decimal ``int`` (``negative``: a leading ``-`` allowed) or finite
+    ``float``, or ``None``. Longer strings are refused before conversion (Python's int/float
+    parsing of thousands of digits is slow or raises its own errors)."""
+    if len(raw) > _MAX_NUMBER_CHARS:
+        return None
+    if kind is int:
+        return int(raw) if re.fullmatch(r"-?[0-9]+" if negative else r"[0-9]+", raw) else None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def metadata_list(metadata: Mapping[str, str], key: str, item: type = str) -> list:
@@ -277,17 +282,7 @@ def calibrated_setting(metadata: Mapping[str, str]) -> dict[str, int | float]:
         if key not in metadata:
             continue
         raw = str(metadata[key]).strip()
-        value: int | float | None = None
-        if len(raw) <= _MAX_NUMBER_CHARS:
-            if kind is int and raw.isascii() and raw.isdigit():
-                value = int(raw)
-            elif kind is float:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = None
-                if value is not None and not math.isfinite(value):
-                    value = None
+        value = _plain_number(raw, kind, negative=False)
         if value is None:
             example = "a whole number such as 8" if kind is int else "a finite decimal such as 2.5"
             raise VectorFileError(
