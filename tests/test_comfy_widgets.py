@@ -22,21 +22,9 @@ from medsteer_core.comfy_widgets import (
 )
 from medsteer_core.gates import PAPER_FIGURE_3, GateMaps, check_index_list, select_maps
 from medsteer_core.provenance import build_metadata
+from tests.test_plan import make_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_vector(depth=4, hidden=16, keys=5, seed=0) -> PathologyVector:
-    g = torch.Generator().manual_seed(seed)
-    count = torch.full((keys,), 2, dtype=torch.int64)
-    return PathologyVector.from_sums(
-        torch.linspace(0, 999, keys),
-        torch.randn(keys, depth, hidden, generator=g, dtype=torch.float64),
-        torch.randn(keys, depth, hidden, generator=g, dtype=torch.float64),
-        count,
-        count.clone(),
-        {"concept_with": "dye"},
-    )
 
 
 # ---------------------------------------------------------------------------------- latents
