@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import MedSteerError, UnsupportedModelError
@@ -291,7 +290,3 @@ def last_linear_width(module: nn.Module) -> int:
     if not linears:
         raise UnsupportedModelError(f"cannot tell the width of cross-attention module {type(module).__name__}")
     return int(linears[-1].out_features)
-
-
-def first_tensor(value) -> torch.Tensor | None:
-    return value if isinstance(value, torch.Tensor) else None
