@@ -194,11 +194,20 @@ def test_quickstart_template_runs_and_shows_pair_heatmap_and_mask(comfy_env, cla
     assert painted.shape == (1, 32, 32, 3)
 
 
+def score_dye_removal(originals, steered, reprompted):
+    """``(had_dye, steered scores, re-prompting scores)`` of ``[B, 3, H, W]`` images by the shipped oracle."""
+    from medsteer_core.mini import metrics, oracle, synthetic
+
+    judge = oracle.load_oracle()
+    dyed, polyp = synthetic.CLASSES.index("dyed"), synthetic.CLASSES.index("polyp")
+    ours = metrics.score_pairs(judge, originals, steered, dyed, polyp, dye_edit=True)
+    baseline = metrics.score_pairs(judge, originals, reprompted, dyed, polyp, dye_edit=True)
+    return float(judge.read(originals).dye_detected.float().mean()), ours, baseline
+
+
 @pytest.fixture(scope="module")
 def quickstart_scores(comfy_env, classes):
     """The template over COMFY_SEEDS, with a re-prompting sampler added on the same seed."""
-    from medsteer_core.mini import metrics, oracle, synthetic
-
     prompt, ids = quickstart_prompt(classes)
     steered_sampler, plain_sampler = ids["Steered sampler"], ids["Unsteered sampler"]
     # Re-prompting: the same sampler settings and seed with the without-concept prompt.
@@ -221,11 +230,7 @@ def quickstart_scores(comfy_env, classes):
         images["reprompted"].append(result.output("902"))
     # IMAGE [B, H, W, 3] -> the oracle's [B, 3, H, W]
     as_batch = {k: torch.cat(v).permute(0, 3, 1, 2).contiguous() for k, v in images.items()}
-    judge = oracle.load_oracle()
-    dyed, polyp = synthetic.CLASSES.index("dyed"), synthetic.CLASSES.index("polyp")
-    ours = metrics.score_pairs(judge, as_batch["unsteered"], as_batch["steered"], dyed, polyp, dye_edit=True)
-    baseline = metrics.score_pairs(judge, as_batch["unsteered"], as_batch["reprompted"], dyed, polyp, dye_edit=True)
-    had_dye = float(judge.read(as_batch["unsteered"]).dye_detected.float().mean())
+    had_dye, ours, baseline = score_dye_removal(as_batch["unsteered"], as_batch["steered"], as_batch["reprompted"])
     print(
         f"\nComfyUI route, {len(COMFY_SEEDS)} held-out seeds: had dye {had_dye:.3f}; steered {ours}; re-prompted {baseline}"
     )
@@ -250,7 +255,6 @@ def test_comfyui_route_agrees_with_the_library_route(quickstart_scores):
     differ only in how clipping enters the sampler (see README), so removal rates agree closely."""
     from medsteer_core import SteeringPlan, load_vector
     from medsteer_core import mini as library
-    from medsteer_core.mini import metrics, oracle, synthetic
 
     model = library.load_mini()
     vector = load_vector(library.VECTOR_DIR / "dye_removal.safetensors")
@@ -259,10 +263,7 @@ def test_comfyui_route_agrees_with_the_library_route(quickstart_scores):
     originals = model.generate(source, COMFY_SEEDS)
     steered = model.generate(source, COMFY_SEEDS, plans=[plan])
     reprompted = model.generate([POLYP_PROMPT] * len(COMFY_SEEDS), COMFY_SEEDS)
-    judge = oracle.load_oracle()
-    dyed, polyp = synthetic.CLASSES.index("dyed"), synthetic.CLASSES.index("polyp")
-    ours = metrics.score_pairs(judge, originals, steered, dyed, polyp, dye_edit=True)
-    baseline = metrics.score_pairs(judge, originals, reprompted, dyed, polyp, dye_edit=True)
+    _, ours, baseline = score_dye_removal(originals, steered, reprompted)
     print(f"\nlibrary route, same seeds: steered {ours}; re-prompted {baseline}")
     _, comfy_ours, _ = quickstart_scores
     assert 1 - ours.dye_detection >= 0.8 and ours.bg_psnr > baseline.bg_psnr, (ours, baseline)
