@@ -15,9 +15,11 @@ from .base import (
     find_sites,
     register_backbone,
     registered_backbones,
+    resolve_layers,
     unregister_backbone,
 )
 from .pixart import PixArtComfyUI, PixArtDiffusers, check_latent_size
+from .unet import UNetComfyUI, UNetDiffusers, UNetSite, unet_family
 
 __all__ = [
     "Backbone",
@@ -25,12 +27,19 @@ __all__ = [
     "PixArtComfyUI",
     "PixArtDiffusers",
     "Sites",
+    "UNetComfyUI",
+    "UNetDiffusers",
+    "UNetSite",
     "check_latent_size",
     "find_sites",
     "register_backbone",
     "registered_backbones",
+    "resolve_layers",
+    "unet_family",
     "unregister_backbone",
 ]
 
 register_backbone(PixArtDiffusers())
 register_backbone(PixArtComfyUI())
+register_backbone(UNetDiffusers())
+register_backbone(UNetComfyUI())

@@ -14,6 +14,7 @@ attribute ``medsteer_backbone`` on the model; ``register_backbone`` adds one for
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ __all__ = [
     "register_backbone",
     "last_linear_width",
     "registered_backbones",
+    "resolve_layers",
     "unregister_backbone",
 ]
 
@@ -65,6 +67,10 @@ class Backbone:
     def token_grid(self, transformer: nn.Module, index: int, latent_size: tuple[int, int]) -> tuple[int, int]:
         """``(rows, columns)`` of site ``index``'s image tokens for a latent of ``latent_size``."""
         raise NotImplementedError
+
+    def site_name(self, transformer: nn.Module, index: int) -> str:
+        """The name users know site ``index`` by (``"block 3"``; UNets: ``"input 7.3"``, ``"middle 0"``)."""
+        return f"block {index}"
 
     def read_call(self, transformer: nn.Module, args: tuple, kwargs: dict):
         """``(latents, timesteps, transformer_options)`` of one call of ``transformer``'s forward.
@@ -145,7 +151,29 @@ class Sites:
 
     @property
     def family(self) -> str:
-        return self.backbone.family
+        """The model's family: the backbone's ``family_of(transformer)`` where it has one (UNets:
+        ``"sd1"``, ``"sdxl"``, ...), else its ``family``."""
+        family_of = getattr(self.backbone, "family_of", None)
+        return str(family_of(self.transformer)) if callable(family_of) else self.backbone.family
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Each site's name, in execution order (PixArt: ``"block 0"``...; UNets: ``"input 1"``...)."""
+        return tuple(str(self.backbone.site_name(self.transformer, i)) for i in range(self.depth))
+
+    def resolve_layers(self, text: str) -> tuple[int, int]:
+        """The ``[start, end)`` window (execution order) that ``text`` names.
+
+        Accepts ``"8-16"`` (indices, end exclusive), ``"8"`` (one site), a name (``"middle"``,
+        ``"input 7"`` = every site of input block 7, ``"input 7.3"``, ``"output"`` = every output
+        site) or a range of names ``"input 7 - output 2"`` (both ends inclusive). Case and spaces
+        between a word and its number do not matter.
+
+        Raises:
+            ValueError: the text names no site, or an empty or reversed window; the message lists
+                the valid names.
+        """
+        return resolve_layers(self.names, text)
 
     @property
     def pixel_scale(self) -> int:
@@ -175,6 +203,52 @@ class Sites:
                 f"{self.depth} layers: use 0 <= layer_start < layer_end <= {self.depth} "
                 "(layer_end is exclusive; the paper's window is 8-16 on the 28-layer PixArt-XL-2)"
             )
+
+
+def _normal_name(text: str) -> str:
+    """``"Input7.3"`` / ``" input   7.3 "`` -> ``"input 7.3"``."""
+    return re.sub(r"\s+", " ", re.sub(r"([a-z])\s*(\d)", r"\1 \2", str(text).strip().lower()))
+
+
+def _block_names(names: Sequence[str]) -> list[str]:
+    """The names without transformer indices, once each (``"input 7"`` for ``"input 7.0"``...)."""
+    return list(dict.fromkeys(name.split(".")[0] for name in names))
+
+
+def _matching(names: Sequence[str], query: str) -> range | None:
+    """The contiguous sites that ``query`` names: the site itself, or every site of the block/kind."""
+    hits = [i for i, n in enumerate(names) if n == query or n.startswith(query + ".") or n.startswith(query + " ")]
+    if not hits or hits != list(range(hits[0], hits[-1] + 1)):
+        return None
+    return range(hits[0], hits[-1] + 1)
+
+
+def resolve_layers(names: Sequence[str], text: str) -> tuple[int, int]:
+    """``Sites.resolve_layers`` over a list of site names (see there)."""
+    spec = str(text).strip()
+    depth = len(names)
+    valid = ", ".join(_block_names(names))
+    usage = (
+        f"use 'start-end' indices (0 <= start < end <= {depth}, end exclusive), a name, or 'name - name' "
+        f"(both ends inclusive); this model's blocks are: {valid}"
+    )
+    parts = [p.strip() for p in spec.split("-")]
+    if all(re.fullmatch(r"\d+", p) for p in parts) and len(parts) in (1, 2):
+        start = int(parts[0])
+        end = int(parts[1]) if len(parts) == 2 else start + 1
+    elif len(parts) in (1, 2) and not any(re.fullmatch(r"\d+", p) for p in parts):
+        ranges = [_matching(names, _normal_name(p)) for p in parts]
+        unknown = [p for p, r in zip(parts, ranges, strict=True) if r is None]
+        if unknown:
+            raise ValueError(f"layers {text!r}: no site is named {unknown[0]!r}; {usage}")
+        start, end = ranges[0].start, ranges[-1].stop
+    else:
+        raise ValueError(f"layers {text!r} is not a layer window: {usage}")
+    if not 0 <= start < end <= depth:
+        raise ValueError(
+            f"layers {text!r} is the window [{start}, {end}), which is empty or outside the model; {usage}"
+        )
+    return start, end
 
 
 _REGISTRY: list[Backbone] = []
