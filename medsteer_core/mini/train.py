@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import synthetic
-from .model import MAX_TOKENS, PREDICTION, SCHEDULE, MiniModel, new_mini, save_mini
+from .model import DEFAULT_CFG, MAX_TOKENS, PREDICTION, SCHEDULE, MiniModel, load_mini, new_mini, save_mini
 
 __all__ = ["main", "train"]
 
@@ -68,12 +68,30 @@ class _Run:
         log(f"checkpoint at step {self.step} ({elapsed / 60:.1f} min) -> {self.out}")
 
 
-def _new_run(out: Path, seed: int, lr: float, resume: bool, reset_ema: bool, log) -> _Run:
+def _new_models(seed: int, denoiser: str) -> tuple[MiniModel, MiniModel, list[nn.Module], list[nn.Module]]:
+    """The model and its EMA copy, and the networks of each that learn. MedSteer-mini trains its
+    transformer and T5 jointly; the mini-UNet trains its UNet only, under the shipped mini's T5."""
+    if denoiser == "pixart":
+        model, ema = new_mini(seed), new_mini(seed)
+        return model, ema, [model.transformer, model.text_encoder], [ema.transformer, ema.text_encoder]
+    if denoiser != "unet":
+        raise ValueError(f"denoiser must be 'pixart' or 'unet', got {denoiser!r}")
+    from .unet import build_unet
+
+    torch.manual_seed(seed)
+    text = load_mini()
+    text.text_encoder.requires_grad_(False)
+    meta = {"prediction_type": PREDICTION, "default_cfg": DEFAULT_CFG, "text_encoder": "medsteer-mini (frozen)"}
+    model = MiniModel(build_unet().eval(), text.text_encoder, text.tokenizer, dict(meta))
+    ema = MiniModel(build_unet().eval(), text.text_encoder, text.tokenizer, dict(meta))
+    return model, ema, [model.transformer], [ema.transformer]
+
+
+def _new_run(out: Path, seed: int, lr: float, resume: bool, reset_ema: bool, log, denoiser: str = "pixart") -> _Run:
     """Fresh networks with an identical EMA copy, or the state saved next to ``out`` when resuming."""
-    model = new_mini(seed)
-    ema = new_mini(seed)
-    nets = nn.ModuleList([model.transformer, model.text_encoder]).train()
-    ema_nets = nn.ModuleList([ema.transformer, ema.text_encoder])
+    model, ema, learning, ema_learning = _new_models(seed, denoiser)
+    nets = nn.ModuleList(learning).train()
+    ema_nets = nn.ModuleList(ema_learning)
     ema_nets.load_state_dict(nets.state_dict())
     ema_nets.requires_grad_(False)
     optimiser = torch.optim.AdamW(nets.parameters(), lr=lr, weight_decay=0.0)
@@ -93,9 +111,11 @@ def _new_run(out: Path, seed: int, lr: float, resume: bool, reset_ema: bool, log
 
 def _encode_train(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    return text_encoder(
-        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-    ).last_hidden_state, tokens["attention_mask"]
+    frozen = not any(p.requires_grad for p in text_encoder.parameters())
+    with torch.set_grad_enabled(not frozen):
+        return text_encoder(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state, tokens["attention_mask"]
 
 
 def _train_step(run: _Run, batch: dict, alphas: torch.Tensor, lr: float, ema_decay: float) -> float:
@@ -173,6 +193,7 @@ def train(
     resume: bool = False,
     reset_ema: bool = False,
     threads: int | None = None,
+    denoiser: str = "pixart",
     log=print,
 ) -> MiniModel:
     """Train MedSteer-mini on the synthetic classes (v-prediction, linear DDPM schedule).
@@ -189,11 +210,11 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    run = _new_run(Path(out), seed, lr, resume, reset_ema, log)
+    run = _new_run(Path(out), seed, lr, resume, reset_ema, log, denoiser)
     alphas = DDPMScheduler(**SCHEDULE).alphas_cumprod
     batches = _Batches(per_class, batch, caption_dropout, torch.Generator().manual_seed(seed + run.step), log)
     params = sum(p.numel() for p in run.model.transformer.parameters())
-    text_params = sum(p.numel() for p in run.model.text_encoder.parameters())
+    text_params = sum(p.numel() for p in run.model.text_encoder.parameters() if p.requires_grad)
     run.settings = {
         "batch": batch,
         "lr": lr,
@@ -205,6 +226,7 @@ def train(
         "text_encoder_parameters": text_params,
         "threads": torch.get_num_threads(),
         "prediction": PREDICTION,
+        "denoiser": denoiser,
     }
     log(f"training: {params / 1e6:.2f}M transformer + {text_params / 1e6:.2f}M text parameters; {run.settings}")
     run.start = time.time()
@@ -238,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
     p.add_argument("--reset-ema", action="store_true", help="on resume, restart the EMA from the current weights")
+    p.add_argument(
+        "--denoiser",
+        choices=("pixart", "unet"),
+        default="pixart",
+        help="pixart: MedSteer-mini (default); unet: MedSteer-mini-UNet under the shipped mini's frozen text encoder",
+    )
     args = parser.parse_args(argv)
     train(
         args.out,
@@ -251,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         reset_ema=args.reset_ema,
         threads=args.threads,
+        denoiser=args.denoiser,
         log=lambda msg: print(msg, flush=True),
     )
     return 0
