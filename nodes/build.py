@@ -65,7 +65,11 @@ class BuildPathologyVector(io.ComfyNode):
                 "Done once per concept pair; save it with SavePathologyVector."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The PixArt model the vector is for (the one you will steer)."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model the vector is for (the one you will steer): PixArt, SD1.x, SD2.x or "
+                    "SDXL. A vector fits only models of its family and size.",
+                ),
                 io.Conditioning.Input(
                     "with_concept",
                     tooltip="Prompt WITH the concept, e.g. 'An endoscopic image of dyed lifted polyps'.",
@@ -83,7 +87,7 @@ class BuildPathologyVector(io.ComfyNode):
                     "latent_image",
                     tooltip="Only its size and batch size are used: images of this size, this many seeds "
                     "per sampling pass (a bigger batch is faster if memory allows). Use the size you "
-                    "will steer at; at least 34x34 latent pixels (272 px).",
+                    "will steer at (PixArt: at least 34x34 latent pixels, 272 px).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -109,8 +113,8 @@ class BuildPathologyVector(io.ComfyNode):
                     max=100.0,
                     step=0.1,
                     round=0.01,
-                    tooltip="Classifier-free guidance scale (PixArt's default 4.5). Only the conditional "
-                    "rows are recorded.",
+                    tooltip="Classifier-free guidance scale (PixArt's default 4.5; SD1.x/2.x use about 7). Only the "
+                    "conditional rows are recorded.",
                 ),
                 io.Combo.Input(
                     "sampler_name",
@@ -239,7 +243,7 @@ def _metadata(prompt, node_id, model, sites, seeds, size, sampling) -> dict[str,
         scheduler=scheduler,
         height=height,
         width=width,
-        model_family=model_family(model),
+        model_family=model_family(model, sites),
         host="ComfyUI BuildPathologyVector",
         sites=sites,
         # ComfyUI patches LoRA weights into the module only while that model is loaded, so the

@@ -1,4 +1,4 @@
-"""What the MedSteer nodes share: the PATHOLOGY_VECTOR socket, PixArt checks, per-call row info.
+"""What the MedSteer nodes share: the PATHOLOGY_VECTOR socket, model checks, per-call row info.
 
 The hooks of ``medsteer_core`` need, for every model call, the model timestep of each batch row,
 which rows are conditional and the token grid. Inside ComfyUI an ``APPLY_MODEL`` wrapper sees all
@@ -15,13 +15,22 @@ import os
 from comfy_api.latest import io
 
 from ..medsteer_core import UnsupportedModelError
-from ..medsteer_core.backbones import Sites, find_sites
+from ..medsteer_core.backbones import Sites, find_sites, registered_backbones
 from ..medsteer_core.hooks import CallInfo
 
 #: The one custom socket type of the pack: a ``medsteer_core.PathologyVector``.
 PathologyVectorSocket = io.Custom("PATHOLOGY_VECTOR")
 
 CATEGORY = "medsteer"
+
+#: The site names of the released UNets, for tooltips (``Sites.names`` of each model; Inspect lists a
+#: vector's own). Sites are numbered in execution order: input blocks, middle, output blocks.
+UNET_SITES_HELP = (
+    "SD1.x/2.x have 16 sites: 'input 1', 'input 2', 'input 4', 'input 5', 'input 7', 'input 8' "
+    "(indices 0-5), 'middle 0' (6), 'output 3' to 'output 11' (7-15). SDXL has 70: 'input 4.0' to "
+    "'input 8.9', 'middle 0.0' to 'middle 0.9', 'output 0.0' to 'output 5.1' (two transformer blocks "
+    "in input 4, 5 and output 3, 4, 5; ten in input 7, 8, middle 0 and output 0, 1, 2)."
+)
 
 
 def model_name_problem(name: object, where: str) -> str | None:
@@ -45,39 +54,54 @@ def inside(root: str, name: str) -> str | None:
     return path if os.path.commonpath([root, path]) == root else None
 
 
+def supported_families() -> str:
+    """The model families MedSteer steers inside ComfyUI (every registered ComfyUI-host backbone)."""
+    return "; ".join(b.name for b in registered_backbones() if b.host == "comfyui")
+
+
 def model_sites(model) -> Sites:
-    """The cross-attention sites of a ComfyUI MODEL, or a clear error if it is not PixArt.
+    """The cross-attention sites of a ComfyUI MODEL, or a clear error naming the supported families.
+
+    Every ComfyUI-host backbone is accepted: PixArt-alpha/-sigma (``PixArtMS``), the Stable
+    Diffusion 1.x/2.x/XL UNets (``UNetModel``) and MedSteer-mini.
 
     Raises:
-        UnsupportedModelError: the MODEL is not a PixArt (alpha or sigma) diffusion model.
+        UnsupportedModelError: the MODEL is none of them.
     """
     base = getattr(model, "model", None)
     diffusion_model = getattr(base, "diffusion_model", None)
     if diffusion_model is None:
         raise UnsupportedModelError(
-            f"MedSteer needs a PixArt MODEL, got {type(base).__name__}: load a PixArt-alpha or "
-            "PixArt-sigma checkpoint (for example with the MedSteer PixArt loader)"
+            f"MedSteer cannot steer this MODEL ({type(base).__name__}: it has no diffusion model). "
+            f"It steers the cross-attention of: {supported_families()}. Load one of them, for example an "
+            "SD1.5 / SD2.1 / SDXL checkpoint with Load Checkpoint, or PixArt with the MedSteer PixArt loader"
         )
     try:
         sites = find_sites(diffusion_model)
     except UnsupportedModelError:
-        family = type(getattr(base, "model_config", None)).__name__
+        kind = type(getattr(base, "model_config", None)).__name__
         raise UnsupportedModelError(
-            f"MedSteer steers PixArt's cross-attention, but this MODEL is {family} "
-            f"({type(diffusion_model).__name__}): load a PixArt-alpha or PixArt-sigma checkpoint "
-            "(for example PixArt-XL-2-512x512 with the MedSteer PixArt loader)"
+            f"MedSteer cannot steer this MODEL: it is {kind} ({type(diffusion_model).__name__}). It steers "
+            f"the cross-attention of: {supported_families()}. Load one of them, for example an SD1.5 / "
+            "SD2.1 / SDXL checkpoint with Load Checkpoint, or PixArt-XL-2-512x512 with the MedSteer PixArt loader"
         ) from None
     if sites.host != "comfyui":
-        raise UnsupportedModelError(f"expected ComfyUI's PixArtMS inside the MODEL, found {sites.host} modules")
+        raise UnsupportedModelError(
+            f"expected ComfyUI's own model classes inside the MODEL, found {sites.backbone.name}: load the "
+            "model with a ComfyUI loader"
+        )
     return sites
 
 
-def model_family(model) -> str:
-    """``pixart-alpha`` / ``pixart-sigma``, the names the CLI writes too (so vectors built in
-    either host merge), from ComfyUI's image_model name; else the config's class name."""
+def model_family(model, sites: Sites | None = None) -> str:
+    """The family written into vectors, the same names the CLI writes (so vectors built in either
+    host merge): ``pixart-alpha`` / ``pixart-sigma`` / ``medsteer-mini`` from ComfyUI's
+    ``image_model``; for the UNets their backbone's family (``sd1``, ``sd2``, ``sdxl``, ...)."""
     config = getattr(getattr(model, "model", None), "model_config", None)
-    unet_config = getattr(config, "unet_config", None) or {}
-    return str(unet_config.get("image_model") or type(config).__name__).replace("_", "-")
+    image_model = (getattr(config, "unet_config", None) or {}).get("image_model")
+    if image_model:
+        return str(image_model).replace("_", "-")
+    return (sites or model_sites(model)).family
 
 
 def call_info(base_model, x, sigma, transformer_options) -> CallInfo:

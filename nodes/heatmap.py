@@ -9,14 +9,16 @@ one steered model).
 
 from __future__ import annotations
 
+import re
+
 import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.comfy_widgets import HEATMAP_PRESETS, heatmap_selection, resolve_edit
-from ..medsteer_core.gates import select_maps
+from ..medsteer_core.gates import HeatmapSelection, parse_layers, select_maps
 from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, selection_mask
-from .common import CATEGORY, model_sites
+from .common import CATEGORY, UNET_SITES_HELP, model_sites
 from .steer import steering_of
 
 
@@ -65,8 +67,12 @@ class GateHeatmap(io.ComfyNode):
                 io.String.Input(
                     "layers",
                     default="mean",
-                    tooltip="Layers to show: 'mean' (average over the steered layers), a list '8,12' or a "
-                    "range '8-16' (end exclusive); only steered layers have gates. Used when preset is custom.",
+                    tooltip="Layers to show: 'mean' (average over the steered layers), a list '8,12', a "
+                    "range '8-16' (end exclusive), or site names, comma-separated: 'middle', 'input 7' (all "
+                    "its transformer blocks), 'input 7 - output 2' (both ends included). Only steered layers "
+                    "have gates; a UNet's coarser levels are upsampled to the finest steered grid. "
+                    + UNET_SITES_HELP
+                    + " Used when preset is custom.",
                 ),
                 io.Combo.Input(
                     "colormap",
@@ -108,11 +114,12 @@ class GateHeatmap(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, preset: str | None = None, steps: str | None = None, layers: str | None = None):
-        # The syntax is checked before sampling; the range needs the recorded run (checked in execute).
+        # The syntax is checked before sampling; the range and site names need the model and the
+        # recorded run (checked in execute).
         if preset is None or steps is None or layers is None:
             return True
         try:
-            heatmap_selection(preset, steps, layers)
+            heatmap_selection(preset, steps, layers if by_index(layers) else "mean")
         except ValueError as error:
             return str(error)
         return True
@@ -135,7 +142,9 @@ class GateHeatmap(io.ComfyNode):
             raise MedSteerError(
                 "this MODEL is not steered: connect the output of ApplySSPSSteer (the model the sampler used)"
             )
-        selection = heatmap_selection(preset, steps, layers)
+        selection = heatmap_selection(preset, steps, layers if by_index(layers) else "mean")
+        if HEATMAP_PRESETS[preset] is None and not by_index(layers):  # custom, with site names
+            selection = HeatmapSelection(selection.steps, str(layers))
         plan = resolve_edit(edit, len(wrapper.plans))
         samples = latent["samples"]
         record = wrapper.record_for(samples)
@@ -165,9 +174,11 @@ class GateHeatmap(io.ComfyNode):
         scale = sites.pixel_scale
         mask_size = tuple(image.shape[1:3]) if image is not None else (height * scale, width * scale)
 
+        chosen = selection.layers if by_index(selection.layers) else named_layers(sites, selection.layers)
         pictures, masks = [], []
         for b in range(batch):
-            maps, step_labels, layer_labels = select_maps(gates, selection.steps, selection.layers, image=b)
+            maps, step_labels, layer_labels = select_maps(gates, selection.steps, chosen, image=b)
+            layer_labels = site_labels(sites, gates.layers, chosen, layer_labels)
             if image is None:
                 pictures.append(gate_grid(maps, step_labels, layer_labels, colormap=colormap))
             else:
@@ -177,3 +188,34 @@ class GateHeatmap(io.ComfyNode):
                         pictures.append(overlay(picture, maps[s, layer], opacity, colormap))
             masks.append(selection_mask(maps, mask_size))
         return io.NodeOutput(torch.stack(pictures), torch.stack(masks))
+
+
+def by_index(text) -> bool:
+    """Whether a layers text uses indices or the words ('mean', '8,12', '8-16'), not site names."""
+    raw = str(text).strip().lower()
+    return raw in ("mean", "all", "") or re.fullmatch(r"[0-9\s,;-]*", raw) is not None
+
+
+def named_layers(sites, text: str) -> list[int]:
+    """The site indices a comma-separated list of names covers ('middle', 'input 7 - output 2'), in order.
+
+    Raises:
+        ValueError: a part names no site of this model (the message lists the valid names).
+    """
+    indices: list[int] = []
+    for part in str(text).replace(";", ",").split(","):
+        if part.strip():
+            start, end = sites.resolve_layers(part)
+            indices.extend(i for i in range(start, end) if i not in indices)
+    return indices
+
+
+def site_labels(sites, recorded, chosen, labels: list[str]) -> list[str]:
+    """Column labels by site name where the model names its sites (UNets: 'input 7.3'), else ``labels``."""
+    names = sites.names
+    if all(name == f"block {i}" for i, name in enumerate(names)):
+        return labels
+    picked = parse_layers(chosen, recorded)
+    if picked == "mean":
+        return [f"{names[recorded[0]]} to {names[recorded[-1]]} mean"]
+    return [names[i] for i in picked]

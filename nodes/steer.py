@@ -1,4 +1,4 @@
-"""ApplySSPSSteer: a steered clone of a PixArt MODEL (the paper's SSPS on cross-attention).
+"""ApplySSPSSteer: a steered clone of a MODEL (the paper's SSPS on cross-attention).
 
 Patching without side effects (STYLE.md): validate, clone, then register one keyed
 ``APPLY_MODEL`` wrapper on the clone. The wrapper holds every chained steering plan and opens the
@@ -6,6 +6,27 @@ core's ``steering`` context around a single model call, so the hooks exist only 
 and an unsteered sampler sharing the same weights never sees them. A chained ApplySSPSSteer
 replaces the wrapper on its own clone with one holding the upstream plans plus its own; the
 upstream model keeps its wrapper and options untouched.
+
+The patch point, for PixArt and the SD1.x/2.x/XL UNets alike, is that keyed ``APPLY_MODEL``
+wrapper, not ComfyUI's ``attn2_output_patch`` (issue 10 weighed both). The output patch does see
+the block (``extra_options["block"]``, ``"block_index"``), ``cond_or_uncond`` and the rows'
+``sigmas``, but:
+
+- turning sigmas into model timesteps needs the ``model_sampling`` in use when sampling runs. The
+  wrapper reads it from the ``BaseModel`` it wraps at every call, so a ModelSamplingDiscrete
+  (v-prediction, zsnr) placed after this node is honoured; a patch function would have to keep
+  the one this node saw;
+- PixArt ignores attention patches, so the output patch would be a second route for UNets only,
+  with its own gate recording and capture, while the hooks serve every backbone, are
+  torch.compile-safe (``site_forward``) and are what BuildPathologyVector captures with.
+
+What the wrapper route gives, each checked in ``tests/comfyui/test_unet_nodes.py``: the rows'
+timesteps, ``cond_or_uncond`` and the latent size per call; site identity by module (the UNet
+backbone's sites carry ComfyUI's block names); other packs' ``attn2_output_patch`` functions run
+after the hook and see the steered output, in either node order; LoRA weight patches, PAG (its
+extra perturbed call is a call of the steered model, so it is steered too) and ControlNet
+compose. A ControlNet is never steered: it runs in ``calc_cond_batch`` before ``apply_model``,
+outside the wrapper, and its transformer blocks are its own modules, which carry no hooks.
 """
 
 from __future__ import annotations
@@ -21,7 +42,7 @@ from ..medsteer_core.gates import GateRecord
 from ..medsteer_core.hooks import steering
 from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
 from ..medsteer_core.vector import INTERPOLATIONS
-from .common import CATEGORY, PathologyVectorSocket, call_info, model_sites, split_call
+from .common import CATEGORY, UNET_SITES_HELP, PathologyVectorSocket, call_info, model_sites, split_call
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 #: The key of MedSteer's wrappers on a ModelPatcher (one per wrapper type).
@@ -105,7 +126,7 @@ def steered_clone(model, plan):
 
 
 def percent_to_timestep(model):
-    """ComfyUI's percent (0 = start of sampling) -> PixArt model timestep (0-999)."""
+    """ComfyUI's percent (0 = start of sampling) -> model timestep (0-999)."""
     sampling = model.get_model_object("model_sampling")
 
     def convert(percent: float) -> float:
@@ -123,7 +144,8 @@ class ApplySSPSSteer(io.ComfyNode):
             display_name="MedSteer Apply SSPS Steering",
             category=CATEGORY,
             description=(
-                "Returns a steered clone of a PixArt model: at every step, each image token's "
+                "Returns a steered clone of a PixArt or Stable Diffusion (1.x, 2.x, XL) model: at every "
+                "step, each image token's "
                 "cross-attention output h in the chosen layers becomes h - strength * max(<h, v>, 0) * v, "
                 "with v the pathology vector (the paper's Spatially Selective Pathology Steering). Sample "
                 "it and the unsteered model with the same seed to get a counterfactual pair. Chain two "
@@ -132,13 +154,14 @@ class ApplySSPSSteer(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The PixArt model to steer. It is cloned: the input model stays unsteered, so "
-                    "the unsteered sampler of the pair can share it.",
+                    tooltip="The model to steer: PixArt-alpha/-sigma, SD1.x, SD2.x (eps or v) or SDXL, "
+                    "e.g. from Load Checkpoint. It is cloned: the input model stays unsteered, so the "
+                    "unsteered sampler of the pair can share it.",
                 ),
                 PathologyVectorSocket.Input(
                     "pathology_vector",
                     tooltip="The concept direction, from BuildPathologyVector or LoadPathologyVector. It must "
-                    "come from a model of the same size.",
+                    "come from a model of the same family and size (an SD1.5 vector does not fit SDXL).",
                 ),
                 io.Float.Input(
                     "strength",
@@ -156,16 +179,18 @@ class ApplySSPSSteer(io.ComfyNode):
                     default=8,
                     min=0,
                     max=255,
-                    tooltip="First steered transformer block (0-based). The paper steers blocks 8-16 of "
-                    "PixArt-XL-2's 28.",
+                    tooltip="First steered cross-attention site (0-based, in execution order). The paper "
+                    "steers blocks 8-16 of PixArt-XL-2's 28. " + UNET_SITES_HELP + " Ignored when 'layers' "
+                    "below is set.",
                 ),
                 io.Int.Input(
                     "layer_end",
                     default=16,
                     min=1,
                     max=256,
-                    tooltip="One past the last steered block (exclusive): 8 to 16 steers 8 blocks, the "
-                    "paper's best window (in its ablation 0-8 and 12-20 flipped almost no images).",
+                    tooltip="One past the last steered site (exclusive): 8 to 16 steers 8 blocks, the "
+                    "paper's best window on PixArt (in its ablation 0-8 and 12-20 flipped almost no images). "
+                    "Ignored when 'layers' below is set.",
                 ),
                 io.Float.Input(
                     "start_percent",
@@ -206,6 +231,15 @@ class ApplySSPSSteer(io.ComfyNode):
                     "timestep, or a linear blend of the two neighbours. Equal when sampling with the "
                     "vector's own sampler, scheduler and steps.",
                 ),
+                io.String.Input(
+                    "layers",
+                    default="",
+                    optional=True,
+                    tooltip="The window by the names users know, instead of layer_start/layer_end (empty = "
+                    "use those): a block 'middle', 'input 7' (all its transformer blocks), 'input 7.3', a "
+                    "range of names 'input 7 - output 2' (both ends included) or indices '8-16' (end "
+                    "excluded). " + UNET_SITES_HELP + " PixArt's sites are 'block 0' to 'block 27'.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -223,11 +257,13 @@ class ApplySSPSSteer(io.ComfyNode):
         layer_end: int | None = None,
         start_percent: float | None = None,
         end_percent: float | None = None,
+        layers: str | None = None,
     ):
         # What can be checked before the graph runs (depth and vector fit are checked in execute).
         # Inputs fed by a link are unknown here (None). Naming an input here turns off ComfyUI's own
         # min/max check for it, so the ranges are checked again in execute (make_plan).
-        if layer_start is not None and layer_end is not None and layer_end <= layer_start:
+        by_name = bool(str(layers or "").strip())
+        if not by_name and layer_start is not None and layer_end is not None and layer_end <= layer_start:
             return (
                 f"empty layer window: layer_end {layer_end} must be greater than layer_start {layer_start} "
                 "(layer_end is exclusive; the paper uses 8 and 16)"
@@ -252,8 +288,11 @@ class ApplySSPSSteer(io.ComfyNode):
         rows: str,
         preserve_norm: bool,
         interpolation: str,
+        layers: str = "",
     ) -> io.NodeOutput:
         sites = model_sites(model)
+        if str(layers or "").strip():
+            layer_start, layer_end = sites.resolve_layers(layers)
         plan = make_plan(
             sites,
             pathology_vector,

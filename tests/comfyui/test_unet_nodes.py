@@ -1,0 +1,270 @@
+"""The MedSteer nodes on Stable Diffusion UNets (issue 10) in real ComfyUI graphs.
+
+Tiny random-weight SD1.x / SD2.x (eps and v) / SDXL UNets built from ComfyUI's own model classes
+(``medsteer_unet_test_nodes``), sampled by ComfyUI's KSampler on a non-square 8x12 latent. The
+tiny SD models have 7 sites of widths 32 and 64 (ragged); the tiny SDXL has 11, two transformer
+blocks per block at its deeper levels. Equality claims are bit-exact (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_boot import TEST_PACK, Graph, keep, pixart
+from unet_graphs import (
+    LATENT,
+    TINY_SD_NAMES,
+    TINY_SD_WIDTHS,
+    core_sample,
+    ensure_unet_nodes,
+    ksampler,
+    load,
+    random_vector,
+    sd_latent,
+    sd_prompt,
+    sites_of,
+    steer,
+    unet,
+    write_vector,
+)
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_env):
+    return ensure_unet_nodes()
+
+
+def node_class(name: str):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def apply_steer(model, vector, layers: str = "", strength: float = 2.5, rows: str = "cond and uncond"):
+    """ApplySSPSSteer's execute, outside a graph (what the node returns)."""
+    output = node_class("ApplySSPSSteer").execute(
+        model, vector, strength, 0, 1, 0.0, 1.0, rows, False, "nearest", layers=layers
+    )
+    return output.result[0]
+
+
+def sample(model, positive, negative, steps: int = 2, cfg: float = 5.0, batch: int = 1):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, *LATENT)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    with torch.inference_mode():
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=3, disable_pbar=True
+        )
+
+
+# ------------------------------------------------------------------------------------ models
+def test_every_comfyui_unet_is_a_site_model_with_its_family(comfy_env, pack):
+    common = comfy_env.pack.nodes.common
+    for family in ("sd1", "sd2", "sdxl"):
+        model = pack.tiny_unet(family, size="wide", device="meta")
+        sites = common.model_sites(model)
+        assert (sites.family, common.model_family(model)) == (family, family)
+        assert sites.names == ("input 1", "middle 0", "output 0", "output 1")
+    tiny = pack.tiny_unet("sd2-v")
+    sites = common.model_sites(tiny)
+    assert (sites.names, sites.widths) == (TINY_SD_NAMES, TINY_SD_WIDTHS)
+    assert common.model_family(tiny) == "sd-unet"  # not a released geometry
+    xl = common.model_sites(pack.tiny_unet("sdxl"))
+    assert xl.names[:3] == ("input 3", "input 5.0", "input 5.1") and xl.depth == 11
+    test_pack = comfy_env.booted.packs[str(TEST_PACK)]
+    assert common.model_family(test_pack.random_pixart(0, 48, 4, 2, 16)) == "pixart-alpha"
+
+
+def test_an_unsupported_model_names_every_supported_family(comfy_env, pack):
+    g = Graph()
+    vector = load(g, write_vector(comfy_env, pack, "unet/unsupported"))
+    keep(g, steer(g, pixart(g, kind="not pixart"), vector))
+    result = comfy_env.run(g)
+    assert not result.success and result.error_type.endswith("UnsupportedModelError")
+    assert "PixArt" in result.error and "Stable Diffusion 1.x/2.x/XL UNet" in result.error
+
+
+# ------------------------------------------------------------------------------------ steering
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl"])
+def test_strength_zero_is_bit_identical_across_samplers_and_steps(comfy_env, pack, family):
+    g = Graph()
+    model = unet(g, family)
+    positive, negative = sd_prompt(g, "dyed polyp", family), sd_prompt(g, "", family)
+    latent = sd_latent(g)
+    vector = load(g, write_vector(comfy_env, pack, f"unet/zero_{family}", family=family))
+    window = {"layers": "input - output"}
+    zero, full = steer(g, model, vector, strength=0.0, **window), steer(g, model, vector, **window)
+    pairs = []
+    for sampler_name in ("euler", "dpmpp_2m"):
+        for steps in (2, 4):
+            settings = {"sampler_name": sampler_name, "steps": steps}
+            pairs.append(
+                (
+                    ksampler(g, zero, positive, negative, latent, **settings),
+                    ksampler(g, model, positive, negative, latent, **settings),
+                )
+            )
+    steered = ksampler(g, full, positive, negative, latent, steps=2)
+    for node in [*(n for pair in pairs for n in pair), steered]:
+        keep(g, node)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    for zero_node, plain_node in pairs:
+        assert torch.equal(result.output(zero_node.id)["samples"], result.output(plain_node.id)["samples"])
+    assert not torch.equal(result.output(steered.id)["samples"], result.output(pairs[0][1].id)["samples"])
+
+
+@pytest.mark.parametrize(
+    ("family", "layers", "expected"),
+    [
+        ("sd1", "input 3 - output 0", ("input 3", "middle 0", "output 0")),
+        ("sdxl", "input 5.1 - middle 0", ("input 5.1", "middle 0.0", "middle 0.1")),
+    ],
+)
+def test_steering_changes_only_the_sites_in_the_window(comfy_env, pack, family, layers, expected):
+    """Each site's raw output (its output projection's) against what the block receives."""
+    model = pack.tiny_unet(family)
+    sites = sites_of(comfy_env.core, model)
+    steered = apply_steer(model, random_vector(comfy_env.core, sites, seed=5), layers=layers)
+    attn2 = [m for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")]
+    raw, final = {i: [] for i in range(len(attn2))}, {i: [] for i in range(len(attn2))}
+    handles = []
+    for i, module in enumerate(attn2):
+        handles.append(module.to_out[0].register_forward_hook(lambda m, a, out, i=i: raw[i].append(out.clone())))
+        handles.append(module.register_forward_hook(lambda m, a, out, i=i: final[i].append(out.clone())))
+    try:
+        conds = pack.random_conditioning("polyp", 77, family), pack.random_conditioning("", 77, family)
+        sample(steered, *conds, steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    changed = [i for i in raw if any(not torch.equal(r, f) for r, f in zip(raw[i], final[i], strict=True))]
+    assert tuple(sites.names[i] for i in changed) == expected
+    assert all(len(raw[i]) == 2 for i in raw)  # one batched [uncond, cond] call per step
+
+
+def test_layers_by_name_equal_the_index_window_and_bad_names_list_the_blocks(comfy_env, pack):
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "polyp"), sd_prompt(g, ""), sd_latent(g)
+    vector = load(g, write_vector(comfy_env, pack, "unet/names"))
+    by_name = ksampler(g, steer(g, model, vector, layers="input 3-output 0"), positive, negative, latent)
+    by_index = ksampler(g, steer(g, model, vector, layer_start=1, layer_end=4), positive, negative, latent)
+    by_text = ksampler(g, steer(g, model, vector, layers="1-4"), positive, negative, latent)
+    for node in (by_name, by_index, by_text):
+        keep(g, node)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    reference = result.output(by_index.id)["samples"]
+    assert torch.equal(result.output(by_name.id)["samples"], reference)
+    assert torch.equal(result.output(by_text.id)["samples"], reference)
+
+    g = Graph()
+    keep(g, steer(g, unet(g, "sd1"), load(g, "unet/names.safetensors"), layers="input 9"))
+    bad = comfy_env.run(g)
+    assert not bad.success and "input 9" in bad.error and "input 1, input 3, middle 0" in bad.error
+
+
+def test_chained_edits_compose_like_the_cores_plans(comfy_env, pack):
+    core = comfy_env.core
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "polyp"), sd_prompt(g, ""), sd_latent(g)
+    first = steer(g, model, load(g, write_vector(comfy_env, pack, "unet/chain_a", seed=1)), layers="input 1 - middle 0")
+    second = steer(
+        g,
+        first,
+        load(g, write_vector(comfy_env, pack, "unet/chain_b", seed=2)),
+        layers="middle 0 - output 3",
+        strength=1.5,
+    )
+    chained, single = ksampler(g, second, positive, negative, latent), ksampler(g, first, positive, negative, latent)
+    keep(g, chained)
+    keep(g, single)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    a, b = (core.load_vector(comfy_env.vector_dir / f"unet/chain_{k}.safetensors") for k in "ab")
+    plans = [core.SteeringPlan(a, 2.5, 0, 3), core.SteeringPlan(b, 1.5, 2, 7)]
+    conds = result.output(positive.id), result.output(negative.id)
+    reference = core_sample(comfy_env, result.output(model.id), *conds, plans)
+    assert torch.equal(result.output(chained.id)["samples"], reference)
+    assert torch.equal(
+        result.output(single.id)["samples"], core_sample(comfy_env, result.output(model.id), *conds, plans[:1])
+    )
+    assert not torch.equal(result.output(chained.id)["samples"], result.output(single.id)["samples"])
+
+
+@pytest.mark.parametrize("tokens", [77, 5])  # 77: one [uncond, cond] batch per step; 5: separate calls
+def test_cond_only_rows_and_cfg_1_match_the_core(comfy_env, pack, tokens):
+    core = comfy_env.core
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "polyp"), sd_prompt(g, "", tokens=tokens), sd_latent(g)
+    vector = load(g, write_vector(comfy_env, pack, "unet/rows", seed=3))
+    cond_only = steer(g, model, vector, layers="input 1 - output 3", rows="cond only")
+    both = steer(g, model, vector, layers="input 1 - output 3")
+    runs = {
+        (rows, cfg): ksampler(g, m, positive, negative, latent, cfg=cfg)
+        for rows, m in (("cond", cond_only), ("all", both), ("none", model))
+        for cfg in (5.0, 1.0)
+    }
+    for node in runs.values():
+        keep(g, node)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    out = {key: result.output(node.id)["samples"] for key, node in runs.items()}
+    loaded = core.load_vector(comfy_env.vector_dir / "unet/rows.safetensors")
+    conds = result.output(positive.id), result.output(negative.id)
+    for cfg in (5.0, 1.0):
+        reference = core_sample(
+            comfy_env,
+            result.output(model.id),
+            *conds,
+            [core.SteeringPlan(loaded, 2.5, 0, 7, rows="cond")],
+            {"cfg": cfg},
+        )
+        assert torch.equal(out[("cond", cfg)], reference)
+        assert not torch.equal(out[("cond", cfg)], out[("none", cfg)])
+    assert not torch.equal(out[("cond", 5.0)], out[("all", 5.0)])  # the uncond rows are left alone
+    assert torch.equal(out[("cond", 1.0)], out[("all", 1.0)])  # CFG 1: every row is conditional
+
+
+def test_a_batch_of_two_is_steered_row_by_row_with_one_heatmap_each(comfy_env, pack):
+    core = comfy_env.core
+    g = Graph()
+    model = unet(g, "sdxl")
+    positive, negative = sd_prompt(g, "polyp", "sdxl"), sd_prompt(g, "", "sdxl")
+    latent = sd_latent(g, batch=2)
+    steered_model = steer(
+        g, model, load(g, write_vector(comfy_env, pack, "unet/batch", "sdxl", 4)), layers="input 3 - output 3"
+    )
+    steered, plain = (
+        ksampler(g, steered_model, positive, negative, latent),
+        ksampler(g, model, positive, negative, latent),
+    )
+    grid = g.add(
+        "GateHeatmap",
+        model=steered_model,
+        latent=steered,
+        preset="custom (steps and layers below)",
+        steps="all",
+        layers="input 5, output 3",
+        colormap="viridis",
+        opacity=0.5,
+        edit=-1,
+    )
+    for node in (steered, plain, grid):
+        keep(g, node)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    samples = result.output(steered.id)["samples"]
+    vector = core.load_vector(comfy_env.vector_dir / "unet/batch.safetensors")
+    conds = result.output(positive.id), result.output(negative.id)
+    reference = core_sample(
+        comfy_env, result.output(model.id), *conds, [core.SteeringPlan(vector, 2.5, 0, 11)], batch=2
+    )
+    assert torch.equal(samples, reference)
+    assert all(not torch.equal(samples[b], result.output(plain.id)["samples"][b]) for b in range(2))
+    assert result.output(grid.id, 0).shape[0] == 2 and result.output(grid.id, 1).shape == (2, 64, 96)
