@@ -86,15 +86,22 @@ class GateMaps:
     """Gate maps of one sampling run: ``maps[s, l, b]`` is the gate of image ``b`` at step ``s``,
     layer ``layers[l]``, on the token grid.
 
+    Sites on a coarser token grid than the finest recorded one (a UNet's lower levels) are
+    upsampled bilinearly to it, so means over layers (the heatmap mask) weigh every site on one
+    grid; ``grids`` keeps each layer's own grid.
+
     Attributes:
         timesteps: ``[S]`` model timestep of each step (in sampling order).
         layers: the site indices of axis 1.
         maps: ``[S, L, B, H, W]`` float32 on the CPU (zero where a site was not steered at a step).
+        grids: each layer's own token grid ``(rows, columns)`` (``(H, W)`` for every layer of a
+            PixArt; empty when not known).
     """
 
     timesteps: torch.Tensor
     layers: tuple[int, ...]
     maps: torch.Tensor
+    grids: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -189,7 +196,8 @@ class GateRecord:
     def maps(self, plan: int = 0, run: int = -1) -> GateMaps:
         """Stack the recorded gates of one run into ``[S, L, B, H, W]`` (see ``GateMaps``).
 
-        Sites on a coarser token grid (UNet levels) are upsampled to the finest recorded grid.
+        Sites on a coarser token grid (UNet levels) are upsampled bilinearly to the finest
+        recorded grid (``GateMaps.grids`` keeps each one's own).
 
         Args:
             plan: which steering plan (index in the list given to ``steering``).
@@ -222,9 +230,11 @@ class GateRecord:
                 own = grids[entry.site]
                 gate_map = entry.gate.float().cpu().reshape(batch, 1, own[0], own[1])
                 if own != grid:  # a coarser level (UNets): upsample to the finest grid
-                    gate_map = torch.nn.functional.interpolate(gate_map, size=grid, mode="nearest")
+                    gate_map = torch.nn.functional.interpolate(
+                        gate_map, size=grid, mode="bilinear", align_corners=False
+                    )
                 out[s, layers.index(entry.site)] = gate_map[:, 0]
-        return GateMaps(timesteps, layers, out)
+        return GateMaps(timesteps, layers, out, tuple(grids[site] for site in layers))
 
 
 # --------------------------------------------------------------------------------- selection
