@@ -9,7 +9,8 @@ A site is the cross-attention (``attn2``) of one transformer block, in execution
 SD1.x/2.x, 70 for SDXL. Sites at one resolution level share a width (320/640/1280) and a token
 grid: the latent after that level's downsamplers (``ceil(n / 2)`` per SD downsampler, so any aspect
 ratio and odd sizes; the up path upsamples to the skip connection's size, so an output block has
-its input level's grid).
+its input level's grid). In ComfyUI the site module is ``attn2.to_out`` (the same output), which
+runs also under an attn2 replace patch such as IP-Adapter's.
 
 Both hosts name the sites as ComfyUI's attention patches do (``transformer_options["block"]``):
 ``"input 4"``, ``"middle 0"``, ``"output 3"``, and ``"input 7.3"`` (transformer block 3 of block 7)
@@ -295,6 +296,12 @@ class UNetComfyUI(_UNetBackbone):
             entries.append(("output", index, layers, level))  # the upsampler comes after the transformer
             level -= sum(_is_resampler(layer, "Upsample") for layer in layers)
         return _layout(entries, downsamplers)
+
+    def site_modules(self, transformer):
+        # The hook sits on attn2.to_out, whose output is attn2's: an attn2 replace patch (IP-Adapter
+        # installs one) calls attn2's to_q/to_k/to_v and to_out itself and never attn2's forward,
+        # so a hook on attn2 would silently not steer under it. Both paths end in to_out.
+        return [getattr(module, "to_out", module) for module in super().site_modules(transformer)]
 
     def read_call(self, transformer, args, kwargs):
         latents = kwargs.get("x", args[0] if args else None)

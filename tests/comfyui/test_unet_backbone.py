@@ -75,9 +75,9 @@ def test_released_unets_match_the_diffusers_sites(comfy_env, family, depth):
 def test_sites_are_the_spatial_transformers_attn2_in_order(comfy_env):
     comfy, _ = released_pair("sd1")
     sites = comfy_env.core.find_sites(comfy)
-    assert sites.modules[0] is comfy.input_blocks[1][1].transformer_blocks[0].attn2
-    assert sites.modules[6] is comfy.middle_block[1].transformer_blocks[0].attn2
-    assert sites.modules[15] is comfy.output_blocks[11][1].transformer_blocks[0].attn2
+    assert sites.modules[0] is comfy.input_blocks[1][1].transformer_blocks[0].attn2.to_out
+    assert sites.modules[6] is comfy.middle_block[1].transformer_blocks[0].attn2.to_out
+    assert sites.modules[15] is comfy.output_blocks[11][1].transformer_blocks[0].attn2.to_out
     holder = torch.nn.Module()  # ComfyUI's BaseModel keeps the UNet in .diffusion_model
     holder.diffusion_model = comfy
     assert comfy_env.core.find_sites(holder).transformer is comfy
@@ -97,7 +97,7 @@ def _run(model, latent_size, batch=2, options=None):
 def test_token_grids_match_real_forward_passes(comfy_env, kind, latent_size):
     model = comfy_unet(small_config(kind))
     sites = comfy_env.core.find_sites(model)
-    owner = {id(b.attn2): m for m in model.modules() for b in getattr(m, "transformer_blocks", [])}
+    owner = {id(b.attn2.to_out): m for m in model.modules() for b in getattr(m, "transformer_blocks", [])}
     seen, handles = {}, []
 
     def note(key, value) -> None:  # a hook returning a value would replace the input/output
