@@ -20,13 +20,15 @@ the block (``extra_options["block"]``, ``"block_index"``), ``cond_or_uncond`` an
   with its own gate recording and capture, while the hooks serve every backbone, are
   torch.compile-safe (``site_forward``) and are what BuildPathologyVector captures with.
 
-What the wrapper route gives, each checked in ``tests/comfyui/test_unet_nodes.py``: the rows'
-timesteps, ``cond_or_uncond`` and the latent size per call; site identity by module (the UNet
-backbone's sites carry ComfyUI's block names); other packs' ``attn2_output_patch`` functions run
-after the hook and see the steered output, in either node order; LoRA weight patches, PAG (its
-extra perturbed call is a call of the steered model, so it is steered too) and ControlNet
-compose. A ControlNet is never steered: it runs in ``calc_cond_batch`` before ``apply_model``,
-outside the wrapper, and its transformer blocks are its own modules, which carry no hooks.
+What the wrapper route gives, each checked in ``tests/comfyui/test_unet_nodes.py`` and
+``test_unet_compose.py``: the rows' timesteps, ``cond_or_uncond`` and the latent size per call;
+site identity by module (the UNet backbone's sites carry ComfyUI's block names); other packs'
+``attn2_output_patch`` functions run after the hook and see the steered output, in either node
+order; an ``attn2`` replace patch (IP-Adapter's) skips attn2's forward but still ends in
+``attn2.to_out``, where the UNet backbone hooks; LoRA weight patches and PAG compose (PAG's extra
+perturbed call is a call of the steered model, so it is steered too). A ControlNet is never
+steered: it runs in ``calc_cond_batch`` before ``apply_model``, outside the wrapper, and its
+transformer blocks are its own modules, which carry no hooks.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 from comfy_boot import Graph, keep
-from unet_graphs import ensure_unet_nodes, ksampler, load, sd_latent, sd_prompt, steer, unet, write_vector
+from unet_graphs import core_sample, ensure_unet_nodes, ksampler, load, sd_latent, sd_prompt, steer, unet, write_vector
 
 WINDOW = {"layers": "input 1 - output 3"}
 
@@ -139,3 +139,27 @@ def test_a_single_file_sd15_checkpoint_loads_and_steers(comfy_env, pack):
     assert common.model_sites(loaded).names == ("input 1", "middle 0", "output 0", "output 1")
     out = {k: result.output(n.id)["samples"] for k, n in (("steered", steered), ("zero", zero), ("plain", plain))}
     assert torch.equal(out["zero"], out["plain"]) and not torch.equal(out["steered"], out["plain"])
+
+
+@pytest.mark.parametrize("sampling", ["v_prediction", "lcm"])
+def test_a_model_sampling_patch_after_steering_sets_the_timesteps_it_steers_at(comfy_env, pack, sampling):
+    """The wrapper reads the model_sampling in use at each call, so the node order does not matter
+    (LCM maps sigmas to its own 50 timesteps) and the core, reading the UNet's arguments, agrees."""
+    core = comfy_env.core
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "polyp"), sd_prompt(g, ""), sd_latent(g)
+    vector = load(g, write_vector(comfy_env, pack, "unet/sampling", seed=12))
+    patched = g.add("ModelSamplingDiscrete", model=model, sampling=sampling, zsnr=False)
+    after = g.add("ModelSamplingDiscrete", model=steer(g, model, vector, **WINDOW), sampling=sampling, zsnr=False)
+    before = steer(g, patched, vector, **WINDOW)
+    runs = {name: ksampler(g, m, positive, negative, latent) for name, m in (("after", after), ("before", before))}
+    for node in runs.values():
+        keep(g, node)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    loaded = core.load_vector(comfy_env.vector_dir / "unet/sampling.safetensors")
+    conds = result.output(positive.id), result.output(negative.id)
+    reference = core_sample(comfy_env, result.output(patched.id), *conds, [core.SteeringPlan(loaded, 2.5, 0, 7)])
+    assert torch.equal(result.output(runs["after"].id)["samples"], reference)
+    assert torch.equal(result.output(runs["before"].id)["samples"], reference)

@@ -32,7 +32,8 @@ TINY_SD_WIDTHS = (32, 64, 64, 64, 64, 32, 32)
 
 
 def ensure_unet_nodes():
-    """Load the tiny-UNet test pack and ComfyUI's PAG node once; return the test pack's module."""
+    """Load the tiny-UNet test pack and ComfyUI's PAG and ModelSamplingDiscrete nodes once; return the
+    test pack's module."""
     import sys
 
     import nodes
@@ -40,9 +41,13 @@ def ensure_unet_nodes():
     path = HERE / "medsteer_unet_test_nodes"
     if "MedSteerTestUNet" not in nodes.NODE_CLASS_MAPPINGS:
         load_pack(path)
-    if "PerturbedAttentionGuidance" not in nodes.NODE_CLASS_MAPPINGS:
-        module = Path(nodes.__file__).parent / "comfy_extras" / "nodes_pag.py"
-        assert asyncio.run(nodes.load_custom_node(str(module), module_parent="comfy_extras"))
+    for node_id, extra in (
+        ("PerturbedAttentionGuidance", "nodes_pag"),
+        ("ModelSamplingDiscrete", "nodes_model_advanced"),
+    ):
+        if node_id not in nodes.NODE_CLASS_MAPPINGS:
+            module = Path(nodes.__file__).parent / "comfy_extras" / f"{extra}.py"
+            assert asyncio.run(nodes.load_custom_node(str(module), module_parent="comfy_extras"))
     return sys.modules[str(path.resolve()).replace(".", "_x_")]
 
 
