@@ -193,7 +193,10 @@ def test_an_unknown_backbone_runs_capture_build_save_steer_and_gates_without_lib
     # [steps, layers, conditional images, rows, columns]: the coarse site's 2x3 gates on the 4x6 grid
     assert gates.maps.shape == (3, 2, 1, 4, 6) and gates.layers == (0, 1)
     coarse = gates.maps[:, 1, 0]
-    assert torch.equal(coarse[:, ::2, ::2], coarse[:, 1::2, 1::2])  # nearest-upsampled 2x2 blocks
+    own = torch.stack([e.gate.reshape(1, 2, 3) for e in record.entries if e.site == 1])  # [steps, 1, 2, 3]
+    upsampled = torch.nn.functional.interpolate(own.float(), size=(4, 6), mode="bilinear", align_corners=False)
+    assert torch.equal(coarse, upsampled[:, 0])  # the coarse site upsampled bilinearly (issue 10)
+    assert gates.grids == ((4, 6), (2, 3))
     assert float(gates.maps.max()) > 0
 
     # a vector of the two-level model does not fit PixArt, and says so with both width lists
