@@ -20,6 +20,10 @@ word-level tokenizer, plus calibrated pathology vectors. This module turns it in
 
 Sample it as it was made: ``EmptyChromaRadianceLatentImage`` 32x32, KSampler ``ddim`` (``euler``
 is the same), scheduler ``simple`` (the training run's trailing spacing), 20 steps, CFG 2.
+
+The loader's ``denoiser`` picks MedSteer-mini (the PixArt) or MedSteer-mini-UNet (issue 10: an SD
+style UNet under the same T5, built as ComfyUI's own SD UNet class by ``nodes/mini_unet.py``); the
+CLIP and VAE are the same for both.
 """
 
 from __future__ import annotations
@@ -40,8 +44,19 @@ from comfy_api.latest import io
 from ..medsteer_core import MedSteerError
 from ..medsteer_core import mini as core_mini
 from ..medsteer_core import weights as ck
+from ..medsteer_core.backbones import PixArtComfyUI, register_backbone
+from ..medsteer_core.mini.backbone import TAG, tag_transformer
+from ..medsteer_core.mini.unet import DEFAULT_UNET_PATH
+from . import mini_unet
 from .common import CATEGORY
 from .vector_io import FOLDER as VECTOR_FOLDER
+
+#: The ``denoiser`` choices of LoadMedSteerMini: the shipped file of each.
+PIXART = "MedSteer-mini (PixArt)"
+UNET = "MedSteer-mini-UNet"
+DENOISERS = {PIXART: core_mini.DEFAULT_PATH, UNET: DEFAULT_UNET_PATH}
+#: Where the mini-UNet's calibrated vectors ship (listed in LoadPathologyVector after the mini's).
+UNET_VECTOR_DIR = core_mini.VECTOR_DIR.parent / "vectors_unet"
 
 #: The sampler settings the mini was trained and calibrated with, for tooltips and the template.
 SAMPLING_HINT = (
@@ -61,6 +76,22 @@ class MiniLatentFormat(comfy.latent_formats.LatentFormat):
         self.latent_rgb_factors_bias = [0.0, 0.0, 0.0]
 
 
+class MiniPixArtComfyUI(PixArtComfyUI):
+    """MedSteer-mini's PixArt in ComfyUI (a tagged ``MiniPixArtMS``): PixArt's sites and grids, the
+    family ``medsteer-mini`` (as in diffusers), so its vectors pass the engine's family check."""
+
+    name = "MedSteer-mini (ComfyUI PixArtMS built by LoadMedSteerMini)"
+    family = core_mini.FAMILY
+
+    def transformer(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        if getattr(model, TAG, False) is not True:
+            return None
+        return super().transformer(model)
+
+
+BACKBONE = register_backbone(MiniPixArtComfyUI(), first=True)
+
+
 class MiniPixArtMS(PixArtMS):
     """ComfyUI's PixArt blocks with the mini's (diffusers') position embedding.
 
@@ -75,6 +106,7 @@ class MiniPixArtMS(PixArtMS):
     def __init__(self, base_grid: int = 8, **kwargs):
         super().__init__(**kwargs)
         self.base_grid = int(base_grid)
+        tag_transformer(self)
 
     def check_latent_size(self, height: int, width: int) -> None:
         """Any size that is a whole number of patches works (the embedding has no division by zero)."""
@@ -250,8 +282,33 @@ def build_vae() -> comfy.sd.VAE:
 
 
 def register_shipped_vectors() -> None:
-    """List the mini's calibrated vectors in LoadPathologyVector (after ``models/medsteer``)."""
-    folder_paths.add_model_folder_path(VECTOR_FOLDER, os.fspath(core_mini.VECTOR_DIR), is_default=False)
+    """List the calibrated vectors of both minis in LoadPathologyVector (after ``models/medsteer``)."""
+    for folder in (core_mini.VECTOR_DIR, UNET_VECTOR_DIR):
+        folder_paths.add_model_folder_path(VECTOR_FOLDER, os.fspath(folder), is_default=False)
+
+
+def load_denoiser(denoiser: str, path: str | os.PathLike | None = None) -> tuple:
+    """``(MODEL, CLIP, VAE)`` of one of the minis: ``denoiser`` is a ``DENOISERS`` name, ``path`` a
+    mini file of that denoiser (default: the shipped one).
+
+    Raises:
+        MedSteerError: an unknown denoiser, or a file of the other denoiser (or none).
+    """
+    if denoiser not in DENOISERS:
+        raise MedSteerError(f"denoiser {denoiser!r} is not one of {list(DENOISERS)}: pick one of them")
+    path = DENOISERS[denoiser] if path is None else path
+    parts = core_mini.load_mini_parts(path)
+    kind = parts.metadata.get("denoiser", "pixart")
+    if (kind == "unet") != (denoiser == UNET):
+        raise MedSteerError(
+            f"{path}: a MedSteer-mini file with denoiser {kind!r}, but {denoiser!r} was asked for: pick the "
+            "matching denoiser"
+        )
+    if denoiser == UNET:
+        model = mini_unet.build_model(parts, MiniLatentFormat, clip_denoised)
+    else:
+        model = build_model(parts)
+    return model, build_clip(parts), build_vae()
 
 
 class LoadMedSteerMini(io.ComfyNode):
@@ -265,17 +322,31 @@ class LoadMedSteerMini(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Loads MedSteer-mini, the toy text-to-image model of synthetic endoscopy that ships with the "
-                "pack (4 MB, no downloads): a 6-layer PixArt transformer in pixel space (32x32 RGB), its "
-                "T5 text encoder and a pixel-space VAE. Its calibrated vectors (dye_removal, polyp_to_normal, "
-                "colitis_to_normal) are listed in MedSteer Load Pathology Vector. " + SAMPLING_HINT
+                "pack (no downloads): a 6-layer PixArt transformer (4 MB) or MedSteer-mini-UNet, a small Stable "
+                "Diffusion-style UNet (11 MB), both in pixel space (32x32 RGB), their T5 text encoder and a "
+                "pixel-space VAE. The calibrated vectors of both are listed in MedSteer Load Pathology Vector "
+                "(each records its model family: a vector fits only its own model). " + SAMPLING_HINT
             ),
-            inputs=[],
+            inputs=[
+                io.Combo.Input(
+                    "denoiser",
+                    options=list(DENOISERS),
+                    default=PIXART,
+                    optional=True,  # API prompts written before the choice existed load the PixArt
+                    tooltip="Which MedSteer-mini to load. 'MedSteer-mini (PixArt)': the 6-layer PixArt "
+                    "transformer (sites 'block 0'..'block 5'), the stand-in for PixArt-alpha. "
+                    "'MedSteer-mini-UNet': an SD-style UNet as ComfyUI's own SD UNet class (7 cross-attention "
+                    "sites: 'input 3', 'input 5', 'middle 0', 'output 0'..'output 3'), the stand-in for SD1.x/2.x. "
+                    "Same prompts, same sampling; each has its own vectors.",
+                ),
+            ],
             outputs=[
                 io.Model.Output(
                     display_name="model",
-                    tooltip="The MedSteer-mini transformer (6 layers, width 128, v-prediction). Steer it with "
-                    "MedSteer Apply SSPS Steering; each shipped vector records its calibrated layer window "
-                    "and strength (see MedSteer Inspect Pathology Vector).",
+                    tooltip="The denoiser (v-prediction): the PixArt transformer (6 layers, width 128) or the "
+                    "UNet (widths 64/96 at its cross-attention sites). Steer it with MedSteer Apply SSPS "
+                    "Steering; each shipped vector records its calibrated layer window and strength (see "
+                    "MedSteer Inspect Pathology Vector).",
                 ),
                 io.Clip.Output(
                     display_name="clip",
@@ -291,9 +362,8 @@ class LoadMedSteerMini(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        parts = core_mini.load_mini_parts()
-        return io.NodeOutput(build_model(parts), build_clip(parts), build_vae())
+    def execute(cls, denoiser: str = PIXART) -> io.NodeOutput:
+        return io.NodeOutput(*load_denoiser(denoiser))
 
 
 NODES = [LoadMedSteerMini]
