@@ -39,6 +39,11 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
         [("lora_name", "COMBO", False), ("strength_model", "FLOAT", False), ("strength_clip", "FLOAT", False)],
         [("model", "MODEL"), ("clip", "CLIP")],
     ),
+    "CheckpointLoaderSimple": (
+        [],
+        [("ckpt_name", "COMBO", False)],
+        [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    ),
     "CLIPLoader": (
         [],
         [("clip_name", "COMBO", False), ("type", "COMBO", False), ("device", "COMBO", False)],
@@ -97,7 +102,7 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
     "SavePathologyVector": ([("pathology_vector", "PATHOLOGY_VECTOR")], [("filename_prefix", "STRING", False)], []),
     "LoadPathologyVector": ([], [("vector_name", "COMBO", False)], [("pathology_vector", "PATHOLOGY_VECTOR")]),
     "InspectPathologyVector": (
-        [("pathology_vector", "PATHOLOGY_VECTOR")],
+        [("pathology_vector", "PATHOLOGY_VECTOR"), ("model", "MODEL")],
         [("colormap", "COMBO", False)],
         [("layer_profile", "IMAGE"), ("report", "STRING")],
     ),
@@ -112,6 +117,7 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
             ("rows", "COMBO", False),
             ("preserve_norm", "BOOLEAN", False),
             ("interpolation", "COMBO", False),
+            ("layers", "STRING", False),
         ],
         [("steered_model", "MODEL")],
     ),
@@ -169,6 +175,7 @@ PAPER_STEER = {
     "rows": "cond and uncond",
     "preserve_norm": False,
     "interpolation": "nearest",
+    "layers": "",
 }
 FIG3 = "paper Fig. 3 (layer 8; steps 8, 12, 14, 19)"
 CUSTOM = "custom (steps and layers below)"
@@ -371,7 +378,9 @@ def model_stack(w: Workflow, note: str):
     return lora[0], lora[1], vae[0]
 
 
-def sampler(w: Workflow, title, model, positive, negative, latent, pos, seed=42, control="fixed") -> Node:
+def sampler(
+    w: Workflow, title, model, positive, negative, latent, pos, seed=42, control="fixed", sampling=None
+) -> Node:
     node = w.add(
         "KSampler",
         pos,
@@ -383,7 +392,7 @@ def sampler(w: Workflow, title, model, positive, negative, latent, pos, seed=42,
         latent_image=latent[0],
         seed=seed,
         denoise=1.0,
-        **SAMPLING,
+        **(sampling or SAMPLING),
     )
     node.widgets["seed_control"] = control
     return node
@@ -460,7 +469,7 @@ PROMPT_X, STEER_X, SAMPLER_X, OUT_X = 490, 950, 1350, 1750
 
 
 def steering_inputs(
-    w: Workflow, clip, positive_text: str, vectors: list[tuple[str, str]], batch: int = 1, latent_title=None
+    w: Workflow, clip, positive_text: str, vectors: list[tuple[str, str]], batch: int = 1, latent_title=None, size=512
 ):
     positive = w.add(
         "CLIPTextEncode", (PROMPT_X, 70), (420, 120), clip=clip, text=positive_text, title="Prompt (with the concept)"
@@ -474,8 +483,8 @@ def steering_inputs(
         "EmptyLatentImage",
         (PROMPT_X, 400 + 100 * len(vectors)),
         (420, 106),
-        width=512,
-        height=512,
+        width=size,
+        height=size,
         batch_size=batch,
         title=latent_title,
     )
@@ -573,21 +582,48 @@ def pair(
 ) -> Workflow:
     w = Workflow()
     model, clip, vae = model_stack(w, note)
-    positive, negative, (vec,), latent = steering_inputs(w, clip, prompt_text, [(vector, vector_title)])
+    pair_graph(
+        w,
+        (model, clip, vae),
+        prompt_text,
+        (vector, vector_title),
+        (PAPER_STEER, "Steer (paper: 2.5, layers 8-16)"),
+        (heatmap_preset, heatmap_steps),
+    )
+    return w
+
+
+def pair_graph(w: Workflow, loaded, prompt_text: str, vector, steering, heat, sampling=None, size=512) -> None:
+    """Prompts, vector, one steering node, two samplers fed by one seed primitive, the pair and its heatmap.
+
+    Args:
+        loaded: ``(model, clip, vae)`` links.
+        vector: ``(file name, title)`` of the LoadPathologyVector node.
+        steering: ``(ApplySSPSSteer widgets, title)``.
+        heat: ``(GateHeatmap preset, steps)``.
+        sampling: the KSampler settings (default: the paper's).
+        size: the image size (square, px).
+    """
+    model, clip, vae = loaded
+    positive, negative, (vec,), latent = steering_inputs(w, clip, prompt_text, [vector], size=size)
     steer = w.add(
         "ApplySSPSSteer",
         (STEER_X, 330),
         (340, 262),
         model=model,
         pathology_vector=vec[0],
-        title="Steer (paper: 2.5, layers 8-16)",
-        **PAPER_STEER,
+        title=steering[1],
+        **steering[0],
     )
     w.group("2  Prompt, vector, steering", (470, 0, 850, 700), "#8A8")
-    steered = sampler(w, "Steered sampler", steer[0], positive, negative, latent, (SAMPLER_X, 70), control="randomize")
-    unsteered = sampler(
-        w, "Unsteered sampler", model, positive, negative, latent, (SAMPLER_X, 420), control="randomize"
-    )
+    runs = []
+    for title, chosen, y in (("Steered sampler", steer[0], 70), ("Unsteered sampler", model, 420)):
+        runs.append(
+            sampler(
+                w, title, chosen, positive, negative, latent, (SAMPLER_X, y), control="randomize", sampling=sampling
+            )
+        )
+    steered, unsteered = runs
     w.primitive(
         (STEER_X, 90),
         "seed (shared by both samplers)",
@@ -600,7 +636,7 @@ def pair(
     steered_img = decode(w, steered[0], vae, (OUT_X, 70), "Decode steered")
     unsteered_img = decode(w, unsteered[0], vae, (OUT_X, 420), "Decode unsteered")
     pair_image = stitch(w, unsteered_img[0], steered_img[0], (OUT_X + 250, 70), "unsteered | steered")
-    heat = heatmap(w, steer[0], steered[0], steered_img[0], (OUT_X + 250, 380), heatmap_preset, steps=heatmap_steps)
+    heat_node = heatmap(w, steer[0], steered[0], steered_img[0], (OUT_X + 250, 380), heat[0], steps=heat[1])
     w.add(
         "PreviewImage",
         (OUT_X + 600, 70),
@@ -608,9 +644,8 @@ def pair(
         images=pair_image[0],
         title="Counterfactual pair: unsteered | steered",
     )
-    w.add("PreviewImage", (OUT_X + 600, 420), (560, 300), images=heat[0], title="Gate heatmap")
+    w.add("PreviewImage", (OUT_X + 600, 420), (560, 300), images=heat_node[0], title="Gate heatmap")
     w.group("4  See the pair and where the model steered", (OUT_X - 20, 0, 1200, 760), "#A88")
-    return w
 
 
 def counterfactual_pair() -> Workflow:
@@ -775,6 +810,52 @@ def batch_pairs() -> Workflow:
     return w
 
 
+SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+SD_VECTOR = "sd15_polyp_to_normal_00001_.safetensors"
+SD_SAMPLING = {"steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+#: Every cross-attention site of SD1.x/2.x (16), by name: CASteer, the method MedSteer ports, steers
+#: all of them on SD 1.4/2.1/XL. SDXL's 70 sites are "input 4.0 - output 5.1".
+SD_STEER = {**PAPER_STEER, "layer_start": 0, "layer_end": 16, "layers": "input 1 - output 11"}
+SD_NOTE = (
+    "**MedSteer on Stable Diffusion** (SD1.x, SD2.x eps or v, SDXL): steers the UNet's cross-attention "
+    "(attn2) off a *pathology vector*. A counterfactual pair: one seed primitive feeds an unsteered and a "
+    "steered sampler; the gate heatmap shows where the model steered at the last step.\n\n"
+    "**Model:** any single-file SD checkpoint in `models/checkpoints/` (here `v1-5-pruned-emaonly-fp16`; "
+    "a medical fine-tune such as MINIM or RoentGen-v2 is what you want). A diffusers UNet "
+    "(`unet/diffusion_pytorch_model.safetensors`) goes to `models/diffusion_models/` and loads with "
+    "*Load Diffusion Model*, with its CLIP and VAE loaded separately; README, *Backbones*.\n\n"
+    "**Vector:** build `sd15_polyp_to_normal` on this same checkpoint with BuildPathologyVector (open "
+    "*medsteer_build_vector* and swap its loaders for this Load Checkpoint) or `medsteer build`; a vector "
+    "only fits the family it was built on (an SD1.5 vector is refused on SDXL).\n\n"
+    "**Layers** by name: `input 1 - output 11` is every site of SD1.x/2.x (SDXL: `input 4.0 - output 5.1`); "
+    "InspectPathologyVector with the model connected lists each site's name. Strength 0 gives the unsteered "
+    "image exactly. SD2.x-v checkpoints that load as eps need ModelSamplingDiscrete (v_prediction)."
+)
+
+
+def counterfactual_pair_sd() -> Workflow:
+    w = Workflow()
+    checkpoint = w.add(
+        "CheckpointLoaderSimple",
+        (40, 70),
+        (380, 98),
+        ckpt_name=SD_CHECKPOINT,
+        title="SD checkpoint (SD1.x / SD2.x / SDXL)",
+    )
+    w.group("1  Load", (20, 0, 420, 240))
+    w.note((40, 290), (380, 760), SD_NOTE)
+    pair_graph(
+        w,
+        (checkpoint[0], checkpoint[1], checkpoint[2]),
+        "An endoscopic image of polyps",
+        (SD_VECTOR, "Pathology vector (built on this SD model)"),
+        (SD_STEER, "Steer (all 16 SD1.x sites, strength 2.5)"),
+        (CUSTOM, "last"),
+        sampling=SD_SAMPLING,
+    )
+    return w
+
+
 MINI_SAMPLING = {"steps": 20, "cfg": 2.0, "sampler_name": "ddim", "scheduler": "simple"}
 #: dye_removal.safetensors' calibrated setting (its metadata; `medsteer inspect` shows it).
 MINI_STEER = {**PAPER_STEER, "strength": 5.25, "layer_start": 1, "layer_end": 4}
@@ -928,6 +1009,7 @@ WORKFLOWS = {
     "medsteer_quickstart_mini": quickstart_mini,
     "medsteer_build_vector": build_vector,
     "medsteer_counterfactual_pair": counterfactual_pair,
+    "medsteer_counterfactual_pair_sd": counterfactual_pair_sd,
     "medsteer_dye_removal": dye_removal,
     "medsteer_compositional_edit": compositional_edit,
     "medsteer_batch_pairs": batch_pairs,

@@ -24,6 +24,7 @@ MUTED, BYPASSED = 2, 4
 # inputs that name a file or folder a user puts under models/<folder>
 FILE_INPUTS = {
     ("MedSteerLoadPixArtAlpha", "ckpt_name"): "checkpoints",
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("MedSteerLoadPeftLora", "lora_name"): "loras",
     ("LoadPathologyVector", "vector_name"): "medsteer",
     ("CLIPLoader", "clip_name"): "text_encoders",
@@ -209,7 +210,7 @@ def placeholders(comfy_env, classes, tmp_path_factory):
     return root
 
 
-def test_there_are_six_example_workflows_with_thumbnails():
+def test_there_are_seven_example_workflows_with_thumbnails():
     from PIL import Image
 
     assert [p.stem for p in WORKFLOWS] == [
@@ -217,6 +218,7 @@ def test_there_are_six_example_workflows_with_thumbnails():
         "medsteer_build_vector",
         "medsteer_compositional_edit",
         "medsteer_counterfactual_pair",
+        "medsteer_counterfactual_pair_sd",
         "medsteer_dye_removal",
         "medsteer_quickstart_mini",
     ]
@@ -253,7 +255,7 @@ def test_converter_rejects_broken_workflows(classes):
     broken = copy.deepcopy(workflow)
     steer = next(n for n in broken["nodes"] if n["type"] == "ApplySSPSSteer")
     steer["widgets_values"].pop()
-    with pytest.raises(WorkflowError, match="7 widget values, its schema takes 8"):
+    with pytest.raises(WorkflowError, match="8 widget values, its schema takes 9"):
         ui_to_api(broken, classes)
 
     broken = copy.deepcopy(workflow)
@@ -264,7 +266,14 @@ def test_converter_rejects_broken_workflows(classes):
 
 
 @pytest.mark.parametrize(
-    "name", ["medsteer_counterfactual_pair", "medsteer_dye_removal", "medsteer_batch_pairs", "medsteer_quickstart_mini"]
+    "name",
+    [
+        "medsteer_counterfactual_pair",
+        "medsteer_counterfactual_pair_sd",
+        "medsteer_dye_removal",
+        "medsteer_batch_pairs",
+        "medsteer_quickstart_mini",
+    ],
 )
 def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, name):
     prompt = ui_to_api(json.loads((REPO / "example_workflows" / f"{name}.json").read_text()), classes)
@@ -280,9 +289,10 @@ def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, nam
 
 
 def test_workflows_use_the_paper_settings(classes):
-    """The real-PixArt templates use the paper's settings (the mini's template: its own, tested below)."""
+    """The real-PixArt templates use the paper's settings (the mini's and the SD template: their own,
+    tested below)."""
     for path in WORKFLOWS:
-        if path.stem == "medsteer_quickstart_mini":
+        if path.stem in ("medsteer_quickstart_mini", "medsteer_counterfactual_pair_sd"):
             continue
         prompt = ui_to_api(json.loads(path.read_text()), classes)
         for node in prompt.values():
@@ -324,3 +334,47 @@ def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, 
             "simple",
         )
     assert by_type["LoadMedSteerMini"] == [{}]
+
+
+def test_sd_template_loads_a_checkpoint_and_steers_every_sd1_site_by_name(comfy_env, classes):
+    """The SD template: CheckpointLoaderSimple's MODEL, CLIP and VAE feed the pair, and its window,
+    written by name, is every cross-attention site of SD1.x/2.x (checked on the full SD1.5 UNet)."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    prompt = ui_to_api(
+        json.loads((REPO / "example_workflows" / "medsteer_counterfactual_pair_sd.json").read_text()), classes
+    )
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append((node_id, node["inputs"]))
+    ((loader_id, _),) = by_type["CheckpointLoaderSimple"]
+    ((steer_id, steer),) = by_type["ApplySSPSSteer"]
+    assert steer["model"] == [loader_id, 0]
+    assert {tuple(n["clip"]) for _, n in by_type["CLIPTextEncode"]} == {(loader_id, 1)}
+    assert {tuple(n["vae"]) for _, n in by_type["VAEDecode"]} == {(loader_id, 2)}
+    assert [n["model"] for _, n in by_type["GateHeatmap"]] == [[steer_id, 0]]
+    sd15 = {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2] * 4,
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1] * 9 + [0] * 3,
+        "context_dim": 768,
+        "num_heads": 8,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": False,
+    }
+    with torch.device("meta"):
+        unet = UNetModel(**sd15, device="meta", operations=comfy.ops.disable_weight_init)
+    sites = comfy_env.core.find_sites(unet)
+    assert sites.family == "sd1" and sites.resolve_layers(steer["layers"]) == (0, 16) == (
+        steer["layer_start"],
+        steer["layer_end"],
+    )
