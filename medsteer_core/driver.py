@@ -1,9 +1,11 @@
-"""A minimal diffusers sampling loop for a PixArt transformer, with optional hooks.
+"""A minimal diffusers sampling loop for a PixArt transformer or a Stable Diffusion UNet, with optional hooks.
 
 This is what the tests, benchmarks and the headless pipeline call: it samples a
-``PixArtTransformer2DModel`` with a diffusers scheduler and classifier-free guidance from given
-caption embeddings and seeds, opening a steering or capture context per model call with the exact
-row layout (``[uncond, cond]`` with CFG), so no step counting or guessing is involved.
+``PixArtTransformer2DModel`` or a ``UNet2DConditionModel`` (SD1.x, SD2.x epsilon or v-prediction,
+SDXL) with a diffusers scheduler and classifier-free guidance from given caption embeddings and
+seeds, opening a steering or capture context per model call with the exact row layout
+(``[uncond, cond]`` with CFG), so no step counting or guessing is involved. Conditions besides the
+caption (SDXL's pooled text embedding and size ids) are passed per row like the caption.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def sample(
     negative_embeds: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    added: dict[str, torch.Tensor] | None = None,
+    negative_added: dict[str, torch.Tensor] | None = None,
     plans: Sequence[SteeringPlan] = (),
     record: GateRecord | None = None,
     estimator=None,
@@ -77,16 +81,21 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Sample latents from a PixArt transformer, optionally steering or capturing.
+    """Sample latents from a PixArt transformer or an SD UNet, optionally steering or capturing.
 
     Args:
-        transformer: a diffusers ``PixArtTransformer2DModel`` (or peft-wrapped).
+        transformer: a diffusers ``PixArtTransformer2DModel`` or ``UNet2DConditionModel`` (or peft-wrapped).
         scheduler: a diffusers scheduler; ``set_timesteps(spec.steps)`` is called on it.
         prompt_embeds: ``[1 or B, T, C]`` caption embeddings of the prompt.
         seeds: one seed per image.
         spec: steps, cfg and latent size.
         negative_embeds: ``[1 or B, T', C]`` unconditional embeddings; required when ``cfg != 1``.
         prompt_mask / negative_mask: ``[1 or B, T]`` attention masks of the embeddings.
+        added: the model's added conditions of the conditional rows, ``{name: [1 or B, ...]}``,
+            passed as ``added_cond_kwargs`` (SDXL: ``text_embeds``, the pooled text embedding,
+            and ``time_ids``, the six size ids). ``None``: PixArt's resolution / aspect-ratio
+            conditions when the transformer uses them, else none.
+        negative_added: the same for the unconditional rows (default: ``added``).
         plans: steering plans (empty: unsteered).
         record: a ``GateRecord`` for the gates of the steered run (one run per call).
         estimator: a ``VectorEstimator`` to feed with the conditional rows (``label`` names the class).
@@ -99,7 +108,7 @@ def sample(
     Returns:
         ``[B, C, H, W]`` final latents (float32, CPU).
     """
-    find_sites(transformer)  # a clear error for a model that is not PixArt, steered or not
+    find_sites(transformer)  # a clear error for a model no backbone knows, steered or not
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
     batch = len(seeds)
@@ -109,9 +118,8 @@ def sample(
     guided = spec.cfg != 1
     if guided and negative_embeds is None:
         raise ValueError("cfg != 1 needs negative_embeds (the unconditional caption embeddings)")
-    conditioning = _conditioning(
-        transformer, spec, batch, guided, device, dtype, prompt_embeds, negative_embeds, prompt_mask, negative_mask
-    )
+    pairs = ((prompt_embeds, negative_embeds), (prompt_mask, negative_mask), (added, negative_added))
+    conditioning = _conditioning(transformer, spec, batch, guided, device, dtype, *pairs)
 
     scheduler.set_timesteps(spec.steps, device=device)
     # Hooks for this sampling run only: attached (and validated) once, removed in any case. Each
@@ -150,12 +158,12 @@ def _conditioning(
     guided: bool,
     device: torch.device,
     dtype: torch.dtype,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-    prompt_mask: torch.Tensor | None,
-    negative_mask: torch.Tensor | None,
+    embeds: tuple[torch.Tensor, torch.Tensor | None],
+    masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    added: tuple[dict | None, dict | None],
 ) -> _Conditioning:
-    """The caption context (``[uncond, cond]`` with CFG), its mask and PixArt's added conditions."""
+    """The caption context (``[uncond, cond]`` with CFG), its mask and the added conditions, each
+    ``(cond, uncond)`` pair laid out in the same row order."""
 
     def expand(x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
@@ -163,8 +171,8 @@ def _conditioning(
         x = x.to(device)
         return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
 
-    cond, uncond = expand(prompt_embeds).to(dtype), expand(negative_embeds)
-    cond_mask, uncond_mask = expand(prompt_mask), expand(negative_mask)
+    cond, uncond = expand(embeds[0]).to(dtype), expand(embeds[1])
+    cond_mask, uncond_mask = expand(masks[0]), expand(masks[1])
     if guided:
         context = _pad_cat(uncond.to(dtype), cond)
         mask = None
@@ -175,13 +183,25 @@ def _conditioning(
     else:
         context, mask = cond, cond_mask
     rows = 2 * batch if guided else batch
-    added = {"resolution": None, "aspect_ratio": None}
-    if getattr(transformer, "use_additional_conditions", False):
-        added = {
+    if added[0] is not None:
+        cond_added, uncond_added = added[0], added[1] if added[1] is not None else added[0]
+        if guided and set(uncond_added) != set(cond_added):
+            raise ValueError(
+                f"negative_added has the conditions {sorted(uncond_added)} but added has {sorted(cond_added)}: "
+                "give both the same names"
+            )
+        extra = {
+            name: torch.cat([expand(uncond_added[name]), expand(value)]) if guided else expand(value)
+            for name, value in cond_added.items()
+        }
+    elif getattr(transformer, "use_additional_conditions", False):  # PixArt-alpha's size conditions
+        extra = {
             "resolution": torch.tensor([[spec.height * 8, spec.width * 8]], device=device, dtype=dtype).repeat(rows, 1),
             "aspect_ratio": torch.tensor([[spec.height / spec.width]], device=device, dtype=dtype).repeat(rows, 1),
         }
-    return _Conditioning(context, mask, added, rows, guided)
+    else:
+        extra = {"resolution": None, "aspect_ratio": None}
+    return _Conditioning(context, mask, extra, rows, guided)
 
 
 def _denoise(

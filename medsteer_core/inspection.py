@@ -1,5 +1,6 @@
 """A vector's quality report, framework-free: ``inspect_vector`` (numbers), ``format_inspection`` (the
-text ``medsteer inspect`` and the InspectPathologyVector node show) and ``profile_image``.
+text ``medsteer inspect`` and the InspectPathologyVector node show) and ``profile_image``; a model's
+sites (name, width, token grid): ``site_table`` and ``format_sites``.
 """
 
 from __future__ import annotations
@@ -73,15 +74,44 @@ def _seed_stability(directions: torch.Tensor, halves) -> dict:
     }
 
 
+def site_table(sites, latent_size: tuple[int, int]) -> list[dict]:
+    """Every site of a model (a ``Sites``) as ``{"layer", "name", "width", "grid"}``, in execution
+    order; ``grid`` is ``[rows, columns]`` of its image tokens for a latent of ``latent_size``."""
+    names = sites.names
+    return [
+        {"layer": i, "name": names[i], "width": int(sites.widths[i]), "grid": list(sites.token_grid(i, latent_size))}
+        for i in range(sites.depth)
+    ]
+
+
+def format_sites(info: dict) -> str:
+    """The text ``medsteer inspect --model`` prints: ``info`` is ``{"family", "image_size", "sites"}``
+    with ``sites`` from ``site_table``."""
+    height, width = info["image_size"]
+    lines = [
+        f"model family {info['family']}: {len(info['sites'])} cross-attention sites in execution order "
+        f"(token grids for {width}x{height} px, rows x columns)",
+        "  layer  name            width  grid",
+    ]
+    for site in info["sites"]:
+        grid = "x".join(str(n) for n in site["grid"])
+        lines.append(f"  {site['layer']:>5}  {site['name']:<14}  {site['width']:>5}  {grid}")
+    return "\n".join(lines)
+
+
 def inspect_vector(
     vector: PathologyVector | str | os.PathLike,
     halves: tuple[PathologyVector, PathologyVector] | None = None,
+    sites: dict | None = None,
 ) -> dict:
     """A vector's metadata, shapes and quality numbers, as plain JSON-able data.
 
     Args:
         vector: a vector or a file (whose halves, if ``save_built`` wrote them, are read too).
         halves: two vectors built from disjoint halves of the seeds (overrides the files).
+        sites: the model's sites ``{"family", "image_size", "sites": site_table(...)}``: each
+            per-layer entry then carries its site's name and token grid, and the report says
+            whether the vector fits the model (``sites["fits"]``).
 
     Returns:
         A dict with ``metadata``, ``shapes``, ``images`` (per class), ``timesteps``,
@@ -127,8 +157,7 @@ def inspect_vector(
         for i in range(k)
     ]
     seed_stability = _seed_stability(directions, halves)
-    for layer, entry in enumerate(per_layer):
-        entry["halves_cosine"] = seed_stability["per_layer"][layer] if seed_stability["available"] else None
+    sites = _label_layers(per_layer, vector, seed_stability, sites)
     return {
         "file": str(file) if file is not None else None,
         "sha256": sha256_file(file) if file is not None else None,
@@ -148,7 +177,23 @@ def inspect_vector(
             "mean_first_last_cosine": _finite_or_none(ends.nanmean()),
         },
         "seed_stability": seed_stability,
+        **({"sites": sites} if sites is not None else {}),
     }
+
+
+def _label_layers(per_layer: list[dict], vector: PathologyVector, seed_stability: dict, sites: dict | None):
+    """Add each layer's halves cosine and width and, when the model's ``sites`` fit the vector
+    (same widths), its name and grid; returns ``sites`` with ``fits`` (or ``None``)."""
+    for layer, entry in enumerate(per_layer):
+        entry["halves_cosine"] = seed_stability["per_layer"][layer] if seed_stability["available"] else None
+        entry["width"] = int(vector.widths[layer])
+    if sites is None:
+        return None
+    fits = [s["width"] for s in sites["sites"]] == [int(w) for w in vector.widths]
+    if fits:
+        for entry, site in zip(per_layer, sites["sites"], strict=True):
+            entry["name"], entry["grid"] = site["name"], site["grid"]
+    return {**sites, "fits": fits}
 
 
 def _provenance_report(vector: PathologyVector) -> dict:
@@ -193,6 +238,35 @@ def _fmt_value(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _per_layer_lines(report: dict) -> list[str]:
+    """The per-layer table of ``format_inspection``; with a model's sites, each row's name and grid."""
+    sites = report.get("sites")
+    lines = []
+    if sites is not None and not sites["fits"]:
+        lines.append(
+            f"the model ({sites['family']}, {len(sites['sites'])} sites) does not fit this vector "
+            f"({report['shapes']['layers']} sites of widths {report['shapes'].get('widths')}): built for another model"
+        )
+    named = sites is not None and sites["fits"]
+    height, width = sites["image_size"] if named else (0, 0)
+    lines.append("per layer (means over timesteps; |diff| = norm of mean-with minus mean-without):")
+    head = f"  layer  {'name':<14}  grid@{width}x{height}" if named else "  layer"
+    lines.append(f"{head}  width      |diff|   relative  adjacent-t cos  first-last cos  seed-halves cos")
+    for e in report["per_layer"]:
+        start = f"  {e['layer']:>5}"
+        if named:
+            grid = "x".join(str(n) for n in e["grid"])
+            start += f"  {e['name']:<14}  {grid:<{len(f'grid@{width}x{height}')}}"
+        width_text = e.get("width", report["shapes"]["hidden_size"])
+        lines.append(
+            f"{start}  {width_text:>5}  {_fmt_value(e['difference_norm'], '10.4g')}"
+            f"  {_fmt_value(e['relative_norm'], '9.4f')}  {_fmt_value(e['adjacent_cosine'], '14.4f')}"
+            f"  {_fmt_value(e['first_last_cosine'], '14.4f')}  {_fmt_value(e['halves_cosine'], '15.4f')}"
+        )
+    lines.append("")
+    return lines
+
+
 def format_inspection(report: dict) -> str:
     """The text ``medsteer inspect`` and the InspectPathologyVector node show for an ``inspect_vector`` report."""
     meta = report["metadata"]
@@ -215,15 +289,7 @@ def format_inspection(report: dict) -> str:
         value = meta[key]
         lines.append(f"  {key}: {value if len(value) <= 100 else value[:97] + '...'}")
     lines.append("")
-    lines.append("per layer (means over timesteps; |diff| = norm of mean-with minus mean-without):")
-    lines.append("  layer      |diff|   relative  adjacent-t cos  first-last cos  seed-halves cos")
-    for e in report["per_layer"]:
-        lines.append(
-            f"  {e['layer']:>5}  {_fmt_value(e['difference_norm'], '10.4g')}  {_fmt_value(e['relative_norm'], '9.4f')}"
-            f"  {_fmt_value(e['adjacent_cosine'], '14.4f')}  {_fmt_value(e['first_last_cosine'], '14.4f')}"
-            f"  {_fmt_value(e['halves_cosine'], '15.4f')}"
-        )
-    lines.append("")
+    lines.extend(_per_layer_lines(report))
     lines.append("per timestep (means over layers):")
     lines.append("  timestep      |diff|   relative  images with/without")
     for e in report["per_step"]:

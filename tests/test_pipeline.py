@@ -74,10 +74,10 @@ def test_load_refuses_single_files_other_pipelines_and_incomplete_folders(folder
     checkpoint.write_bytes(b"\x80\x02not really")
     with pytest.raises(mp.ModelLoadError, match="pickle checkpoint"):
         mp.load_model(checkpoint, device="cpu")
-    other = tmp_path / "sd"
+    other = tmp_path / "kandinsky"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(mp.ModelLoadError, match="StableDiffusionPipeline"):
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(mp.ModelLoadError, match="KandinskyPipeline"):
         mp.load_model(other, device="cpu")
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -8,7 +8,7 @@ steers the same way in ComfyUI and vice versa. Nothing in the engine or the node
 wing; it imports the engine, ``medsteer_core.weights`` (checkpoint and LoRA checks) and, only when
 ``--model mini`` asks for it, MedSteer-mini.
 
-Modules, by concern: ``models`` (``load_model``, ``PixArtModel``), ``sources`` (local pipeline
+Modules, by concern: ``models`` (``load_model``, ``HeadlessModel``), ``sources`` (local pipeline
 folders and hub ids), ``lora`` (the authors' LoRA, merged), ``distributed`` (``Shard``, devices),
 ``build`` (``build_vector``, halves, merging, ``default_window``), ``steer`` (``Steer``),
 ``dataset`` (``generate``), ``manifest`` (its records, resuming), ``outputs`` (atomic writes,
@@ -36,7 +36,7 @@ from .dataset import GenerateReport, generate
 from .distributed import Shard, check_device
 from .figures import Heatmap, gate_heatmap
 from .manifest import MANIFEST
-from .models import DTYPES, SCHEDULERS, ModelLoadError, PixArtModel, load_model
+from .models import DTYPES, SCHEDULERS, HeadlessModel, ModelLoadError, load_model
 from .outputs import OutputFolderError, check_output_file, lock_output_folder
 from .steer import Steer, paper_heatmap_steps
 
@@ -46,10 +46,10 @@ __all__ = [
     "SCHEDULERS",
     "BuiltVector",
     "GenerateReport",
+    "HeadlessModel",
     "Heatmap",
     "ModelLoadError",
     "OutputFolderError",
-    "PixArtModel",
     "Shard",
     "Steer",
     "build_vector",

@@ -19,7 +19,7 @@ from ..inspection import halves_paths, load_halves
 from ..provenance import Provenance, build_metadata
 from ..vector import PathologyVector, load_vector, save_vector
 from .distributed import Shard
-from .models import PixArtModel
+from .models import HeadlessModel
 
 log = logging.getLogger("medsteer")
 
@@ -56,9 +56,9 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def _estimate(model, units, split, spec, negative_prompt, scheduler, shard, progress):
     """Sample this rank's units, capturing conditional rows, and add every rank's per-unit sums in
     unit order: the whole set and, when ``split`` is a batch index, each half of the seed batches."""
-    depth, width_d = model.sites.depth, model.sites.hidden_size
-    total = VectorEstimator(depth, width_d)
-    parts = (VectorEstimator(depth, width_d), VectorEstimator(depth, width_d)) if split else None
+    widths = model.sites.widths  # one per site (ragged on UNets)
+    total = VectorEstimator(widths=widths)
+    parts = (VectorEstimator(widths=widths), VectorEstimator(widths=widths)) if split else None
     mine = sum(1 for i in range(len(units)) if shard.owns(i))
     bar = _progress_bar(mine * spec.steps, "build-vector", progress and shard.main)
     try:
@@ -69,7 +69,7 @@ def _estimate(model, units, split, spec, negative_prompt, scheduler, shard, prog
                 label, text, _, batch = units[index]
                 # Apple's MPS has no float64; the per-unit sums there are float32 (the totals stay float64).
                 precision = torch.float32 if model.device.type == "mps" else torch.float64
-                contribution = VectorEstimator(depth, width_d, accumulate_dtype=precision)
+                contribution = VectorEstimator(widths=widths, accumulate_dtype=precision)
                 model.sample(
                     text,
                     batch,
@@ -121,6 +121,7 @@ def _provenance(model, prompts, negative_prompt, seeds, spec, scheduler, concept
         library_version=__version__,
         extra={
             "model": base["model"],
+            **({"unet": base["unet"]} if base.get("unet") else {}),
             "lora": base["lora"] or "",
             "dtype": base["dtype"],
             "batch_size": str(batch_size),
@@ -130,7 +131,7 @@ def _provenance(model, prompts, negative_prompt, seeds, spec, scheduler, concept
 
 
 def build_vector(
-    model: PixArtModel,
+    model: HeadlessModel,
     prompts_with: Sequence[str],
     prompts_without: Sequence[str],
     seeds: Iterable[int],
@@ -255,17 +256,21 @@ def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:
 PAPER_WINDOW = (8, 16)
 
 
-def default_window(depth: int | None) -> tuple[int, int]:
+def default_window(depth: int | None, family: str | None = None) -> tuple[int, int]:
     """The layer window ``(start, end)`` used when neither the caller nor the vector's calibration gives one.
 
     The paper's 8-16 where the model has those layers (PixArt-XL-2 has 28), else every layer of the
     model: MedSteer-mini has 6, so its default is 0-6 (issue 11: 8-16 made ``build-vector`` then
-    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window.
+    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window. A
+    ``family`` other than PixArt's (the UNets: ``"sd1"``, ``"sdxl"``, ...) steers every site, as
+    CASteer does on SD: the paper's window is a PixArt-XL-2 setting.
 
     Example:
-        >>> default_window(28), default_window(6)
-        ((8, 16), (0, 6))
+        >>> default_window(28), default_window(6), default_window(16, "sd1")
+        ((8, 16), (0, 6), (0, 16))
     """
+    if depth is not None and family is not None and not family.startswith(("pixart", "medsteer-mini")):
+        return 0, int(depth)
     if depth is None or depth >= PAPER_WINDOW[1]:
         return PAPER_WINDOW
     return 0, int(depth)

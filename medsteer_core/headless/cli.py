@@ -62,12 +62,14 @@ def _steers(args):
     strengths = _per_vector(args.strength, n, "--strength")
     starts = _per_vector(args.layer_start, n, "--layer-start")
     ends = _per_vector(args.layer_end, n, "--layer-end")
+    windows = _per_vector(args.window, n, "--window")
     return [
         Steer(
             path,
             strength=strengths[i],
             layer_start=starts[i],
             layer_end=ends[i],
+            window=windows[i],
             timestep_min=args.timestep_min,
             timestep_max=args.timestep_max,
             rows=args.rows,
@@ -83,6 +85,8 @@ def _load(args, shard=None):
 
     return load_model(
         args.model,
+        unet=args.unet,
+        config=args.config,
         lora=args.lora,
         dtype=args.dtype,
         device=args.device,
@@ -260,16 +264,39 @@ def _cmd_heatmap(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from ..inspection import inspect_vector
+    from ..inspection import format_sites, inspect_vector, site_table
     from ..vector import load_vector
 
+    if args.vector is None and args.model is None:
+        raise ValueError("inspect needs a vector file, or --model to list a model's sites (or both)")
+    vector = load_vector(args.vector) if args.vector is not None else None
+    sites = None
+    if args.model is not None:
+        model = _load(args)
+        height, width = _inspect_size(args, vector, model)
+        sites = site_table(model.sites, (height // model.latent_scale, width // model.latent_scale))
+        sites = {"family": model.family, "image_size": [height, width], "sites": sites}
+    if vector is None:
+        print(json.dumps(sites, indent=1) if args.json else format_sites(sites))
+        return 0
     halves = tuple(load_vector(p) for p in args.halves) if args.halves else None
-    report = inspect_vector(args.vector, halves=halves)
+    report = inspect_vector(args.vector, halves=halves, sites=sites)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(format_report(report))
     return 0
+
+
+def _inspect_size(args, vector, model) -> tuple[int, int]:
+    """The image size the sites' grids are given for: --height/--width, else the vector's, else the model's."""
+    default_h, default_w = model.default_size
+    if vector is not None:
+        default_h = vector.provenance.height or default_h
+        default_w = vector.provenance.width or default_w
+    height, width = args.height or default_h, args.width or default_w
+    model.spec(1, 1.0, height, width)  # the model's own size rule, with its message
+    return int(height), int(width)
 
 
 def format_report(report: dict) -> str:

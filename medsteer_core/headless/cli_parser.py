@@ -15,12 +15,13 @@ log = logging.getLogger("medsteer")
 PAPER_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 
 DESCRIPTION = """\
-MedSteer: counterfactual image pairs from a frozen PixArt model by steering its cross-attention.
+MedSteer: counterfactual image pairs from a frozen text-to-image model by steering its cross-attention.
 
 Build a pathology vector from prompts with and without a concept, then generate pairs: the same
 seed sampled unsteered and steered, which differ only in the concept. Without --model the shipped
 MedSteer-mini model is used (when installed); pass a diffusers PixArt-alpha / PixArt-Sigma folder or
-hub id, and the authors' LoRA folder with --lora, for real images."""
+hub id (and the authors' LoRA folder with --lora), a Stable Diffusion 1.x / 2.x / XL folder (a bare
+UNet over it with --unet), or a single-file SD checkpoint with --config, for real images."""
 
 EXAMPLES = f"""\
 examples (the paper's dye-removal setting: 50 seeds, 20 steps, layers 8-16, strength 2.5):
@@ -43,8 +44,21 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=None,
-        help=f"diffusers PixArt-alpha/Sigma folder or hub id (e.g. {PAPER_MODEL}; local folders and cached hub "
-        "ids load offline), or a MedSteer-mini .safetensors file. Default: the shipped MedSteer-mini",
+        help=f"diffusers PixArt-alpha/Sigma or Stable Diffusion 1.x/2.x/XL pipeline folder or hub id (e.g. "
+        f"{PAPER_MODEL}; local folders and cached hub ids load offline), a single-file SD checkpoint "
+        "(.safetensors/.ckpt, with --config), or a MedSteer-mini .safetensors file. Default: the shipped MedSteer-mini",
+    )
+    group.add_argument(
+        "--unet",
+        default=None,
+        help="a bare diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) replacing the UNet "
+        "of the SD pipeline given with --model, e.g. MINIM's unets/<id>/unet over Stable Diffusion 1.4",
+    )
+    group.add_argument(
+        "--config",
+        default=None,
+        help="for a single-file SD checkpoint: a local diffusers pipeline folder of the same architecture (SD 1.x, "
+        "2.x or XL) whose component configs and tokenizer files are read; nothing is downloaded",
     )
     group.add_argument(
         "--lora",
@@ -73,11 +87,14 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _index_list(what: str, words: tuple[str, ...] = ("all",)):
-    """An argparse type that checks a step or layer list before anything loads (exit 2 if bad)."""
+    """An argparse type that checks a step or layer list before anything loads (exit 2 if bad). A
+    layer list with site names (``"middle 0,output 3"``) is checked once the model is loaded."""
 
     def check(text: str) -> str:
         from ..gates import check_index_list
 
+        if what == "layer" and any(c.isalpha() for c in text) and text.strip().lower() not in words:
+            return text
         try:
             check_index_list(text, what, words)
         except ValueError as exc:
@@ -145,6 +162,13 @@ def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> No
         action="append",
         help="one past the last steered block, exclusive (default: as --layer-start: calibrated, else 16, "
         "or the model's depth when it has fewer than 16 layers)",
+    )
+    group.add_argument(
+        "--window",
+        action="append",
+        help="the steered sites by name or index, instead of --layer-start/--layer-end: 'input 7 - output 2' "
+        "(names, both ends inclusive), 'middle', 'output' (every output site), 'input 7.3', or '8-16' (indices, "
+        "end exclusive); `medsteer inspect --model M` lists a model's site names",
     )
     group.add_argument(
         "--timestep-min", type=float, default=0.0, help="steer only model timesteps >= this (0-1000; default 0)"
@@ -282,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument(
         "--heatmap-layers",
         type=_index_list("layer", ("mean", "all")),
-        help="layers of the gate grid, e.g. 8 or 8,12 or mean (default: 8 when steered, else the window's first)",
+        help="layers of the gate grid, e.g. 8 or 8,12 or 'output 3' or mean (default: 8 when steered, else the "
+        "window's first)",
     )
     go.add_argument("--heatmap-plan", type=int, default=0, help="which --vector's gates to draw (default 0, the first)")
     go.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="heatmap colours")
@@ -327,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument(
         "--layers",
         type=_index_list("layer", ("mean", "all")),
-        help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / mean (default: 8, the paper's, when steered, else the window's first)",
+        help="layers to draw: 8 / 8,12 / 8-16 (end exclusive) / site names such as 'middle 0,output 3' / mean "
+        "(default: 8, the paper's, when steered, else the window's first)",
     )
     hp.add_argument("--plan", type=int, default=0, help="which --vector's gates (default 0)")
     hp.add_argument("--colormap", default="viridis", choices=COLORMAPS, help="colours")
@@ -341,26 +367,36 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         parents=[common],
         formatter_class=_formatter,
-        help="show a vector's metadata, shapes, difference norms and stability",
+        help="show a vector's metadata, shapes, difference norms and stability; or a model's sites",
         description=textwrap.dedent(
             """\
             Print a vector's metadata and shapes, the norm of the mean difference (with minus
             without) per layer and per timestep (absolute and relative to the activations), how
             stable the direction is across timesteps (cosine of adjacent rows, first vs last) and
             across halves of its seeds (cosine between the vectors of the two halves, read from
-            <name>.halves/ that build-vector writes, or from --halves)."""
+            <name>.halves/ that build-vector writes, or from --halves). With --model, every site
+            is listed with its name (UNets: ComfyUI's 'input 4', 'middle 0', 'output 3'), width
+            and token grid at the vector's image size (or the model's, without a vector); the
+            names are what --window and the heatmap's --layers accept."""
         ),
         epilog=textwrap.dedent(
             """\
             examples:
               medsteer inspect vectors/dye.safetensors
               medsteer inspect vectors/dye.safetensors --json > dye.json
-              medsteer inspect merged.safetensors --halves seeds_0-24.safetensors seeds_25-49.safetensors"""
+              medsteer inspect merged.safetensors --halves seeds_0-24.safetensors seeds_25-49.safetensors
+              medsteer inspect --model models/roentgen-v2            (the model's sites: names, widths, grids)
+              medsteer inspect vectors/effusion.safetensors --model models/roentgen-v2"""
         ),
     )
-    insp.add_argument("vector", help="the .safetensors vector")
+    insp.add_argument("vector", nargs="?", help="the .safetensors vector (optional with --model)")
     insp.add_argument("--halves", nargs=2, metavar=("A", "B"), help="two vectors built from disjoint seed halves")
     insp.add_argument("--json", action="store_true", help="print the full report (per-timestep x layer norms) as JSON")
+    insp.add_argument(
+        "--width", type=int, default=None, help="image width for the sites' grids (default: the vector's)"
+    )
+    insp.add_argument("--height", type=int, default=None, help="image height for the grids (default: the vector's)")
+    _model_options(insp)
 
     demo = commands.add_parser(
         "demo",

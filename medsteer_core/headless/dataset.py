@@ -27,9 +27,9 @@ from .manifest import (
     _settings_difference,
     _trim_unfinished_line,
 )
-from .models import PixArtModel
+from .models import HeadlessModel
 from .outputs import OutputFolderError, _os_reason, _write_atomic, lock_output_folder
-from .steer import Steer, _default_heatmap_layers, paper_heatmap_steps
+from .steer import Steer, _default_heatmap_layers, layer_selection, paper_heatmap_steps
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _resolve_plans(model, steers: Sequence[Steer], heatmap_plan: int) -> tuple[l
     """Every ``Steer`` resolved and checked against the model, before anything is sampled."""
     if not steers:
         raise ValueError("generate needs at least one vector to steer with")
-    resolved = [steer.resolve(model.sites.depth) for steer in steers]
+    resolved = [steer.resolve(sites=model.sites) for steer in steers]
     plans = [plan for plan, _ in resolved]
     for plan in plans:
         plan.validate(model.sites)
@@ -79,15 +79,15 @@ def _resolve_plans(model, steers: Sequence[Steer], heatmap_plan: int) -> tuple[l
     return resolved, plans
 
 
-def _heatmap_choice(steps: str | None, layers: str | None, plan: SteeringPlan, run_steps: int) -> dict:
-    """The heatmaps' step and layer selection (defaults: the paper's Fig. 3), checked."""
+def _heatmap_choice(steps: str | None, layers: str | None, plan: SteeringPlan, run_steps: int, sites) -> dict:
+    """The heatmaps' step and layer selection (defaults: the paper's Fig. 3; site names resolved), checked."""
     steps = steps or paper_heatmap_steps(run_steps)
     parse_steps(steps, run_steps)
-    return {"steps": steps, "layers": layers or _default_heatmap_layers(plan)}
+    return {"steps": steps, "layers": layer_selection(sites, layers or _default_heatmap_layers(plan))}
 
 
 def generate(
-    model: PixArtModel,
+    model: HeadlessModel,
     steers: Sequence[Steer],
     prompts: Sequence[str],
     seeds: Iterable[int],
@@ -149,7 +149,7 @@ def generate(
     resolved, plans = _resolve_plans(model, steers, heatmap_plan)
     heatmap = None
     if heatmaps:  # the selection is checked before sampling, not after the first pair
-        heatmap = _heatmap_choice(heatmap_steps, heatmap_layers, plans[heatmap_plan], spec.steps)
+        heatmap = _heatmap_choice(heatmap_steps, heatmap_layers, plans[heatmap_plan], spec.steps, model.sites)
         heatmap.update(plan=heatmap_plan, colormap=colormap)
     settings = _settings(model, spec, negative_prompt, scheduler, batch_size, resolved, heatmap)
     out_dir = Path(out_dir)
@@ -233,7 +233,13 @@ def _generate_units(
                 blobs = {kind: _png(images[kind][b]) for kind in ("unsteered", "steered")}
                 if gates is not None:
                     grid, mask = _pair_heatmap(
-                        gates, b, heatmap["steps"], heatmap["layers"], heatmap["colormap"], images["steered"][b]
+                        gates,
+                        b,
+                        heatmap["steps"],
+                        heatmap["layers"],
+                        heatmap["colormap"],
+                        images["steered"][b],
+                        model.sites,
                     )
                     blobs["gate"], blobs["mask"] = _png(grid), _png(mask)
                 for kind, data in blobs.items():  # the images first, then their record

@@ -8,26 +8,28 @@ from dataclasses import dataclass
 from ..errors import MedSteerError
 from ..gates import GateMaps, GateRecord, parse_steps, select_maps
 from ..heatmap import gate_grid, selection_mask
-from .models import PixArtModel
-from .steer import Steer, _default_heatmap_layers, paper_heatmap_steps
+from .models import HeadlessModel
+from .steer import Steer, _default_heatmap_layers, layer_labels, layer_selection, paper_heatmap_steps
 
 
-def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, **style):
+def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, sites=None, **style):
     """The gate grid of one image of a batch as a PIL image (rows: steps, columns: layers, as
-    GateHeatmap draws it), and the selected ``[steps, layers, h, w]`` maps."""
+    GateHeatmap draws it; with ``sites``, the columns are labelled with the UNets' site names), and
+    the selected ``[steps, layers, h, w]`` maps."""
     from PIL import Image
 
-    maps, step_labels, layer_labels = select_maps(gates, steps, layers, image)
-    grid = gate_grid(maps, step_labels, layer_labels, **style)
+    maps, step_labels, labels = select_maps(gates, steps, layers, image)
+    named = layer_labels(sites, layers, gates.layers) if sites is not None else None
+    grid = gate_grid(maps, step_labels, named or labels, **style)
     return Image.fromarray((grid.numpy() * 255).round().astype("uint8")), maps
 
 
-def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture):
+def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture, sites=None):
     """The gate grid and the 0-255 mask (``heatmap.selection_mask``: the selected gates averaged
     over steps and layers, at image size) of one image."""
     from PIL import Image
 
-    grid, maps = _gate_picture(gates, image, steps, layers, colormap=colormap)
+    grid, maps = _gate_picture(gates, image, steps, layers, sites, colormap=colormap)
     mask = selection_mask(maps, (picture.height, picture.width))
     return grid, Image.fromarray((mask.numpy() * 255).round().astype("uint8"), mode="L")
 
@@ -46,7 +48,7 @@ class Heatmap:
 
 
 def gate_heatmap(
-    model: PixArtModel,
+    model: HeadlessModel,
     steers: Sequence[Steer],
     prompt: str,
     seed: int,
@@ -74,7 +76,7 @@ def gate_heatmap(
         cell: pixels per map side.
         (the rest as in ``generate``)
     """
-    resolved = [steer.resolve(model.sites.depth) for steer in steers]
+    resolved = [steer.resolve(sites=model.sites) for steer in steers]
     plans = [p for p, _ in resolved]
     if not 0 <= plan < len(plans):
         raise ValueError(f"plan {plan} is out of range: {len(plans)} vector(s) given")
@@ -84,11 +86,11 @@ def gate_heatmap(
     spec = model.spec(steps, cfg, height, width)
     at_steps = at_steps or paper_heatmap_steps(spec.steps)
     parse_steps(at_steps, spec.steps)  # a step the run does not have: refused before sampling
-    layers = layers or _default_heatmap_layers(plans[plan])
+    layers = layer_selection(model.sites, layers or _default_heatmap_layers(plans[plan]))
     record = GateRecord()
     common = {"negative_prompt": negative_prompt, "scheduler": scheduler}
     steered = model.sample(prompt, [seed], spec, plans=plans, record=record, **common)
     unsteered = model.sample(prompt, [seed], spec, **common)
     gates = record.maps(plan)
-    grid, _ = _gate_picture(gates, 0, at_steps, layers, cell=cell, colormap=colormap, per_map=per_map)
+    grid, _ = _gate_picture(gates, 0, at_steps, layers, model.sites, cell=cell, colormap=colormap, per_map=per_map)
     return Heatmap(grid, model.decode(steered)[0], model.decode(unsteered)[0], gates, at_steps, layers)

@@ -1,5 +1,6 @@
-"""Loading a model for the headless route: ``load_model`` and ``PixArtModel`` (diffusers PixArt-alpha /
-PixArt-Sigma, or MedSteer-mini, which is imported only when asked for).
+"""Loading a model for the headless route: ``load_model`` and ``HeadlessModel`` (diffusers PixArt-alpha /
+PixArt-Sigma, Stable Diffusion 1.x / 2.x / XL from ``sd_models``, or MedSteer-mini, which is imported
+only when asked for).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from torch import nn
 
 from ..backbones import find_sites
 from ..driver import SamplingSpec, sample
+from ..errors import MedSteerError
 from ..estimate import VectorEstimator
 from ..gates import GateRecord
 from ..plan import SteeringPlan
 from .distributed import Shard, _resolve_device
 from .lora import apply_lora
-from .sources import ModelLoadError, _load_pipeline, _offline, _quiet_libraries
+from .sources import _PIPELINE_FAMILIES, ModelLoadError, _offline, _quiet_libraries
 
 log = logging.getLogger("medsteer")
 
@@ -55,12 +57,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
-class PixArtModel:
-    """A loaded PixArt-class text-to-image model: what the commands sample, steer and decode.
+class HeadlessModel:
+    """A loaded text-to-image model: what the commands sample, steer and decode.
 
     Attributes:
-        transformer: the ``PixArtTransformer2DModel`` (LoRA merged in, if one was given).
-        family: ``"pixart-alpha"``, ``"pixart-sigma"`` or ``"medsteer-mini"``.
+        transformer: the denoiser whose cross-attention is steered: a ``PixArtTransformer2DModel``
+            (LoRA merged in, if one was given) or a ``UNet2DConditionModel``.
+        sites: its ``Sites`` (widths, token grids, names).
+        family: ``"pixart-alpha"``, ``"pixart-sigma"``, ``"medsteer-mini"``, or the UNet's family
+            from its backbone (``"sd1"``, ``"sd2"``, ``"sdxl"``, ...).
         source: the folder, hub id or file it was loaded from.
         lora: the LoRA folder applied, or ``None``.
         dtype: weight dtype of the networks.
@@ -72,16 +77,19 @@ class PixArtModel:
 
     default_cfg = 4.5
 
-    def __init__(self, transformer: nn.Module, family: str, source: str, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, transformer: nn.Module, family: str | None, source: str, dtype: torch.dtype, device: torch.device
+    ):
         self.transformer = transformer
-        self.family = family
+        self.sites = find_sites(transformer)
+        self.family = family or self.sites.family  # None: the backbone's own (the UNets)
         self.source = source
         self.dtype = dtype
         self.device = device
         self.lora: str | None = None
         self.lora_sha256: str | None = None
+        self.unet: str | None = None  # a bare UNet folder that replaced the pipeline's own
         self._prompts: dict[tuple[str, str, bool], tuple] = {}
-        self.sites = find_sites(transformer)
 
     # ---------------------------------------------------------------- what subclasses provide
     latent_channels = 4
@@ -94,7 +102,19 @@ class PixArtModel:
         return side, side
 
     def _encode(self, prompt: str, negative_prompt: str, guided: bool) -> tuple:
+        """``(embeds, mask, negative_embeds, negative_mask, ...)``: what ``encode`` caches (a
+        subclass may append what its ``_inputs`` needs, such as SDXL's pooled embeddings)."""
         raise NotImplementedError
+
+    def _inputs(self, encoded: tuple, spec: SamplingSpec) -> dict:
+        """The conditioning keyword arguments of ``driver.sample`` for one encoded prompt."""
+        embeds, mask, negative, negative_mask = encoded[:4]
+        return {
+            "prompt_embeds": embeds,
+            "negative_embeds": negative,
+            "prompt_mask": mask,
+            "negative_mask": negative_mask,
+        }
 
     def _base_scheduler(self):
         raise NotImplementedError
@@ -106,6 +126,9 @@ class PixArtModel:
     # ---------------------------------------------------------------- shared
     def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> tuple:
         """``(embeds, mask, negative_embeds, negative_mask)`` of a prompt (cached per prompt)."""
+        return self._encoded(prompt, negative_prompt, guided)[:4]
+
+    def _encoded(self, prompt: str, negative_prompt: str, guided: bool) -> tuple:
         key = (prompt, negative_prompt, guided)
         if key not in self._prompts:
             with torch.no_grad():
@@ -127,14 +150,16 @@ class PixArtModel:
         """The sampling spec of images ``height x width`` (default: the model's size)."""
         default_h, default_w = self.default_size
         height, width = height or default_h, width or default_w
-        # Latent pixels per token side, from the backbone's grid of a probe latent.
-        per_token = 64 // max(self.sites.token_grid(0, (64, 64))[0], 1)
-        step = self.latent_scale * per_token  # image pixels per token side
-        if height % step or width % step or height <= 0 or width <= 0:
+        scale = self.latent_scale
+        if height % scale or width % scale or height <= 0 or width <= 0:
             raise ValueError(
-                f"image size {width}x{height} must be positive multiples of {step} for this model "
-                f"({self.latent_scale} pixels per latent pixel, {step // self.latent_scale} latent pixels per token)"
+                f"image size {width}x{height} must be positive multiples of {scale} for this model "
+                f"({scale} image pixels per latent pixel)"
             )
+        try:  # the backbone's own rule for latent sizes (PixArt: whole patches; UNets: any size)
+            self.sites.check_latent(height // scale, width // scale)
+        except MedSteerError as exc:
+            raise ValueError(f"image size {width}x{height} does not fit this model: {exc}") from None
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if not math.isfinite(cfg):
@@ -163,16 +188,13 @@ class PixArtModel:
     ) -> torch.Tensor:
         """Final latents ``[B, C, h, w]`` of one prompt for a batch of seeds (see ``driver.sample``)."""
         guided = spec.cfg != 1
-        embeds, mask, negative, negative_mask = self.encode(prompt, negative_prompt, guided)
+        inputs = self._inputs(self._encoded(prompt, negative_prompt, guided), spec)
         return sample(
             self.transformer,
             self.scheduler(scheduler),
-            embeds,
-            list(seeds),
-            spec,
-            negative_embeds=negative,
-            prompt_mask=mask,
-            negative_mask=negative_mask,
+            seeds=list(seeds),
+            spec=spec,
+            **inputs,
             plans=plans,
             record=record,
             estimator=estimator,
@@ -192,8 +214,10 @@ class PixArtModel:
 
     def provenance(self) -> dict:
         """What identifies the model in a manifest or a vector's metadata."""
+        unet = {"unet": self.unet} if self.unet is not None else {}
         return {
             "model": self.source,
+            **unet,
             "model_family": self.family,
             "lora": self.lora,
             "lora_sha256": self.lora_sha256,
@@ -202,14 +226,29 @@ class PixArtModel:
         }
 
 
-class _DiffusersPixArt(PixArtModel):
+class DiffusersModel(HeadlessModel):
+    """A model inside a diffusers pipeline: its scheduler, its VAE, its scale factor."""
+
+    def __init__(self, pipe, denoiser: nn.Module, family: str | None, source: str, dtype, device: torch.device):
+        super().__init__(denoiser, family, source, dtype, device)
+        self.pipe = pipe
+        self.latent_scale = int(getattr(pipe, "vae_scale_factor", 8))
+        self.latent_channels = int(denoiser.config.in_channels)
+
+    def _base_scheduler(self):
+        return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = latents.to(self.device, vae.dtype) / vae.config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]
+
+
+class _DiffusersPixArt(DiffusersModel):
     """A diffusers ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``."""
 
     def __init__(self, pipe, family: str, source: str, dtype: torch.dtype, device: torch.device):
-        super().__init__(pipe.transformer, family, source, dtype, device)
-        self.pipe = pipe
-        self.latent_scale = int(getattr(pipe, "vae_scale_factor", 8))
-        self.latent_channels = int(pipe.transformer.config.in_channels)
+        super().__init__(pipe, pipe.transformer, family, source, dtype, device)
 
     def _encode(self, prompt: str, negative_prompt: str, guided: bool) -> tuple:
         return tuple(
@@ -222,16 +261,8 @@ class _DiffusersPixArt(PixArtModel):
             )
         )
 
-    def _base_scheduler(self):
-        return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = latents.to(self.device, vae.dtype) / vae.config.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
-
-
-class _MiniPixArt(PixArtModel):
+class _MiniPixArt(HeadlessModel):
     """MedSteer-mini (``medsteer_core.mini``): pixel space, its own DDIM schedule."""
 
     latent_channels = 3
@@ -284,7 +315,7 @@ def _check_offload(device: torch.device) -> None:
         raise ModelLoadError("offload needs the accelerate package: pip install accelerate (or drop --offload)")
 
 
-def _load_mini(path: Path, name: str, dtype: torch.dtype, device: torch.device) -> PixArtModel:
+def _load_mini(path: Path, name: str, dtype: torch.dtype, device: torch.device) -> HeadlessModel:
     """MedSteer-mini from ``path`` (imported only here: the headless route does not need it)."""
     from .. import mini
 
@@ -303,6 +334,8 @@ def _load_mini(path: Path, name: str, dtype: torch.dtype, device: torch.device) 
 def load_model(
     source: str | os.PathLike | None = None,
     *,
+    unet: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
     lora: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
@@ -310,17 +343,25 @@ def load_model(
     offline: bool | None = None,
     shard: Shard | None = None,
     quiet: bool = False,
-) -> PixArtModel:
-    """Load a PixArt-alpha / PixArt-Sigma pipeline (or MedSteer-mini) ready to sample and steer.
+) -> HeadlessModel:
+    """Load a PixArt-alpha / PixArt-Sigma, Stable Diffusion 1.x / 2.x / XL pipeline (or MedSteer-mini)
+    ready to sample and steer. Everything local is read offline.
 
     Args:
-        source: a local diffusers folder (``model_index.json`` + ``transformer/``, ``text_encoder/``,
-            ``tokenizer/``, ``vae/``, ``scheduler/``), a Hugging Face hub id such as
-            ``PixArt-alpha/PixArt-XL-2-512x512``, ``"mini"`` or ``None`` for the shipped
-            MedSteer-mini, or a MedSteer-mini ``.safetensors`` file.
-        lora: a folder in the authors' layout: ``transformer_lora/`` and/or ``text_encoder_lora/``,
-            each a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``). Applied
-            with PEFT (scale ``lora_alpha / r`` per module) and merged into the weights.
+        source: a local diffusers pipeline folder (``model_index.json`` + ``transformer/`` or
+            ``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``; SDXL also
+            ``text_encoder_2/``, ``tokenizer_2/``), a Hugging Face hub id such as
+            ``PixArt-alpha/PixArt-XL-2-512x512``, a single-file SD checkpoint (with ``config``),
+            ``"mini"`` or ``None`` for the shipped MedSteer-mini, or a MedSteer-mini ``.safetensors`` file.
+        unet: a bare diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+            that replaces the UNet of the SD pipeline ``source`` (MINIM's ``unets/<id>/unet`` over
+            Stable Diffusion 1.4). Its cross-attention width must match the pipeline's text encoders.
+        config: for a single-file ``source``: a local diffusers folder of the same architecture whose
+            component configs and tokenizer files are read (diffusers would download them).
+        lora: a folder in the authors' layout (PixArt only): ``transformer_lora/`` and/or
+            ``text_encoder_lora/``, each a PEFT adapter (``adapter_config.json`` +
+            ``adapter_model.safetensors``). Applied with PEFT (scale ``lora_alpha / r`` per module)
+            and merged into the weights.
         dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (fp16 on CUDA, else fp32).
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ... or ``"auto"``. Under torchrun each rank
             takes ``cuda:LOCAL_RANK``.
@@ -333,8 +374,8 @@ def load_model(
         quiet: hide the loaders' progress bars.
 
     Raises:
-        ModelLoadError: a missing folder or file, a folder that is not a PixArt pipeline, a
-            checkpoint in a format the CLI does not read, or a LoRA that does not fit.
+        ModelLoadError: a missing folder or file, a folder that is not a supported pipeline, a
+            checkpoint in a format the CLI does not read, a UNet or LoRA that does not fit.
     """
     shard = shard or Shard()
     torch_device = _resolve_device(device, shard)
@@ -344,23 +385,55 @@ def load_model(
     _quiet_libraries(quiet)
     mini_path = _mini_path(None if source is None else str(source))
     if mini_path is not None:
-        if lora is not None:
-            raise ModelLoadError("--lora applies to PixArt diffusers pipelines, not to MedSteer-mini")
+        if lora is not None or unet is not None or config is not None:
+            flag = "--lora" if lora is not None else "--unet" if unet is not None else "--config"
+            raise ModelLoadError(f"{flag} applies to diffusers pipelines, not to MedSteer-mini: drop it")
         return _load_mini(mini_path, "mini" if source in (None, "mini") else str(source), torch_dtype, torch_device)
-
     if lora is not None and not Path(lora).expanduser().is_dir():  # before minutes of loading the model
         raise ModelLoadError(f"no LoRA folder at {str(lora)!r}: check the path")
-    pipe, family = _load_pipeline(str(source), torch_dtype, _offline(offline))
+    if lora is not None and (unet is not None or config is not None):
+        raise ModelLoadError(_SD_LORA)
+    return _load_diffusers(
+        str(source),
+        str(unet) if unet is not None else None,
+        str(config) if config is not None else None,
+        lora,
+        torch_dtype,
+        torch_device,
+        offload,
+        _offline(offline),
+    )
+
+
+_SD_LORA = (
+    "--lora reads the MedSteer LoRA layout of PixArt pipelines; for a Stable Diffusion LoRA, fuse it into the "
+    "pipeline first (pipe.load_lora_weights(...); pipe.fuse_lora(); pipe.save_pretrained(folder)) and pass that "
+    "folder with --model"
+)
+
+
+def _load_diffusers(source, unet, config, lora, dtype, device, offload, offline) -> HeadlessModel:
+    """A diffusers pipeline (with its UNet replaced, its LoRA merged), on its device, wrapped."""
+    from .sd_sources import UNET_PIPELINES, open_pipeline
+
+    pipe, name = open_pipeline(source, dtype, offline, unet=unet, config=config)
+    if lora is not None and name in UNET_PIPELINES:
+        raise ModelLoadError(_SD_LORA)
     model_lora, lora_sha = None, None
     if lora is not None:
         model_lora, lora_sha = apply_lora(pipe, lora)
     if offload:
-        pipe.enable_model_cpu_offload(device=torch_device)
-        execution = pipe._execution_device
+        pipe.enable_model_cpu_offload(device=device)
+        execution = torch.device(pipe._execution_device)
     else:
-        pipe.to(torch_device)
-        execution = torch_device
+        pipe.to(device)
+        execution = device
     pipe.set_progress_bar_config(disable=True)
-    model = _DiffusersPixArt(pipe, family, str(source), torch_dtype, torch.device(execution))
-    model.lora, model.lora_sha256 = model_lora, lora_sha
+    if name in UNET_PIPELINES:
+        from .sd_models import stable_diffusion_model
+
+        model = stable_diffusion_model(pipe, name, source, dtype, execution)
+    else:
+        model = _DiffusersPixArt(pipe, _PIPELINE_FAMILIES[name], source, dtype, execution)
+    model.lora, model.lora_sha256, model.unet = model_lora, lora_sha, unet
     return model

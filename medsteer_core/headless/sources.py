@@ -1,5 +1,6 @@
-"""Where a headless model comes from: a local diffusers PixArt pipeline folder (checked before diffusers
-reads it) or a hub id.
+"""Where a headless model comes from: a local diffusers pipeline folder (PixArt-alpha / -Sigma, Stable
+Diffusion 1.x / 2.x, SDXL; checked before diffusers reads it) or a hub id. Bare UNet folders and
+single-file SD checkpoints are ``sd_sources``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,34 @@ log = logging.getLogger("medsteer")
 _LORA_PARTS = {"transformer": "transformer_lora", "text_encoder": "text_encoder_lora"}
 
 
-_PIPELINE_FAMILIES = {"PixArtAlphaPipeline": "pixart-alpha", "PixArtSigmaPipeline": "pixart-sigma"}
+#: Pipeline class -> the model family written into vectors (``None``: the UNet backbone's own).
+_PIPELINE_FAMILIES = {
+    "PixArtAlphaPipeline": "pixart-alpha",
+    "PixArtSigmaPipeline": "pixart-sigma",
+    "StableDiffusionPipeline": None,
+    "StableDiffusionXLPipeline": None,
+}
+#: Pipeline class -> the component folders it needs (its model_index.json may mark some null).
+_COMPONENTS = {
+    "PixArtAlphaPipeline": ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
+    "PixArtSigmaPipeline": ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
+    "StableDiffusionPipeline": ("unet", "text_encoder", "tokenizer", "vae", "scheduler"),
+    "StableDiffusionXLPipeline": (
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "vae",
+        "scheduler",
+    ),
+}
+#: Components MedSteer never uses, left unloaded (the safety checker's CLIP vision model, ...).
+_UNUSED = {
+    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": {"feature_extractor": None, "image_encoder": None},
+}
+SUPPORTED = "PixArt-alpha / PixArt-Sigma, Stable Diffusion 1.x / 2.x and SDXL pipelines"
 
 
 def _offline(offline: bool | None) -> bool:
@@ -43,20 +71,30 @@ def _quiet_libraries(quiet: bool) -> None:
         library.utils.logging.set_verbosity_error()
 
 
-def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
-    from diffusers import DiffusionPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
+def _pipeline_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _load_pipeline(source: str, dtype: torch.dtype, offline: bool, **components):
+    """``(pipeline, class name)`` of a local folder or hub id; ``components`` replace the pipeline's
+    own (``unet=`` for a bare UNet folder)."""
+    from diffusers import DiffusionPipeline
 
     path = Path(source).expanduser()
-    classes = {"PixArtAlphaPipeline": PixArtAlphaPipeline, "PixArtSigmaPipeline": PixArtSigmaPipeline}
     if path.exists():
         index = _check_pipeline_folder(path)
-        cls = classes[index["_class_name"]]
-        _check_transformer_weights(path / "transformer")
+        name = index["_class_name"]
+        if "transformer" in _COMPONENTS[name]:
+            _check_transformer_weights(path / "transformer")
         try:
-            pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            pipe = _pipeline_class(name).from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, **_UNUSED.get(name, {}), **components
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the pipeline in {str(path)!r}: {exc}") from None
-        return pipe, _PIPELINE_FAMILIES[index["_class_name"]]
+        return pipe, name
     # A path that looks local never reaches the hub (issue 11: `models/x` meant ~30 s of retries).
     if looks_like_local_path(source) or source.count("/") != 1:
         raise ModelLoadError(
@@ -83,18 +121,19 @@ def _load_pipeline(source: str, dtype: torch.dtype, offline: bool):
             ) from None
         cached = False
     name = index.get("_class_name")
-    if name not in classes:
+    if name not in _PIPELINE_FAMILIES:
         raise ModelLoadError(
-            f"{source!r} is a {name} pipeline; medsteer steers PixArt transformers only "
-            f"({', '.join(classes)}), e.g. PixArt-alpha/PixArt-XL-2-512x512"
+            f"{source!r} is a {name} pipeline; medsteer steers {SUPPORTED} ({', '.join(_PIPELINE_FAMILIES)}), "
+            "e.g. PixArt-alpha/PixArt-XL-2-512x512"
         )
+    extra = {**_UNUSED.get(name, {}), **components}
     try:
-        pipe = classes[name].from_pretrained(source, dtype=dtype, local_files_only=cached)
+        pipe = _pipeline_class(name).from_pretrained(source, dtype=dtype, local_files_only=cached, **extra)
     except OSError:
         if not cached or offline:
             raise
-        pipe = classes[name].from_pretrained(source, dtype=dtype)  # cache incomplete: fetch the rest
-    return pipe, _PIPELINE_FAMILIES[name]
+        pipe = _pipeline_class(name).from_pretrained(source, dtype=dtype, **extra)  # cache incomplete: fetch the rest
+    return pipe, name
 
 
 def _check_transformer_weights(folder: Path) -> None:
@@ -113,15 +152,16 @@ def _check_transformer_weights(folder: Path) -> None:
 
 
 def _check_pipeline_folder(path: Path) -> dict:
-    """The ``model_index.json`` of a PixArt pipeline folder, or a ``ModelLoadError`` that says what
+    """The ``model_index.json`` of a supported pipeline folder, or a ``ModelLoadError`` that says what
     the folder is instead and what to pass."""
     if path.is_file():
         kind = "a pickle checkpoint" if path.suffix in (".pth", ".pt", ".bin", ".ckpt") else "a single file"
         raise ModelLoadError(
-            f"{str(path)!r} is {kind}; the CLI loads diffusers pipeline folders (model_index.json + transformer/, "
-            "text_encoder/, tokenizer/, vae/, scheduler/) or hub ids such as PixArt-alpha/PixArt-XL-2-512x512. "
-            "Single-file PixArt checkpoints load in the ComfyUI nodes; convert one with diffusers' "
-            "scripts/convert_pixart_alpha_to_diffusers.py"
+            f"{str(path)!r} is {kind}; the CLI loads diffusers pipeline folders (model_index.json + transformer/ "
+            "or unet/, text_encoder/, tokenizer/, vae/, scheduler/), hub ids such as "
+            "PixArt-alpha/PixArt-XL-2-512x512, and single-file Stable Diffusion checkpoints with --config (a "
+            "local diffusers folder of the same architecture). Single-file PixArt checkpoints load in the "
+            "ComfyUI nodes; convert one with diffusers' scripts/convert_pixart_alpha_to_diffusers.py"
         )
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -132,6 +172,11 @@ def _check_pipeline_folder(path: Path) -> dict:
             )
         if (path / "config.json").is_file() and (path.parent / "model_index.json").is_file():
             raise ModelLoadError(f"{str(path)!r} is one component of a pipeline: pass its parent {str(path.parent)!r}")
+        if _config_class(path / "config.json") == "UNet2DConditionModel" or (path / "unet" / "config.json").is_file():
+            raise ModelLoadError(
+                f"{str(path)!r} is a bare diffusers UNet, not a pipeline: pass the base pipeline it was trained "
+                "from with --model (e.g. a Stable Diffusion 1.4 folder for MINIM) and the UNet folder with --unet"
+            )
         raise ModelLoadError(
             f"{str(path)!r} has no model_index.json, so it is not a diffusers pipeline folder; save one with "
             "pipe.save_pretrained(folder), or pass a hub id such as PixArt-alpha/PixArt-XL-2-512x512"
@@ -143,17 +188,25 @@ def _check_pipeline_folder(path: Path) -> dict:
     name = index.get("_class_name")
     if name not in _PIPELINE_FAMILIES:
         raise ModelLoadError(
-            f"{str(path)!r} holds a {name} pipeline; medsteer steers PixArt transformers only "
-            f"({', '.join(_PIPELINE_FAMILIES)})"
+            f"{str(path)!r} holds a {name} pipeline; medsteer steers {SUPPORTED} ({', '.join(_PIPELINE_FAMILIES)})"
         )
+    parts = _COMPONENTS[name]
     missing = [
         part
-        for part in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+        for part in parts
         if isinstance(index.get(part), list) and index[part][0] is not None and not (path / part).is_dir()
     ]
     if missing:
         raise ModelLoadError(
             f"{str(path)!r} lacks the component folder(s) {missing} that its model_index.json lists; "
-            "copy the complete pipeline (all of transformer/, text_encoder/, tokenizer/, vae/, scheduler/)"
+            f"copy the complete pipeline (all of {', '.join(p + '/' for p in parts)})"
         )
     return index
+
+
+def _config_class(file: Path) -> str | None:
+    """The ``_class_name`` of a diffusers ``config.json`` (``None`` when absent or unreadable)."""
+    try:
+        return json.loads(file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
