@@ -88,3 +88,18 @@ def test_training_the_unet_keeps_the_shipped_text_encoder_frozen(tmp_path):
     fresh = build_unet()
     changed = [k for k, v in model.transformer.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
     assert changed, "two training steps left every UNet weight at its initial value"
+
+
+def test_the_mini_unet_is_its_own_family_with_ragged_sites_and_an_untagged_unet_is_not():
+    from diffusers import UNet2DConditionModel
+
+    from medsteer_core.backbones import find_sites
+
+    sites = find_sites(build_unet())
+    assert sites.family == "medsteer-mini-unet"
+    assert sites.pixel_scale == 1 and sites.latent_channels == 3
+    assert sites.widths == (64, 96, 96, 96, 96, 64, 64)
+    assert sites.names == ("input 3", "input 5", "middle 0", "output 0", "output 1", "output 2", "output 3")
+    assert [sites.token_grid(i, (32, 32)) for i in (0, 2, 6)] == [(16, 16), (8, 8), (16, 16)]
+    plain = find_sites(UNet2DConditionModel(**UNET_CONFIG))
+    assert plain.family != "medsteer-mini-unet" and plain.pixel_scale == 8

@@ -1,4 +1,4 @@
-"""MedSteer-mini as a model family: the backbone ``find_sites`` uses for the mini's transformer.
+"""MedSteer-mini as a model family: the backbones ``find_sites`` uses for the mini's denoisers.
 
 The mini is a diffusers ``PixArtTransformer2DModel`` in pixel space, so everything but its family
 name is PixArt's. ``new_mini`` and ``load_mini`` tag the transformer they build (``TAG``), which is
@@ -11,11 +11,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..backbones import PixArtDiffusers, register_backbone
+from ..backbones.unet import UNetDiffusers
 
-__all__ = ["FAMILY", "TAG", "MiniDiffusers", "tag_transformer"]
+__all__ = ["FAMILY", "TAG", "UNET_FAMILY", "MiniDiffusers", "MiniUNetDiffusers", "tag_transformer"]
 
 #: The ``model_family`` of every vector built on MedSteer-mini.
 FAMILY = "medsteer-mini"
+#: The ``model_family`` of every vector built on MedSteer-mini-UNet (``mini/unet.py``).
+UNET_FAMILY = "medsteer-mini-unet"
 #: The attribute ``new_mini`` / ``load_mini`` set to ``True`` on the transformer they build.
 TAG = "medsteer_mini"
 
@@ -38,4 +41,24 @@ class MiniDiffusers(PixArtDiffusers):
         return super().transformer(model)
 
 
+class MiniUNetDiffusers(UNetDiffusers):
+    """MedSteer-mini-UNet in diffusers: a tagged ``UNet2DConditionModel`` in pixel space; sites,
+    names and grids as every SD UNet's, its own family."""
+
+    name = "MedSteer-mini-UNet (diffusers UNet2DConditionModel built by medsteer_core.mini)"
+    family = UNET_FAMILY
+
+    def transformer(self, model: nn.Module) -> nn.Module | None:
+        if getattr(model, TAG, False) is not True:
+            return None
+        return super().transformer(model)
+
+    def family_of(self, transformer: nn.Module) -> str:
+        return UNET_FAMILY
+
+    def pixel_scale(self, transformer: nn.Module) -> int:
+        return 1
+
+
 BACKBONE = register_backbone(MiniDiffusers(), first=True)
+UNET_BACKBONE = register_backbone(MiniUNetDiffusers(), first=True)

@@ -8,8 +8,8 @@ judged by the same oracle on the same seed sets as MedSteer-mini.
 - denoiser: a diffusers ``UNet2DConditionModel`` in **pixel space** (32x32 RGB, as MedSteer-mini):
   levels 32x32 (resnets only, 32 channels), 16x16 and 8x8 (resnet + cross-attention, 64 and 96
   channels), a middle block at 8x8; one layer per block, as SD's layout at toy scale. Its 7
-  cross-attention sites are ``input 4``, ``input 5`` (diffusers ``down_blocks.1/2``), ``middle 0``,
-  ``output 0``, ``output 1`` (8x8, 96 wide) and ``output 3``, ``output 4`` (16x16, 64 wide) in
+  cross-attention sites are ``input 3``, ``input 5`` (diffusers ``down_blocks.1/2``), ``middle 0``,
+  ``output 0``, ``output 1`` (8x8, 96 wide) and ``output 2``, ``output 3`` (16x16, 64 wide) in
   ComfyUI's names, so vectors are ragged (widths 64/96) and gate maps come on two grids.
 - text encoder and tokenizer: MedSteer-mini's own, **frozen** (the "same text encoder"): the UNet
   learns to read the embeddings the shipped T5 already makes, and both models share prompts.
