@@ -20,8 +20,8 @@ import sys
 from comfy_api.latest import io, ui
 
 from ..medsteer_core.heatmap import COLORMAPS
-from ..medsteer_core.inspection import format_inspection, inspect_vector, profile_image
-from .common import CATEGORY, PathologyVectorSocket
+from ..medsteer_core.inspection import format_inspection, inspect_vector, profile_image, site_table
+from .common import CATEGORY, PathologyVectorSocket, model_sites
 
 
 class InspectPathologyVector(io.ComfyNode):
@@ -34,10 +34,18 @@ class InspectPathologyVector(io.ComfyNode):
             description=(
                 "Per layer and timestep: how much of the cross-attention output the concept is "
                 "(|mean with - mean without| / |mean|), as a heatmap and a text report. Use it to choose "
-                "the steering window on a new model."
+                "the steering window on a new model; connect the model to see each layer's site name (SD UNets: "
+                "'input 4', 'middle 0', 'output 3') and token grid."
             ),
             inputs=[
                 PathologyVectorSocket.Input("pathology_vector", tooltip="The vector to inspect."),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="Optional: the model the vector is for. Connected, each layer of the report gets "
+                    "its site name (SD UNets: 'input 4', 'middle 0', 'output 3.1'; PixArt: 'block 8') and "
+                    "token grid, and the report says whether the vector fits the model.",
+                ),
                 io.Combo.Input(
                     "colormap",
                     options=list(COLORMAPS),
@@ -62,8 +70,10 @@ class InspectPathologyVector(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, pathology_vector, colormap: str) -> io.NodeOutput:
-        report = inspect_vector(pathology_vector)
+    def execute(cls, pathology_vector, colormap: str, model=None) -> io.NodeOutput:
+        report = inspect_vector(
+            pathology_vector, sites=None if model is None else model_site_info(model, pathology_vector)
+        )
         report["file"] = vector_label(pathology_vector, cls.hidden.prompt, cls.hidden.unique_id)
         text = format_inspection(report)
         image = profile_image(report, colormap)[None]  # [1, H, W, 3]
@@ -95,3 +105,15 @@ def show_on_node(text: str, node_id: str | None) -> None:
         instance.send_progress_text(html.escape(text), str(node_id))
     except Exception as error:  # showing the report must never fail the graph
         logging.warning("MedSteer: could not send the inspect report to the UI: %s", error)
+
+
+def model_site_info(model, vector) -> dict:
+    """A MODEL's sites for ``inspect_vector``: family, names, widths and token grids at the image size
+    the vector was built at (512x512 px when its metadata does not say)."""
+    sites = model_sites(model)
+    meta = vector.metadata
+    size = [int(meta.get(key) or 0) if str(meta.get(key) or "").isdigit() else 0 for key in ("height", "width")]
+    height, width = (n or 512 for n in size)
+    scale = sites.pixel_scale
+    latent = (max(1, height // scale), max(1, width // scale))
+    return {"family": sites.family, "image_size": (height, width), "sites": site_table(sites, latent)}

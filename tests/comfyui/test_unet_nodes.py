@@ -268,3 +268,97 @@ def test_a_batch_of_two_is_steered_row_by_row_with_one_heatmap_each(comfy_env, p
     assert torch.equal(samples, reference)
     assert all(not torch.equal(samples[b], result.output(plain.id)["samples"][b]) for b in range(2))
     assert result.output(grid.id, 0).shape[0] == 2 and result.output(grid.id, 1).shape == (2, 64, 96)
+
+
+# ------------------------------------------------------------------------------- build, heatmap
+def test_build_save_load_apply_round_trip_keeps_ragged_widths(comfy_env, pack):
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "dyed polyp"), sd_prompt(g, ""), sd_latent(g)
+    build = g.add(
+        "BuildPathologyVector",
+        model=model,
+        with_concept=positive,
+        without_concept=sd_prompt(g, "polyp"),
+        uncond=negative,
+        latent_image=sd_latent(g, batch=2),
+        seed=10,
+        num_seeds=2,
+        steps=3,
+        cfg=5.0,
+        sampler_name="euler",
+        scheduler="normal",
+    )
+    g.add("SavePathologyVector", pathology_vector=build, filename_prefix="unet/built_sd")
+    built_steer = ksampler(g, steer(g, model, build, layers="input 3 - output 1"), positive, negative, latent)
+    keep(g, built_steer)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    built = result.output(build.id)
+    assert built.widths == TINY_SD_WIDTHS and built.metadata["model_family"] == "sd-unet"
+
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "dyed polyp"), sd_prompt(g, ""), sd_latent(g)
+    loaded = load(g, "unet/built_sd_00001_.safetensors")
+    loaded_steer = ksampler(g, steer(g, model, loaded, layers="input 3 - output 1"), positive, negative, latent)
+    plain = ksampler(g, model, positive, negative, latent)
+    keep(g, loaded_steer)
+    keep(g, plain)
+    again = comfy_env.run(g, fresh=True)
+    assert again.success, again.error
+    vector = again.output(loaded.id)
+    assert vector.widths == TINY_SD_WIDTHS and torch.equal(vector.directions, built.directions)
+    assert all(float(vector.directions[:, i, w:].abs().sum()) == 0 for i, w in enumerate(vector.widths))
+    steered = again.output(loaded_steer.id)["samples"]
+    assert torch.equal(steered, result.output(built_steer.id)["samples"])
+    assert not torch.equal(steered, again.output(plain.id)["samples"])
+
+
+@pytest.mark.parametrize(("layers", "grid"), [("input 1 - output 3", LATENT), ("input 3 - output 1", (4, 6))])
+def test_gate_heatmap_on_a_non_square_latent_upsamples_each_sites_grid(comfy_env, pack, layers, grid):
+    g = Graph()
+    model = unet(g, "sd1")
+    positive, negative, latent = sd_prompt(g, "polyp"), sd_prompt(g, ""), sd_latent(g)
+    steered_model = steer(g, model, load(g, write_vector(comfy_env, pack, "unet/heat", seed=6)), layers=layers)
+    steered = ksampler(g, steered_model, positive, negative, latent, steps=4)
+    common = {"preset": "custom (steps and layers below)", "colormap": "viridis", "opacity": 0.5, "edit": -1}
+    by_name = g.add(
+        "GateHeatmap", model=steered_model, latent=steered, steps="all", layers="middle, output 1", **common
+    )
+    image = g.add("EmptyImage", width=LATENT[1] * 8, height=LATENT[0] * 8, batch_size=1, color=0)
+    overlays = g.add(
+        "GateHeatmap", model=steered_model, latent=steered, image=image, steps="1,3", layers="mean", **common
+    )
+    keep(g, by_name)
+    keep(g, overlays)
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    record = comfy_env.pack.nodes.steer.steering_of(result.output(steered_model.id))
+    gates = record.record_for(result.output(steered.id)["samples"]).maps()
+    assert tuple(gates.maps.shape) == (4, 4 if grid == (4, 6) else 7, 1, *grid)
+    picture, mask = result.output(by_name.id, 0), result.output(by_name.id, 1)
+    assert picture.dim() == 4 and picture.shape[0] == 1 and mask.shape == (1, 64, 96)
+    assert result.output(overlays.id, 0).shape == (2, 64, 96, 3)  # two steps x the layer mean
+    heatmap = comfy_env.pack.nodes.heatmap
+    sites = sites_of(comfy_env.core, result.output(model.id))
+    assert heatmap.named_layers(sites, "middle, output 1") == [2, 4]
+    assert heatmap.site_labels(sites, gates.layers, [2, 4], ["layer 2", "layer 4"]) == ["middle 0", "output 1"]
+
+
+# ------------------------------------------------------------------------------- errors, inspect
+def test_inspect_reports_the_site_names_of_the_connected_model(comfy_env, pack):
+    g = Graph()
+    vector = load(g, write_vector(comfy_env, pack, "unet/inspect"))
+    named = g.add("InspectPathologyVector", pathology_vector=vector, model=unet(g, "sd1"), colormap="viridis")
+    other = g.add("InspectPathologyVector", pathology_vector=vector, model=unet(g, "sdxl"), colormap="viridis")
+    result = comfy_env.run(g)
+    assert result.success, result.error
+    text = result.output(named.id, 1)
+    rows = [line.split() for line in text.splitlines()]
+    for index, name in enumerate(TINY_SD_NAMES):  # each per-layer row: index, name, its grid, width
+        grid = "64x64" if TINY_SD_WIDTHS[index] == 32 else "32x32"  # no size recorded: 512x512 px
+        assert [str(index), *name.split(), grid, str(TINY_SD_WIDTHS[index])] in [
+            r[: len(name.split()) + 3] for r in rows
+        ]
+    assert "does not fit this vector" in result.output(other.id, 1)
