@@ -240,7 +240,9 @@ class ApplySSPSSteer(io.ComfyNode):
                     tooltip="The window by the names users know, instead of layer_start/layer_end (empty = "
                     "use those): a block 'middle', 'input 7' (all its transformer blocks), 'input 7.3', a "
                     "range of names 'input 7 - output 2' (both ends included) or indices '8-16' (end "
-                    "excluded). " + UNET_SITES_HELP + " PixArt's sites are 'block 0' to 'block 27'.",
+                    "excluded). " + UNET_SITES_HELP + " To start on an SD model steer every site, as CASteer and "
+                    "`medsteer` do by default: 'input 1 - output 11' (SD1.x/2.x) or 'input 4.0 - output 5.1' "
+                    "(SDXL). PixArt's sites are 'block 0' to 'block 27'.",
                 ),
             ],
             outputs=[

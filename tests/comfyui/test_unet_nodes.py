@@ -362,3 +362,43 @@ def test_inspect_reports_the_site_names_of_the_connected_model(comfy_env, pack):
             r[: len(name.split()) + 3] for r in rows
         ]
     assert "does not fit this vector" in result.output(other.id, 1)
+
+
+def test_tooltips_name_the_sites_of_the_released_unets(comfy_env):
+    """The names the tooltips list are those of the full SD1.5 and SDXL UNets (built without weights)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    shared = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "legacy": False}
+    shared["use_spatial_transformer"] = True
+    sd15 = {
+        **shared,
+        **{"num_res_blocks": [2] * 4, "channel_mult": [1, 2, 4, 4], "context_dim": 768, "num_heads": 8},
+        **{"transformer_depth": [1] * 6 + [0] * 2, "transformer_depth_middle": 1},
+        "transformer_depth_output": [1] * 9 + [0] * 3,
+    }
+    sdxl = {
+        **shared,
+        **{"num_res_blocks": [2] * 3, "channel_mult": [1, 2, 4], "context_dim": 2048, "num_head_channels": 64},
+        **{
+            "transformer_depth": [0, 0, 2, 2, 10, 10],
+            "transformer_depth_middle": 10,
+            "use_linear_in_transformer": True,
+        },
+        **{
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+            "adm_in_channels": 2816,
+            "num_classes": "sequential",
+        },
+    }
+    schema = node_class("ApplySSPSSteer").GET_SCHEMA()
+    tooltip = next(i.tooltip for i in schema.inputs if i.id == "layers")
+    heatmap = next(i.tooltip for i in node_class("GateHeatmap").GET_SCHEMA().inputs if i.id == "layers")
+    for config, depth in ((sd15, 16), (sdxl, 70)):
+        with torch.device("meta"):
+            unet_model = UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
+        names = comfy_env.core.find_sites(unet_model).names
+        assert len(names) == depth and (f"have {depth}" in tooltip or f"has {depth}" in tooltip)
+        for text in (tooltip, heatmap):
+            assert f"'{names[0]}'" in text and f"'{names[-1]}'" in text, names
+    assert "'middle 0'" in tooltip and "'middle 0.0'" in tooltip and "'input 1 - output 11'" in tooltip
