@@ -271,15 +271,19 @@ def test_a_batch_of_two_is_steered_row_by_row_with_one_heatmap_each(comfy_env, p
 
 
 # ------------------------------------------------------------------------------- build, heatmap
-def test_build_save_load_apply_round_trip_keeps_ragged_widths(comfy_env, pack):
+WINDOWS = {"sd1": "input 3 - output 1", "sdxl": "input 3 - output 1.1"}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_build_save_load_apply_round_trip_keeps_ragged_widths(comfy_env, pack, family):
     g = Graph()
-    model = unet(g, "sd1")
-    positive, negative, latent = sd_prompt(g, "dyed polyp"), sd_prompt(g, ""), sd_latent(g)
+    model = unet(g, family)
+    positive, negative, latent = sd_prompt(g, "dyed polyp", family), sd_prompt(g, "", family), sd_latent(g)
     build = g.add(
         "BuildPathologyVector",
         model=model,
         with_concept=positive,
-        without_concept=sd_prompt(g, "polyp"),
+        without_concept=sd_prompt(g, "polyp", family),
         uncond=negative,
         latent_image=sd_latent(g, batch=2),
         seed=10,
@@ -289,26 +293,27 @@ def test_build_save_load_apply_round_trip_keeps_ragged_widths(comfy_env, pack):
         sampler_name="euler",
         scheduler="normal",
     )
-    g.add("SavePathologyVector", pathology_vector=build, filename_prefix="unet/built_sd")
-    built_steer = ksampler(g, steer(g, model, build, layers="input 3 - output 1"), positive, negative, latent)
+    g.add("SavePathologyVector", pathology_vector=build, filename_prefix=f"unet/built_{family}")
+    built_steer = ksampler(g, steer(g, model, build, layers=WINDOWS[family]), positive, negative, latent)
     keep(g, built_steer)
     result = comfy_env.run(g)
     assert result.success, result.error
     built = result.output(build.id)
-    assert built.widths == TINY_SD_WIDTHS and built.metadata["model_family"] == "sd-unet"
+    widths = sites_of(comfy_env.core, result.output(model.id)).widths
+    assert built.widths == widths and len(set(widths)) == 2 and built.metadata["model_family"] == "sd-unet"
 
     g = Graph()
-    model = unet(g, "sd1")
-    positive, negative, latent = sd_prompt(g, "dyed polyp"), sd_prompt(g, ""), sd_latent(g)
-    loaded = load(g, "unet/built_sd_00001_.safetensors")
-    loaded_steer = ksampler(g, steer(g, model, loaded, layers="input 3 - output 1"), positive, negative, latent)
+    model = unet(g, family)
+    positive, negative, latent = sd_prompt(g, "dyed polyp", family), sd_prompt(g, "", family), sd_latent(g)
+    loaded = load(g, f"unet/built_{family}_00001_.safetensors")
+    loaded_steer = ksampler(g, steer(g, model, loaded, layers=WINDOWS[family]), positive, negative, latent)
     plain = ksampler(g, model, positive, negative, latent)
     keep(g, loaded_steer)
     keep(g, plain)
     again = comfy_env.run(g, fresh=True)
     assert again.success, again.error
     vector = again.output(loaded.id)
-    assert vector.widths == TINY_SD_WIDTHS and torch.equal(vector.directions, built.directions)
+    assert vector.widths == widths and torch.equal(vector.directions, built.directions)
     assert all(float(vector.directions[:, i, w:].abs().sum()) == 0 for i, w in enumerate(vector.widths))
     steered = again.output(loaded_steer.id)["samples"]
     assert torch.equal(steered, result.output(built_steer.id)["samples"])
