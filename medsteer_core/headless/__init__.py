@@ -1,4 +1,5 @@
-"""The headless wing: MedSteer on diffusers, without ComfyUI. Load a PixArt model, build vectors,
+"""The headless wing: MedSteer on diffusers, without ComfyUI. Load a PixArt or Stable Diffusion (1.x,
+2.x, XL) model, build vectors,
 generate pair datasets, draw gate heatmaps; the ``medsteer`` CLI (``headless.cli``) is a thin shell
 over it, one function per command.
 
@@ -8,8 +9,9 @@ steers the same way in ComfyUI and vice versa. Nothing in the engine or the node
 wing; it imports the engine, ``medsteer_core.weights`` (checkpoint and LoRA checks) and, only when
 ``--model mini`` asks for it, MedSteer-mini.
 
-Modules, by concern: ``models`` (``load_model``, ``HeadlessModel``), ``sources`` (local pipeline
-folders and hub ids), ``lora`` (the authors' LoRA, merged), ``distributed`` (``Shard``, devices),
+Modules, by concern: ``models`` (``load_model``, ``HeadlessModel``), ``sd_models`` (SD 1.x / 2.x and
+SDXL pipelines: their prompts and added conditions), ``sources`` (local pipeline folders and hub
+ids), ``sd_sources`` (a bare UNet over a base pipeline, single-file SD checkpoints), ``lora`` (the authors' LoRA, merged), ``distributed`` (``Shard``, devices),
 ``build`` (``build_vector``, halves, merging, ``default_window``), ``steer`` (``Steer``),
 ``dataset`` (``generate``), ``manifest`` (its records, resuming), ``outputs`` (atomic writes,
 folder lock), ``figures`` (``gate_heatmap``, the paper's Fig. 3), ``cli`` / ``cli_parser``.

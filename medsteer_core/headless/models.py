@@ -263,14 +263,16 @@ class _DiffusersPixArt(DiffusersModel):
 
 
 class _MiniPixArt(HeadlessModel):
-    """MedSteer-mini (``medsteer_core.mini``): pixel space, its own DDIM schedule."""
+    """MedSteer-mini (``medsteer_core.mini``): pixel space, its own DDIM schedule; its PixArt or its
+    UNet (MedSteer-mini-UNet), whose family the mini's backbone tells (``medsteer-mini`` /
+    ``medsteer-mini-unet``)."""
 
     latent_channels = 3
     latent_scale = 1
     default_cfg = 4.0
 
     def __init__(self, mini, source: str, dtype: torch.dtype, device: torch.device):
-        super().__init__(mini.transformer, "medsteer-mini", source, dtype, device)
+        super().__init__(mini.transformer, None, source, dtype, device)
         self.mini = mini
 
     def _encode(self, prompt: str, negative_prompt: str, guided: bool) -> tuple:
