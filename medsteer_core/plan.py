@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .backbones import Sites, find_sites
-from .errors import MedSteerError
+from .errors import MedSteerError, VectorMismatchError
 from .provenance import site_widths
 from .vector import INTERPOLATIONS, PathologyVector
 
@@ -29,6 +29,9 @@ __all__ = [
     "ROW_OPTIONS",
     "SteeringPlan",
     "chain_plans",
+    "check_family",
+    "default_window",
+    "family_group",
     "make_plan",
     "timestep_window",
 ]
@@ -38,6 +41,43 @@ __all__ = [
 ROWS = ("all", "cond")
 #: Readable names of ``ROWS`` (the ApplySSPSSteer ``rows`` widget's choices) and the value each means.
 ROW_OPTIONS = {"cond and uncond": "all", "cond only": "cond"}
+
+#: Families that are one model for vectors: PixArt-alpha and -sigma share the architecture, the T5
+#: text encoder and the site layout (``Sites.family`` says "pixart", ComfyUI's nodes write
+#: "pixart-alpha" / "pixart-sigma" from the checkpoint's ``image_model``).
+FAMILY_GROUPS = {"pixart-alpha": "pixart", "pixart-sigma": "pixart"}
+#: Families that say nothing about the model (old files, custom backbones): never refused.
+UNKNOWN_FAMILIES = ("", "unknown")
+
+
+def family_group(family: str) -> str:
+    """The group a model family belongs to for vectors (``"pixart-alpha"`` -> ``"pixart"``; any
+    other family is its own group: ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"medsteer-mini"``...)."""
+    family = str(family).strip().lower()
+    return FAMILY_GROUPS.get(family, family)
+
+
+def check_family(vector: PathologyVector, sites: Sites) -> None:
+    """Refuse a vector built on another model family than ``sites``' model (issue 10).
+
+    A direction is a difference of one model's activations: an SD1.5 vector means nothing to
+    SDXL (another text encoder and other sites), nor to PixArt, even where the widths happen to
+    fit. A vector without a known family (files written before families were recorded) passes.
+
+    Raises:
+        VectorMismatchError: naming both families and the fix.
+    """
+    built_for = str(vector.metadata.get("model_family", "")).strip()
+    family = str(sites.family).strip()
+    if built_for.lower() in UNKNOWN_FAMILIES or family.lower() in UNKNOWN_FAMILIES:
+        return
+    if family_group(built_for) != family_group(family):
+        raise VectorMismatchError(
+            f"this vector was built on a {built_for} model but the model to steer is {family}: a vector only "
+            f"steers the model family it was built on. Build one on this model (BuildPathologyVector, or "
+            f"`medsteer build` with this model), or steer a {built_for} model with it"
+        )
+
 
 #: The largest ``|strength * vector.gain|`` a plan accepts. The update subtracts
 #: ``strength * max(<h, v>, 0)`` along a unit direction, and half-precision models compute it in
@@ -86,6 +126,7 @@ class SteeringPlan:
         """Raise a clear error unless this plan can run on ``sites``."""
         if not isinstance(self.vector, PathologyVector):
             raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
+        check_family(self.vector, sites)
         self.vector.check_compatible(site_widths(sites))
         sites.check_window(self.layer_start, self.layer_end)
         effective = self.effective_strength
@@ -108,6 +149,39 @@ class SteeringPlan:
 
     def covers(self, site: int) -> bool:
         return self.layer_start <= site < self.layer_end
+
+
+#: The paper's window on the 28-block PixArt-XL-2: blocks 8-16 (end exclusive), the middle third.
+PAPER_WINDOW = (8, 16, 28)
+
+
+def default_window(sites: Sites) -> tuple[int, int]:
+    """The layer window to start from on a model: ``(layer_start, layer_end)``, end exclusive.
+
+    - PixArt (and any backbone without its own preset): the paper's blocks 8-16 of 28, scaled to
+      the model's depth (8-16 on PixArt-XL-2).
+    - Stable Diffusion UNets (the backbone's ``default_window``): the coarsest cross-attention
+      level of the down path, the middle block and the output blocks back up to that level -
+      SD1.x/2.x ``"input 7 - output 5"`` (7 of 16 sites), SDXL ``"input 7 - output 2"`` (60 of 70).
+
+    Why these UNet sites: CASteer, the method MedSteer ports, steers the cross-attention of SD
+    1.4/2.1/XL and finds concept directions carry the concept at every layer; MedSteer's own
+    constraint is the counterfactual's background, which the paper keeps by steering the middle
+    of PixArt only. In a UNet the low-resolution levels hold the layout and semantics (object
+    presence, category: where Prompt-to-Prompt reads its 16x16 maps on SD) while the full- and
+    half-resolution levels (SD1's ``input 1-5``, ``output 6-11``) mostly render texture and detail,
+    so steering only the semantic levels removes a concept while the fine levels keep redrawing
+    the same background. Layer scans (``medsteer demo`` / ``mini.scan``) measure the alternatives.
+    """
+    own = getattr(sites.backbone, "default_window", None)
+    if callable(own):
+        start, end = (int(v) for v in own(sites.transformer))
+    else:
+        start_at, end_at, paper_depth = PAPER_WINDOW
+        start = min(round(sites.depth * start_at / paper_depth), sites.depth - 1)
+        end = max(start + 1, round(sites.depth * end_at / paper_depth))
+    sites.check_window(start, end)
+    return start, end
 
 
 def timestep_window(
@@ -174,8 +248,8 @@ def make_plan(
 
     Raises:
         TypeError: ``vector`` is not a ``PathologyVector``.
-        UnsupportedModelError: the model is not a PixArt transformer.
-        VectorMismatchError: the vector was built for another geometry.
+        UnsupportedModelError: no backbone knows the model.
+        VectorMismatchError: the vector was built for another model family or geometry.
         ValueError: any other bad input (window, percents, rows, interpolation, strength).
     """
     if not isinstance(vector, PathologyVector):

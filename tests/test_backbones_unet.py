@@ -187,3 +187,32 @@ def test_pixart_sites_are_named_blocks():
     assert sites.resolve_layers("2-4") == (2, 4)
     assert sites.family == "pixart"
     assert resolve_layers(sites.names, "block") == (0, 4)
+
+
+# ------------------------------------------------------------------ the default layer window
+@pytest.mark.parametrize(
+    ("family", "window", "first", "last"),
+    [
+        ("sd1", (4, 10), "input 7", "output 5"),
+        ("sd2", (4, 10), "input 7", "output 5"),
+        ("sdxl", (4, 64), "input 7.0", "output 2.9"),
+        ("sdxl-refiner", (8, 32), "input 7.0", "output 5.3"),
+    ],
+)
+def test_default_window_is_the_coarse_levels_of_a_unet(family, window, first, last):
+    from medsteer_core.plan import default_window
+
+    sites = find_sites(full_unet(family))
+    start, end = default_window(sites)
+    assert (start, end) == window and (sites.names[start], sites.names[end - 1]) == (first, last)
+    assert sites.resolve_layers(f"{first} - {last}") == window
+    coarse = sites.token_grid(start, (64, 64))
+    assert all(sites.token_grid(i, (64, 64))[0] <= coarse[0] for i in range(start, end))
+    assert all(sites.token_grid(i, (64, 64))[0] > coarse[0] for i in (*range(start), *range(end, sites.depth)))
+
+
+def test_default_window_of_pixart_is_the_papers_scaled_to_depth():
+    from medsteer_core.plan import default_window
+
+    assert default_window(find_sites(make_transformer(num_layers=28, heads=1, head_dim=8))) == (8, 16)
+    assert default_window(find_sites(make_transformer(num_layers=4))) == (1, 2)

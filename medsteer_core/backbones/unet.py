@@ -192,6 +192,18 @@ class _UNetBackbone(Backbone):
             rows, columns = _downsampled(rows, module, 0), _downsampled(columns, module, 1)
         return rows, columns
 
+    def default_window(self, transformer: nn.Module) -> tuple[int, int]:
+        """The UNet preset: every site at the coarsest resolution level that the down path
+        cross-attends at, and below it: that level's input blocks, the middle block and the output
+        blocks back up to that level (SD1.x/2.x: ``"input 7 - output 5"``, 7 of 16 sites; SDXL:
+        ``"input 7.0 - output 2.9"``, 60 of 70). See ``plan.default_window`` for why.
+        """
+        sites = self.sites_of(transformer)
+        inputs = [s.level for s in sites if s.block == "input"]
+        deepest = max(inputs) if inputs else 0
+        chosen = [i for i, s in enumerate(sites) if s.level >= deepest]
+        return chosen[0], chosen[-1] + 1  # contiguous: levels rise on the way down and fall on the way up
+
     def check_latent(self, transformer, height, width):
         if height < 1 or width < 1:
             raise MedSteerError(f"latent of {height}x{width} is empty; use at least 1x1 latent pixels (8x8 px)")
