@@ -169,3 +169,36 @@ def test_driver_samples_a_unet_steered_and_unsteered(vector):
     steered = run([SteeringPlan(vector, strength=3.0, layer_start=4, layer_end=8)], record)
     assert steered.shape == plain.shape == (2, 4, 6, 6) and not torch.equal(steered, plain)
     assert record.maps().maps.shape[:3] == (3, 4, 2)
+
+
+def test_heatmap_mask_and_figure_at_a_non_square_size(unet, vector):
+    """The mask is the mean over steps and layers of each site's gates upsampled bilinearly from
+    its own grid to the finest one; the figure and overlays come out at the image's aspect."""
+    from medsteer_core.gates import select_maps
+    from medsteer_core.heatmap import gate_grid, overlay, selection_mask
+
+    sites = find_sites(unet)
+    latents, _, context = _inputs(batch=1, size=(5, 7), seed=1, guided=False)
+    record = GateRecord()
+    record.begin_run()
+    with steering_context(
+        unet, SteeringPlan(vector, strength=2.0, layer_start=0, layer_end=6), layout="cond", record=record
+    ):
+        for step_t in (900.0, 300.0):
+            _call(unet, latents, torch.full((1,), step_t), context)
+    record.end_run()
+    gates = record.maps()
+    assert gates.grids == ((3, 4), (3, 4), (2, 2), (2, 2), (2, 2), (2, 2))
+    maps, step_labels, layer_labels = select_maps(gates, "all", "mean")
+    assert maps.shape == (2, 1, 3, 4) and len(step_labels) == 2 and len(layer_labels) == 1
+    expected = torch.zeros(3, 4)
+    for entry in record.entries:  # longhand: own grid -> bilinear to 3x4 -> mean over 2 steps x 6 sites
+        own = entry.gate.float().reshape(1, 1, *sites.token_grid(entry.site, (5, 7)))
+        expected += torch.nn.functional.interpolate(own, size=(3, 4), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(maps.mean(dim=(0, 1)), expected / 12, atol=1e-6)
+    mask = selection_mask(maps, (40, 56))
+    assert mask.shape == (40, 56) and float(mask.min()) >= 0 and float(mask.max()) == pytest.approx(1.0)
+    per_site, _, labels = select_maps(gates, "all", "0-6")
+    figure = gate_grid(per_site, step_labels, labels, cell=30)
+    assert figure.shape[-1] == 3 and figure.shape[1] > figure.shape[0]  # 6 columns of 3x4 cells, 2 rows
+    assert overlay(torch.zeros(40, 56, 3), per_site[0, 2]).shape == (40, 56, 3)
