@@ -52,8 +52,7 @@ from medsteer_core.provenance import site_widths  # noqa: E402
 VARIANTS = ("plain", "steered", "recorded", "authors")
 #: The issue's bar for ``steered / plain`` (paired median over rounds).
 TARGET = 1.03
-TEXT_TOKENS = report.TEXT_TOKENS  # CLIP's context length, 77
-CFG_SCALE = 7.5
+TEXT_TOKENS, CFG_SCALE = report.TEXT_TOKENS, 7.5  # CLIP's context length (77); the guidance scale
 
 # The published UNet configs (config.json of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0), every architectural key written out.
