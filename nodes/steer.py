@@ -42,7 +42,7 @@ from comfy_api.latest import io
 
 from ..medsteer_core.gates import GateRecord
 from ..medsteer_core.hooks import steering
-from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
+from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, default_window, make_plan, timestep_window
 from ..medsteer_core.vector import INTERPOLATIONS
 from .common import CATEGORY, UNET_SITES_HELP, PathologyVectorSocket, call_info, model_sites, split_call
 
@@ -240,9 +240,10 @@ class ApplySSPSSteer(io.ComfyNode):
                     tooltip="The window by the names users know, instead of layer_start/layer_end (empty = "
                     "use those): a block 'middle', 'input 7' (all its transformer blocks), 'input 7.3', a "
                     "range of names 'input 7 - output 2' (both ends included) or indices '8-16' (end "
-                    "excluded). " + UNET_SITES_HELP + " To start on an SD model steer every site, as CASteer and "
-                    "`medsteer` do by default: 'input 1 - output 11' (SD1.x/2.x) or 'input 4.0 - output 5.1' "
-                    "(SDXL). PixArt's sites are 'block 0' to 'block 27'.",
+                    "excluded). 'preset' is the model's preset window, where to start: on SD UNets the coarsest "
+                    "cross-attention level and below, 'input 7 - output 5' (SD1.x/2.x) or 'input 7.0 - output "
+                    "2.9' (SDXL); on PixArt the paper's 8-16. " + UNET_SITES_HELP + " PixArt's sites are "
+                    "'block 0' to 'block 27'.",
                 ),
             ],
             outputs=[
@@ -295,7 +296,9 @@ class ApplySSPSSteer(io.ComfyNode):
         layers: str = "",
     ) -> io.NodeOutput:
         sites = model_sites(model)
-        if str(layers or "").strip():
+        if str(layers or "").strip().lower() == "preset":
+            layer_start, layer_end = default_window(sites)
+        elif str(layers or "").strip():
             layer_start, layer_end = sites.resolve_layers(layers)
         plan = make_plan(
             sites,

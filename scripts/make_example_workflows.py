@@ -813,9 +813,9 @@ def batch_pairs() -> Workflow:
 SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 SD_VECTOR = "sd15_polyp_to_normal_00001_.safetensors"
 SD_SAMPLING = {"steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
-#: Every cross-attention site of SD1.x/2.x (16), by name: CASteer, the method MedSteer ports, steers
-#: all of them on SD 1.4/2.1/XL. SDXL's 70 sites are "input 4.0 - output 5.1".
-SD_STEER = {**PAPER_STEER, "layer_start": 0, "layer_end": 16, "layers": "input 1 - output 11"}
+#: The UNet preset window (``plan.default_window``), by name: SD1.x/2.x's coarsest cross-attention
+#: level and below, sites 4-10 of 16 (SDXL: "input 7.0 - output 2.9").
+SD_STEER = {**PAPER_STEER, "layer_start": 4, "layer_end": 10, "layers": "input 7 - output 5"}
 SD_NOTE = (
     "**MedSteer on Stable Diffusion** (SD1.x, SD2.x eps or v, SDXL): steers the UNet's cross-attention "
     "(attn2) off a *pathology vector*. A counterfactual pair: one seed primitive feeds an unsteered and a "
@@ -825,11 +825,13 @@ SD_NOTE = (
     "(`unet/diffusion_pytorch_model.safetensors`) goes to `models/diffusion_models/` and loads with "
     "*Load Diffusion Model*, with its CLIP and VAE loaded separately; README, *Backbones*.\n\n"
     "**Vector:** build `sd15_polyp_to_normal` on this same checkpoint with BuildPathologyVector (open "
-    "*medsteer_build_vector* and swap its loaders for this Load Checkpoint) or `medsteer build`; a vector "
+    "*medsteer_build_vector* and swap its loaders for this Load Checkpoint) or `medsteer build-vector`; a vector "
     "only fits the family it was built on (an SD1.5 vector is refused on SDXL).\n\n"
-    "**Layers** by name: `input 1 - output 11` is every site of SD1.x/2.x (SDXL: `input 4.0 - output 5.1`); "
-    "InspectPathologyVector with the model connected lists each site's name. Strength 0 gives the unsteered "
-    "image exactly. SD2.x-v checkpoints that load as eps need ModelSamplingDiscrete (v_prediction)."
+    "**Layers** by name: `input 7 - output 5` is the UNet preset for SD1.x/2.x (the coarsest "
+    "cross-attention level and below; SDXL: `input 7.0 - output 2.9`; `preset` picks it for any model), "
+    "`input 1 - output 11` every site. InspectPathologyVector with the model connected lists each site's "
+    "name. Strength 0 gives the unsteered image exactly. SD2.x-v checkpoints that load as eps need "
+    "ModelSamplingDiscrete (v_prediction)."
 )
 
 
@@ -849,7 +851,7 @@ def counterfactual_pair_sd() -> Workflow:
         (checkpoint[0], checkpoint[1], checkpoint[2]),
         "An endoscopic image of polyps",
         (SD_VECTOR, "Pathology vector (built on this SD model)"),
-        (SD_STEER, "Steer (all 16 SD1.x sites, strength 2.5)"),
+        (SD_STEER, "Steer (UNet preset: input 7 - output 5, strength 2.5)"),
         (CUSTOM, "last"),
         sampling=SD_SAMPLING,
     )

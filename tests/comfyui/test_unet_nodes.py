@@ -153,13 +153,17 @@ def test_layers_by_name_equal_the_index_window_and_bad_names_list_the_blocks(com
     by_name = ksampler(g, steer(g, model, vector, layers="input 3-output 0"), positive, negative, latent)
     by_index = ksampler(g, steer(g, model, vector, layer_start=1, layer_end=4), positive, negative, latent)
     by_text = ksampler(g, steer(g, model, vector, layers="1-4"), positive, negative, latent)
-    for node in (by_name, by_index, by_text):
+    # 'preset': the engine's UNet preset, the coarsest level and below (here input 3 - output 1)
+    by_preset = ksampler(g, steer(g, model, vector, layers="preset"), positive, negative, latent)
+    preset_by_index = ksampler(g, steer(g, model, vector, layer_start=1, layer_end=5), positive, negative, latent)
+    for node in (by_name, by_index, by_text, by_preset, preset_by_index):
         keep(g, node)
     result = comfy_env.run(g)
     assert result.success, result.error
     reference = result.output(by_index.id)["samples"]
     assert torch.equal(result.output(by_name.id)["samples"], reference)
     assert torch.equal(result.output(by_text.id)["samples"], reference)
+    assert torch.equal(result.output(by_preset.id)["samples"], result.output(preset_by_index.id)["samples"])
 
     g = Graph()
     keep(g, steer(g, unet(g, "sd1"), load(g, "unet/names.safetensors"), layers="input 9"))
@@ -352,6 +356,21 @@ def test_gate_heatmap_on_a_non_square_latent_upsamples_each_sites_grid(comfy_env
 
 
 # ------------------------------------------------------------------------------- errors, inspect
+def test_a_vector_of_another_family_is_refused_naming_both(comfy_env, pack):
+    core = comfy_env.core
+    sd1 = pack.tiny_unet("sd1", size="wide", device="meta")
+    vector = random_vector(core, sites_of(core, sd1), seed=8)
+    assert vector.metadata["model_family"] == "sd1"
+    sdxl = pack.tiny_unet("sdxl", size="wide", device="meta")  # the same four 320-wide sites
+    with pytest.raises(Exception, match="sd1") as error:
+        apply_steer(sdxl, vector)
+    assert "sdxl" in str(error.value)
+    test_pack = comfy_env.booted.packs[str(TEST_PACK)]
+    with pytest.raises(Exception, match="sd1") as error:
+        apply_steer(test_pack.random_pixart(0, 48, 4, 2, 16), vector)
+    assert "pixart" in str(error.value).lower()
+
+
 def test_inspect_reports_the_site_names_of_the_connected_model(comfy_env, pack):
     g = Graph()
     vector = load(g, write_vector(comfy_env, pack, "unet/inspect"))
@@ -406,4 +425,12 @@ def test_tooltips_name_the_sites_of_the_released_unets(comfy_env):
         assert len(names) == depth and (f"have {depth}" in tooltip or f"has {depth}" in tooltip)
         for text in (tooltip, heatmap):
             assert f"'{names[0]}'" in text and f"'{names[-1]}'" in text, names
-    assert "'middle 0'" in tooltip and "'middle 0.0'" in tooltip and "'input 1 - output 11'" in tooltip
+    assert "'middle 0'" in tooltip and "'middle 0.0'" in tooltip
+    preset = comfy_env.core.plan.default_window
+    for config, window in ((sd15, "'input 7 - output 5'"), (sdxl, "'input 7.0 - output 2.9'")):
+        with torch.device("meta"):
+            sites = comfy_env.core.find_sites(
+                UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
+            )
+        start, end = preset(sites)
+        assert window == f"'{sites.names[start]} - {sites.names[end - 1]}'" and window in tooltip

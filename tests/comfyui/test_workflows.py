@@ -336,9 +336,9 @@ def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, 
     assert by_type["LoadMedSteerMini"] == [{}]
 
 
-def test_sd_template_loads_a_checkpoint_and_steers_every_sd1_site_by_name(comfy_env, classes):
+def test_sd_template_loads_a_checkpoint_and_steers_the_unet_preset_by_name(comfy_env, classes):
     """The SD template: CheckpointLoaderSimple's MODEL, CLIP and VAE feed the pair, and its window,
-    written by name, is every cross-attention site of SD1.x/2.x (checked on the full SD1.5 UNet)."""
+    written by name, is the engine's UNet preset on SD1.x/2.x (checked on the full SD1.5 UNet)."""
     import comfy.ops
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -374,7 +374,6 @@ def test_sd_template_loads_a_checkpoint_and_steers_every_sd1_site_by_name(comfy_
     with torch.device("meta"):
         unet = UNetModel(**sd15, device="meta", operations=comfy.ops.disable_weight_init)
     sites = comfy_env.core.find_sites(unet)
-    assert sites.family == "sd1" and sites.resolve_layers(steer["layers"]) == (0, 16) == (
-        steer["layer_start"],
-        steer["layer_end"],
-    )
+    window = comfy_env.core.plan.default_window(sites)
+    assert sites.family == "sd1" and sites.resolve_layers(steer["layers"]) == window == (4, 10)
+    assert (steer["layer_start"], steer["layer_end"]) == window
