@@ -156,10 +156,10 @@ def _downsampled(size: int, module: nn.Module, axis: int) -> int:
 class _UNetBackbone(Backbone):
     """What both hosts share: the layout (cached per model), widths, grids, names, checks."""
 
-    _layouts: weakref.WeakKeyDictionary
-
-    def __init__(self) -> None:
-        self._layouts = weakref.WeakKeyDictionary()
+    @property
+    def _layouts(self) -> weakref.WeakKeyDictionary:
+        # Created on first use, so a subclass with its own __init__ needs no super().__init__().
+        return self.__dict__.setdefault("_layout_cache", weakref.WeakKeyDictionary())
 
     def _build_layout(self, transformer: nn.Module) -> _Layout:
         raise NotImplementedError
