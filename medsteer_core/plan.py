@@ -158,11 +158,12 @@ PAPER_WINDOW = (8, 16, 28)
 def default_window(sites: Sites) -> tuple[int, int]:
     """The layer window to start from on a model: ``(layer_start, layer_end)``, end exclusive.
 
-    - PixArt (and any backbone without its own preset): the paper's blocks 8-16 of 28, scaled to
-      the model's depth (8-16 on PixArt-XL-2).
+    - PixArt (and any backbone without its own preset): the paper's blocks 8-16 where the model
+      has them (PixArt-XL-2 has 28), else every site (MedSteer-mini has 6) - the rule the CLI and
+      the nodes have always used.
     - Stable Diffusion UNets (the backbone's ``default_window``): the coarsest cross-attention
       level of the down path, the middle block and the output blocks back up to that level -
-      SD1.x/2.x ``"input 7 - output 5"`` (7 of 16 sites), SDXL ``"input 7 - output 2"`` (60 of 70).
+      SD1.x/2.x ``"input 7 - output 5"`` (6 of 16 sites), SDXL ``"input 7.0 - output 2.9"`` (60 of 70).
 
     Why these UNet sites: CASteer, the method MedSteer ports, steers the cross-attention of SD
     1.4/2.1/XL and finds concept directions carry the concept at every layer; MedSteer's own
@@ -177,9 +178,7 @@ def default_window(sites: Sites) -> tuple[int, int]:
     if callable(own):
         start, end = (int(v) for v in own(sites.transformer))
     else:
-        start_at, end_at, paper_depth = PAPER_WINDOW
-        start = min(round(sites.depth * start_at / paper_depth), sites.depth - 1)
-        end = max(start + 1, round(sites.depth * end_at / paper_depth))
+        start, end = PAPER_WINDOW[:2] if sites.depth >= PAPER_WINDOW[1] else (0, sites.depth)
     sites.check_window(start, end)
     return start, end
 

@@ -195,7 +195,7 @@ class _UNetBackbone(Backbone):
     def default_window(self, transformer: nn.Module) -> tuple[int, int]:
         """The UNet preset: every site at the coarsest resolution level that the down path
         cross-attends at, and below it: that level's input blocks, the middle block and the output
-        blocks back up to that level (SD1.x/2.x: ``"input 7 - output 5"``, 7 of 16 sites; SDXL:
+        blocks back up to that level (SD1.x/2.x: ``"input 7 - output 5"``, 6 of 16 sites; SDXL:
         ``"input 7.0 - output 2.9"``, 60 of 70). See ``plan.default_window`` for why.
         """
         sites = self.sites_of(transformer)

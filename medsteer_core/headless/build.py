@@ -256,21 +256,19 @@ def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:
 PAPER_WINDOW = (8, 16)
 
 
-def default_window(depth: int | None, family: str | None = None) -> tuple[int, int]:
-    """The layer window ``(start, end)`` used when neither the caller nor the vector's calibration gives one.
+def default_window(depth: int | None) -> tuple[int, int]:
+    """The layer window ``(start, end)`` when neither the caller nor the vector's calibration gives
+    one and the model is not at hand (with a model, ``medsteer_core.plan.default_window(sites)``
+    decides, UNet presets included).
 
     The paper's 8-16 where the model has those layers (PixArt-XL-2 has 28), else every layer of the
     model: MedSteer-mini has 6, so its default is 0-6 (issue 11: 8-16 made ``build-vector`` then
-    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window. A
-    ``family`` other than PixArt's (the UNets: ``"sd1"``, ``"sdxl"``, ...) steers every site, as
-    CASteer does on SD: the paper's window is a PixArt-XL-2 setting.
+    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window.
 
     Example:
-        >>> default_window(28), default_window(6), default_window(16, "sd1")
-        ((8, 16), (0, 6), (0, 16))
+        >>> default_window(28), default_window(6), default_window(None)
+        ((8, 16), (0, 6), (8, 16))
     """
-    if depth is not None and family is not None and not family.startswith(("pixart", "medsteer-mini")):
-        return 0, int(depth)
     if depth is None or depth >= PAPER_WINDOW[1]:
         return PAPER_WINDOW
     return 0, int(depth)

@@ -153,15 +153,16 @@ def _steer_options(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--layer-start",
         type=int,
         action="append",
-        help="first steered block (default: the vector's calibrated window; else the paper's 8-16 on models "
-        "with at least 16 layers, or all layers of a smaller model: 0-6 on MedSteer-mini)",
+        help="first steered block (default: the vector's calibrated window; else the model's preset: the "
+        "paper's 8-16 on a PixArt with at least 16 layers, all layers of a smaller one (0-6 on MedSteer-mini), "
+        "'input 7 - output 5' on SD 1.x/2.x UNets, 'input 7.0 - output 2.9' on SDXL)",
     )
     group.add_argument(
         "--layer-end",
         type=int,
         action="append",
-        help="one past the last steered block, exclusive (default: as --layer-start: calibrated, else 16, "
-        "or the model's depth when it has fewer than 16 layers)",
+        help="one past the last steered block, exclusive (default: as --layer-start: calibrated, else the "
+        "model's preset)",
     )
     group.add_argument(
         "--window",

@@ -14,6 +14,7 @@ from ..backbones import Sites
 from ..gates import PAPER_FIGURE_3, parse_layers
 from ..inspection import sha256_file
 from ..plan import SteeringPlan
+from ..plan import default_window as plan_default_window
 from ..vector import PathologyVector, load_vector
 from .build import default_window
 
@@ -77,7 +78,7 @@ class Steer:
             return cast(stored) if stored not in (None, "") else default
 
         if sites is not None:
-            window = default_window(sites.depth, sites.family)
+            window = plan_default_window(sites)  # the UNet preset, or the paper's 8-16 where it fits
         else:
             window = default_window(depth)
         start, end = sites.resolve_layers(self.window) if self.window is not None else (None, None)
