@@ -75,7 +75,7 @@ def check_family(vector: PathologyVector, sites: Sites) -> None:
         raise VectorMismatchError(
             f"this vector was built on a {built_for} model but the model to steer is {family}: a vector only "
             f"steers the model family it was built on. Build one on this model (BuildPathologyVector, or "
-            f"`medsteer build` with this model), or steer a {built_for} model with it"
+            f"`medsteer build-vector` with this model), or steer a {built_for} model with it"
         )
 
 
