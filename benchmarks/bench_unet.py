@@ -45,8 +45,8 @@ import bench_engine as be  # noqa: E402
 import bench_unet_report as report  # noqa: E402
 
 import medsteer_core as ms  # noqa: E402
-from medsteer_core.headless.build import default_window  # noqa: E402
 from medsteer_core.hooks import CallInfo, attach_steering  # noqa: E402
+from medsteer_core.plan import default_window  # noqa: E402
 from medsteer_core.provenance import site_widths  # noqa: E402
 
 VARIANTS = ("plain", "steered", "recorded", "authors")
@@ -161,7 +161,7 @@ def check_architecture(model: str, tiny: bool, sizes: list[int]) -> dict:
         "family": sites.family,
         "widths": list(site_widths(sites)),
         "names": [sites.names[0], sites.names[-1]],
-        "window": list(default_window(sites.depth, sites.family)),
+        "window": list(default_window(sites)),
     }
     problems = []
     if info["sites"] != arch.sites:
@@ -225,7 +225,7 @@ class StepBench:
         scheduler = DPMSolverMultistepScheduler()
         scheduler.set_timesteps(args.steps)
         self.schedule = scheduler.timesteps
-        self.window = default_window(sites.depth, sites.family)
+        self.window = default_window(sites)
         vector = ragged_vector(self.schedule.double(), sites)
         self.plan = ms.SteeringPlan(
             vector, strength=args.strength, layer_start=self.window[0], layer_end=self.window[1]
