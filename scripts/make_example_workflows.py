@@ -133,7 +133,7 @@ SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, bool]], list[
         ],
         [("heatmap", "IMAGE"), ("mask", "MASK")],
     ),
-    "LoadMedSteerMini": ([], [], [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")]),
+    "LoadMedSteerMini": ([], [("denoiser", "COMBO", False)], [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")]),
     "EmptyChromaRadianceLatentImage": (
         [],
         [("width", "INT", False), ("height", "INT", False), ("batch_size", "INT", False)],
@@ -880,11 +880,101 @@ MINI_NOTE = (
 )
 
 
-def quickstart_mini() -> Workflow:
+@dataclass(frozen=True)
+class MiniTemplate:
+    """What differs between the quickstart templates of the two shipped minis."""
+
+    denoiser: str  # LoadMedSteerMini's choice
+    title: str  # the loader's title
+    note: str
+    vector: str  # the shipped dye-removal vector's file name
+    steer: dict  # its calibrated setting (ApplySSPSSteer widgets)
+    steer_title: str
+    window: str  # the steered sites, in words, for the heatmap's title
+
+
+MINI = MiniTemplate(
+    "MedSteer-mini (PixArt)",
+    "MedSteer-mini (shipped, no downloads)",
+    NOTE_HEAD + MINI_NOTE,
+    "dye_removal.safetensors",
+    MINI_STEER,
+    "Steer (calibrated: layers 1-4, strength 5.25)",
+    "layers 1-3",
+)
+
+
+#: The mini-UNet's shipped dye-removal vector and its sites (ComfyUI's names, execution order).
+MINI_UNET_VECTOR = "unet_dye_removal.safetensors"
+MINI_UNET_SITES = ("input 3", "input 5", "middle 0", "output 0", "output 1", "output 2", "output 3")
+MINI_UNET_VECTOR_DIR = OUT.parent / "medsteer_core" / "mini" / "assets" / "vectors_unet"
+
+
+def calibrated_setting(path: Path) -> tuple[int, int, float] | None:
+    """``(layer_start, layer_end, strength)`` a shipped vector records as calibrated (its safetensors
+    header's metadata), or None while it is not shipped."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    meta = header.get("__metadata__", {})
+    return (
+        int(meta["calibrated_layer_start"]),
+        int(meta["calibrated_layer_end"]),
+        float(meta["calibrated_strength"]),
+    )
+
+
+def mini_unet_note(window: str, strength: str) -> str:
+    return (
+        "**Model: MedSteer-mini-UNet, shipped with the pack** (no downloads): a small Stable Diffusion-style UNet "
+        "(32/64/96 channels, 7 cross-attention sites) trained on the same synthetic endoscopy world as "
+        "MedSteer-mini, 32x32 px in pixel space, under MedSteer-mini's T5. ComfyUI loads it as its own SD UNet "
+        "class, so it stands in for SD1.x/2.x models; its sites have ComfyUI's names (`input 3`, `input 5`, "
+        "`middle 0`, `output 0` to `output 3`).\n\n"
+        f"**Queue it.** One seed feeds two samplers: unsteered and steered with the shipped `{MINI_UNET_VECTOR}` "
+        f"vector (built from *dyed lifted polyps* vs *polyps* on this UNet; its calibrated setting: {window}, "
+        f"strength {strength}). The blue dye should disappear while the polyp and the background stay. The gate "
+        "heatmap shows where the model steered (each site's gate on its own 16x16 or 8x8 grid, upsampled), and "
+        "the last preview paints the gate MASK in red onto the unsteered image. The seed increments after every "
+        "run: queue again for the next pair.\n\n"
+        "**Try** the other shipped UNet vectors (`unet_polyp_to_normal`, `unet_colitis_to_normal`; MedSteer "
+        "Inspect Pathology Vector shows each one's calibrated setting). A vector steers only the model family "
+        "it was built on: the PixArt mini's vectors are refused here. Strength 0 gives the unsteered image "
+        "exactly.\n\n"
+        "**Sampling** as the mini-UNet was trained: 32x32 latent (EmptyChromaRadianceLatentImage), ddim + "
+        "simple (trailing) schedule, 20 steps, CFG 2, empty negative prompt. The previews are upscaled 8x "
+        "(nearest).\n\n"
+        "For the PixArt mini open *medsteer_quickstart_mini*; for SD checkpoints *medsteer_counterfactual_pair_sd*."
+    )
+
+
+def quickstart_mini_unet() -> Workflow:
+    """The quickstart on MedSteer-mini-UNet, steering with what its shipped vector records as
+    calibrated (every site at strength 2.5, titled so, until the vector ships)."""
+    setting = calibrated_setting(MINI_UNET_VECTOR_DIR / MINI_UNET_VECTOR)
+    start, end, strength = setting or (0, len(MINI_UNET_SITES), 2.5)
+    names = MINI_UNET_SITES[start] if end - start == 1 else f"{MINI_UNET_SITES[start]} - {MINI_UNET_SITES[end - 1]}"
+    window = f"sites {names}" if setting else f"sites {names}, not calibrated yet"
+    template = MiniTemplate(
+        "MedSteer-mini-UNet",
+        "MedSteer-mini-UNet (shipped, no downloads)",
+        "**MedSteer** steers a UNet's cross-attention off a *pathology vector* (Pham et al.).\n\n"
+        + mini_unet_note(window, f"{strength:g}"),
+        MINI_UNET_VECTOR,
+        {**PAPER_STEER, "strength": strength, "layer_start": start, "layer_end": end},
+        f"Steer ({'calibrated: ' if setting else ''}{window}, strength {strength:g})",
+        f"sites {names}",
+    )
+    return quickstart_mini(template)
+
+
+def quickstart_mini(mini_template: MiniTemplate = MINI) -> Workflow:
+    t = mini_template
     w = Workflow()
-    mini = w.add("LoadMedSteerMini", (40, 70), (380, 100), title="MedSteer-mini (shipped, no downloads)")
+    mini = w.add("LoadMedSteerMini", (40, 70), (380, 100), title=t.title, denoiser=t.denoiser)
     w.group("1  Load", (20, 0, 420, 240))
-    w.note((40, 290), (380, 760), NOTE_HEAD + MINI_NOTE)
+    w.note((40, 290), (380, 760), t.note)
     positive = w.add(
         "CLIPTextEncode",
         (PROMPT_X, 70),
@@ -898,7 +988,7 @@ def quickstart_mini() -> Workflow:
         "LoadPathologyVector",
         (PROMPT_X, 380),
         (420, 60),
-        vector_name="dye_removal.safetensors",
+        vector_name=t.vector,
         title="Pathology vector: dye removal (shipped)",
     )
     latent = w.add(
@@ -916,8 +1006,8 @@ def quickstart_mini() -> Workflow:
         (340, 262),
         model=mini[0],
         pathology_vector=vector[0],
-        title="Steer (calibrated: layers 1-4, strength 5.25)",
-        **MINI_STEER,
+        title=t.steer_title,
+        **t.steer,
     )
     w.group("2  Prompt, vector, steering", (470, 0, 850, 700), "#8A8")
     steered = w.add(
@@ -989,7 +1079,7 @@ def quickstart_mini() -> Workflow:
     # under the images they enlarge so that the graph fits a 1920 px wide screen at the stored zoom.
     previews = (
         (pair_image, "Counterfactual pair: unsteered | steered", (OUT_X + 250, 760), (OUT_X + 600, 70, 560, 300)),
-        (heat, "Gate heatmap (last step, layers 1-3)", (OUT_X + 250, 870), (OUT_X + 600, 420, 270, 300)),
+        (heat, f"Gate heatmap (last step, {t.window})", (OUT_X + 250, 870), (OUT_X + 600, 420, 270, 300)),
         (painted, "Gate MASK on the unsteered image", (OUT_X + 250, 980), (OUT_X + 890, 420, 270, 300)),
     )
     for image, title, scale_pos, (px, py, pw, ph) in previews:
@@ -1009,6 +1099,7 @@ def quickstart_mini() -> Workflow:
 
 WORKFLOWS = {
     "medsteer_quickstart_mini": quickstart_mini,
+    "medsteer_quickstart_mini_unet": quickstart_mini_unet,
     "medsteer_build_vector": build_vector,
     "medsteer_counterfactual_pair": counterfactual_pair,
     "medsteer_counterfactual_pair_sd": counterfactual_pair_sd,

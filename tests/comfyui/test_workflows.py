@@ -210,7 +210,7 @@ def placeholders(comfy_env, classes, tmp_path_factory):
     return root
 
 
-def test_there_are_seven_example_workflows_with_thumbnails():
+def test_there_are_eight_example_workflows_with_thumbnails():
     from PIL import Image
 
     assert [p.stem for p in WORKFLOWS] == [
@@ -221,6 +221,7 @@ def test_there_are_seven_example_workflows_with_thumbnails():
         "medsteer_counterfactual_pair_sd",
         "medsteer_dye_removal",
         "medsteer_quickstart_mini",
+        "medsteer_quickstart_mini_unet",
     ]
     for path in WORKFLOWS:
         with Image.open(path.with_suffix(".jpg")) as thumbnail:
@@ -273,6 +274,7 @@ def test_converter_rejects_broken_workflows(classes):
         "medsteer_dye_removal",
         "medsteer_batch_pairs",
         "medsteer_quickstart_mini",
+        "medsteer_quickstart_mini_unet",
     ],
 )
 def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, name):
@@ -289,10 +291,14 @@ def test_pair_workflows_share_one_seed_and_differ_only_in_the_model(classes, nam
 
 
 def test_workflows_use_the_paper_settings(classes):
-    """The real-PixArt templates use the paper's settings (the mini's and the SD template: their own,
-    tested below)."""
+    """The real-PixArt templates use the paper's settings (the minis' and the SD template: their own,
+    tested below and in test_mini_unet.py)."""
     for path in WORKFLOWS:
-        if path.stem in ("medsteer_quickstart_mini", "medsteer_counterfactual_pair_sd"):
+        if path.stem in (
+            "medsteer_quickstart_mini",
+            "medsteer_quickstart_mini_unet",
+            "medsteer_counterfactual_pair_sd",
+        ):
             continue
         prompt = ui_to_api(json.loads(path.read_text()), classes)
         for node in prompt.values():
@@ -333,7 +339,7 @@ def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, 
             "ddim",
             "simple",
         )
-    assert by_type["LoadMedSteerMini"] == [{}]
+    assert by_type["LoadMedSteerMini"] == [{"denoiser": "MedSteer-mini (PixArt)"}]
 
 
 def test_sd_template_loads_a_checkpoint_and_steers_the_unet_preset_by_name(comfy_env, classes):
