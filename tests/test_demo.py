@@ -11,6 +11,7 @@ from medsteer_core.mini import demo
 
 
 def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    """Both shipped backbones side by side (issue 10): one report, one grid per backbone and edit."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
     args = ["--quick", "--quiet", "--seeds", "2", "--vector-seeds", "2", "--edits", "dye_removal", "--out", "demo"]
@@ -20,13 +21,17 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert printed[-3:] == [
         f"medsteer demo: wrote {out}{os.sep}",
         f"  report: {out / 'report.md'} (numbers: report.json)",
-        "  grids:  grid_dye_removal.png in the same folder",
+        "  grids:  grid_dye_removal.png, grid_unet_dye_removal.png in the same folder",
     ]
     report = (out / "report.md").read_text()
-    for heading in ("Rendering check", "Table 2", "Table 3", "Table 4a", "Table 4b", "Re-prompting"):
+    assert report.startswith("# MedSteer demo on MedSteer-mini (PixArt) and MedSteer-mini-UNet\n")
+    for heading in ("Side by side", "Rendering check", "Table 2", "Table 3", "Table 4a", "Table 4b", "Re-prompting"):
         assert heading in report
-    # The report explains its grid and defines every metric it shows (issue 11).
+    for title in ("## MedSteer-mini (PixArt)\n", "## MedSteer-mini-UNet\n"):
+        assert report.count(title) == 1, title
+    # The report explains its grids and defines every metric it shows (issue 11).
     assert "![Dye removal (dyed lifted polyps -> polyps)](grid_dye_removal.png)" in report
+    assert "(grid_unet_dye_removal.png)" in report
     assert "one column per seed: the first 2 held-out seeds (900000, 900001, ...)" in report
     for row in ("1. **unsteered**", "2. **steered**", "3. **re-prompted**", "4. **gate**"):
         assert row in report
@@ -44,31 +49,47 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
         "eff. Bg-SSIM": "**Eff. Bg-PSNR / Bg-SSIM**",
     }
     assert columns == list(definitions)  # every Table 2 column has its definition
-    for term in [*definitions.values(), "**Rendering rate**", "**Re-prompting**", "**Oracle**"]:
+    for term in [*definitions.values(), "**Rendering rate**", "**Re-prompting**", "**Oracle**", "**Layers a-b**"]:
         assert f"- {term}:" in report or f"{term}:" in report, term
     assert "**Source removed**: steered images the oracle no longer assigns to the source class" in report
     data = json.loads((out / "report.json").read_text())
-    assert set(data["rendering_rate"]) == set(demo.synthetic.CLASSES)
-    assert data["strength_sweep"][0]["strength"] == 0.0
-    # Strength 0 is the unsteered image: nothing flips, the background is identical (PSNR cap).
-    assert data["strength_sweep"][0]["flip_rate"] == 0.0 and data["strength_sweep"][0]["bg_psnr"] == 60.0
-    medsteer = data["edits"]["dye_removal"]["medsteer"]
-    assert 0 <= medsteer["succeeded"] <= medsteer["images"] == 2 and "eff. Bg-PSNR" in report
-    # The sweeps always contain the calibrated setting that Table 2 reports.
-    setting = data["edits"]["dye_removal"]["setting"]
-    assert setting["strength"] in [r["strength"] for r in data["strength_sweep"]]
-    window = [setting["layer_start"], setting["layer_end"]]
-    assert window in [[r["layer_start"], r["layer_end"]] for r in data["window_sweep"]]
+    assert list(data["backbones"]) == ["pixart", "unet"]
     from PIL import Image
 
-    grid = Image.open(out / "grid_dye_removal.png")
-    assert grid.size[1] == 4 * (32 * 4 + 2)  # unsteered | steered | re-prompted | gate
+    for name, run in data["backbones"].items():
+        _check_backbone_run(name, run, out, report)
+        grid = Image.open(out / demo.DENOISERS[name].grid_name("dye_removal"))
+        assert grid.size[1] == 4 * (32 * 4 + 2)  # unsteered | steered | re-prompted | gate
+    side = report[report.index("## Side by side") : report.index("## Figures")]
+    assert side.count("| Dye removal (dyed lifted polyps -> polyps) |") == 2
     cached = sorted(p.name for p in (out / "cache").iterdir())
-    assert any(name.startswith("dye_removal_2seeds") for name in cached)
+    assert len([n for n in cached if n.startswith("dye_removal_2seeds")]) == 2  # one per backbone (digest)
     # A second run reuses the cached vectors and reproduces the numbers exactly.
     assert demo.main(args) == 0
     again = json.loads((out / "report.json").read_text())
-    assert again["edits"] == data["edits"]
+    for name in data["backbones"]:
+        assert again["backbones"][name]["edits"] == data["backbones"][name]["edits"]
+
+
+def _check_backbone_run(name: str, run: dict, out, report: str) -> None:
+    """One backbone's part of report.json: every class rendered, the strength-0 row identical,
+    the sweeps include the calibrated setting, site names in the UNet's tables."""
+    assert set(run["rendering_rate"]) == set(demo.synthetic.CLASSES)
+    assert run["strength_sweep"][0]["strength"] == 0.0
+    # Strength 0 is the unsteered image: nothing flips, the background is identical (PSNR cap).
+    assert run["strength_sweep"][0]["flip_rate"] == 0.0 and run["strength_sweep"][0]["bg_psnr"] == 60.0
+    medsteer = run["edits"]["dye_removal"]["medsteer"]
+    assert 0 <= medsteer["succeeded"] <= medsteer["images"] == 2 and "eff. Bg-PSNR" in report
+    setting = run["edits"]["dye_removal"]["setting"]
+    assert setting["strength"] in [r["strength"] for r in run["strength_sweep"]]
+    window = [setting["layer_start"], setting["layer_end"]]
+    assert window in [[r["layer_start"], r["layer_end"]] for r in run["window_sweep"]]
+    if name == "unet":
+        assert run["site_names"] == ["input 3", "input 5", "middle 0", "output 0", "output 1", "output 2", "output 3"]
+        assert run["site_widths"] == [64, 96, 96, 96, 96, 64, 64]
+        assert "| 0-1 (input 3) |" in report and "| 0-6 (input 3 - output 2) |" in report
+    else:
+        assert run["site_names"] == [f"block {i}" for i in range(6)] and "| 0-1 |" in report
 
 
 def test_unknown_edit_is_refused(tmp_path, capsys):
@@ -79,23 +100,33 @@ def test_unknown_edit_is_refused(tmp_path, capsys):
     assert "unknown edit" in capsys.readouterr().err
 
 
-def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
+@pytest.mark.parametrize(
+    ("backbone", "windows", "bar", "family"),
+    [("pixart", [(0, 1), (1, 4)], 0.8, "medsteer-mini"), ("unet", [(0, 1), (2, 5)], 0.85, "medsteer-mini-unet")],
+)
+def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path, backbone, windows, bar, family):
+    """The same written rule on both backbones (issue 10): the UNet's record names its sites and
+    judges dye removal by issue 10's 0.85."""
     from medsteer_core.mini.calibrate import calibrate_and_ship, calibration_markdown
     from medsteer_core.mini.demo import setting_of
-    from medsteer_core.mini.scan import SweepRow, calibrate, removal
+    from medsteer_core.mini.scan import SweepRow, calibrate, removal, shortlist
     from medsteer_core.vector import load_vector
 
     summary = calibrate_and_ship(
-        tmp_path, edits=("dye_removal",), vector_seeds=2, screen_seeds=2, confirm_seeds=3, confirm_top=2,
-        strengths=(0.0, 6.0), windows=[(0, 1), (1, 4)], quiet=True,
+        tmp_path, backbone=backbone, edits=("dye_removal",), vector_seeds=2, screen_seeds=2, confirm_seeds=3,
+        confirm_top=2, strengths=(0.0, 6.0), windows=windows, quiet=True,
     )  # fmt: skip
     record = summary["dye_removal"]
     assert len(record["screen"]) == 4
     confirmed = {(r["layer_start"], r["layer_end"], r["strength"]) for r in record["confirmed"]}
-    assert any(k == 6.0 for *_, k in confirmed)
-    for start, end, strength in list(confirmed):  # every non-zero pick is refined by +/- 0.25
-        if strength == 6.0:
-            assert {(start, end, 5.75), (start, end, 6.25)} <= confirmed
+    picks = shortlist([SweepRow(**r) for r in record["screen"]], dye=True, count=2)
+    expected = {  # every pick, also at strength -/+ 0.25 where that is positive
+        (r.layer_start, r.layer_end, k)
+        for r in picks
+        for k in (r.strength, r.strength - 0.25, r.strength + 0.25)
+        if k > 0 or k == r.strength
+    }
+    assert confirmed == expected
     assert len(confirmed) == len(record["confirmed"]) <= 3 * 2
     assert record["seeds"] == "800000..800002" and record["screen_seeds"] == "800000..800001"
     rows = [SweepRow(**r) for r in record["confirmed"]]
@@ -103,14 +134,64 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path):
     assert record["chosen"] == chosen.as_dict()
     # Strength 0 is the unsteered image: background identical (the PSNR cap) wherever it was confirmed.
     assert all(r.bg_psnr == 60.0 for r in rows if r.strength == 0.0)
-    bar = removal(chosen, True) >= 0.8 and chosen.bg_psnr >= record["reprompting"]["bg_psnr"]
-    assert record["meets_issue_bar"] == bar
+    met = removal(chosen, True) >= bar and chosen.bg_psnr >= record["reprompting"]["bg_psnr"]
+    assert record["bar"] == bar and record["meets_issue_bar"] == met
+    depth = len(record["site_names"])
+    assert (
+        len(record["layer_profile"]) == len(record["gate_localisation"]) == depth == {"pixart": 6, "unet": 7}[backbone]
+    )
+    assert all(x == x and x >= 0 for x in record["gate_localisation"])  # both token grids scored
     vector = load_vector(tmp_path / "dye_removal.safetensors")
     assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
     assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]
+    assert vector.metadata["model_family"] == family
     text = calibration_markdown(summary)
     assert text.count("| chosen |") == 1 and "| re-prompting |" in text
-    assert ("The choice meets the bar" in text) == bar
+    assert (f"The choice meets the bar (removal >= {bar:g}," in text) == met
+    if backbone == "unet":
+        assert vector.widths == (64, 96, 96, 96, 96, 64, 64)
+        assert "| layer | site |" in text and "| 2 | middle 0 |" in text
+        assert "| layers 2-5 (middle 0 - output 1), strength " in text or "| layers 0-1 (input 3), strength " in text
+    else:
+        assert "| layer | relative concept difference |" in text
+
+
+def test_window_labels_name_unet_sites_and_leave_pixart_indices_alone():
+    from medsteer_core.mini.scan import window_label
+
+    unet = ("input 3", "input 5", "middle 0", "output 0", "output 1", "output 2", "output 3")
+    assert window_label(2, 5, unet) == "2-5 (middle 0 - output 1)"
+    assert window_label(0, 1, unet) == "0-1 (input 3)"
+    assert window_label(1, 4, [f"block {i}" for i in range(6)]) == "1-4"
+    assert window_label(1, 4) == "1-4"
+
+
+def test_pixel_gates_bring_both_token_grids_to_the_image():
+    """Each token's gate covers the 2x2 (16x16 grid) or 4x4 (8x8 grid) pixels it sees; a map
+    already at image size is returned as it is."""
+    import torch
+
+    from medsteer_core.mini.scan import pixel_gates
+
+    coarse = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    fine = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16)
+    up = pixel_gates(coarse, (32, 32))
+    assert up.shape == (2, 1, 32, 32)
+    assert torch.equal(up, coarse.repeat_interleave(4, -2).repeat_interleave(4, -1))
+    assert torch.equal(pixel_gates(fine, (32, 32)), fine.repeat_interleave(2, -2).repeat_interleave(2, -1))
+    same = torch.rand(3, 32, 32)
+    assert pixel_gates(same, (32, 32)) is same
+
+
+def test_a_model_file_of_the_other_backbone_is_refused_before_anything_is_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    from medsteer_core.mini.unet import DEFAULT_UNET_PATH
+
+    status = demo.main(["--backbone", "pixart", "--model", str(DEFAULT_UNET_PATH), "--out", "out"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "is a MedSteer-mini-UNet file, but --backbone asks for pixart: pass --backbone unet" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

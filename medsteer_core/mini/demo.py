@@ -1,29 +1,29 @@
-"""``medsteer demo``: the method, seen and measured offline in minutes on the shipped MedSteer-mini.
+"""``medsteer demo``: the method, seen and measured offline in minutes on the shipped mini models.
 
-With no flags it loads the model and oracle shipped in the package, checks that the model renders
-every class, builds the pathology vectors (cached, so a second run is faster), samples a fixed
-held-out seed set unsteered, steered and re-prompted, scores every pair with the oracle, and writes
-``medsteer_demo/``:
+With no flags it runs both shipped backbones, MedSteer-mini (a PixArt) and MedSteer-mini-UNet (a
+Stable-Diffusion-style UNet), on the same text encoder, oracle and seeds. For each it loads the
+model and oracle shipped in the package, checks that the model renders every class, builds the
+pathology vectors (cached, so a second run is faster), samples a fixed held-out seed set unsteered,
+steered and re-prompted, scores every pair with the oracle, and writes ``medsteer_demo/``:
 
-- ``grid_<edit>.png``: columns are seeds; rows are unsteered | steered | re-prompted | gate;
-- ``report.md``: what the grids show and what every metric means, the rendering check, and tables
-  shaped like the paper's Tables 2-4 (counterfactual metrics vs re-prompting; strength sweep;
-  window sweep; seeds sweep);
+- ``grid_<edit>.png`` (PixArt) and ``grid_unet_<edit>.png`` (UNet): columns are seeds; rows are
+  unsteered | steered | re-prompted | gate;
+- ``report.md``: the two backbones side by side, what the grids show and what every metric means,
+  then per backbone the rendering check and tables shaped like the paper's Tables 2-4
+  (counterfactual metrics vs re-prompting; strength sweep; window sweep; seeds sweep);
 - ``report.json``: the same numbers, machine-readable;
 - ``cache/``: the vectors it built.
 
 It ends by printing the absolute path of the folder and of ``report.md``. The steering window and
-strength of each edit are the calibrated ones stored in the shipped vectors' metadata
-(``medsteer demo --calibrate`` re-runs the scan that chose them).
+strength of each edit are the calibrated ones stored in each backbone's shipped vectors' metadata
+(``medsteer demo --calibrate`` re-runs the scan that chose them). ``--backbone pixart`` or
+``--backbone unet`` runs one of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,25 +31,61 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MedSteerError
+from ..backbones import find_sites
 from ..gates import GateRecord
 from ..heatmap import overlay
 from ..plan import SteeringPlan
 from ..vector import PathologyVector, load_vector, save_vector
 from . import synthetic
 from .metrics import rendering_rates, score_pairs
+from .model import DEFAULT_PATH as MODEL_PATH
 from .report import markdown
 from .scan import build_vector, layer_profile, prompts_for, sweep
+from .unet import DEFAULT_UNET_PATH
 
-__all__ = ["EDITS", "Edit", "main", "run_demo"]
+__all__ = ["DENOISERS", "EDITS", "Denoiser", "Edit", "main", "run_demo"]
 
 VECTOR_DIR = Path(__file__).parent / "assets" / "vectors"
+#: Where the calibrated vectors of the shipped MedSteer-mini-UNet live.
+UNET_VECTOR_DIR = Path(__file__).parent / "assets" / "vectors_unet"
 #: Seeds of the vectors (the paper: 50 images per prompt; 40 is where the mini's vector is stable).
 VECTOR_SEEDS = 40
 #: Held-out seeds of every table: disjoint from the vector seeds.
 EVAL_SEED_BASE = 900_000
 #: The demo's strength sweep (Table 3); the calibrated strength is added.
 DEMO_STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One shipped mini model the demo runs (``--backbone``): its file, its vectors, its outputs.
+
+    Attributes:
+        name: the ``--backbone`` choice (``"pixart"``, ``"unet"``).
+        title: how reports name it.
+        model_path: the shipped model file.
+        vector_dir: the shipped calibrated vectors (one ``<edit>.safetensors`` each).
+        prefix: put before an edit's name in the demo's file names (``grid_<prefix><edit>.png``)
+            and after ``calibration`` in the calibration report's.
+    """
+
+    name: str
+    title: str
+    model_path: Path
+    vector_dir: Path
+    prefix: str
+
+    def grid_name(self, edit: str) -> str:
+        return f"grid_{self.prefix}{edit}.png"
+
+    def calibration_name(self) -> str:
+        return "calibration" + (f"_{self.prefix.rstrip('_')}" if self.prefix else "")
+
+
+DENOISERS = {
+    "pixart": Denoiser("pixart", "MedSteer-mini (PixArt)", MODEL_PATH, VECTOR_DIR, ""),
+    "unet": Denoiser("unet", "MedSteer-mini-UNet", DEFAULT_UNET_PATH, UNET_VECTOR_DIR, "unet_"),
+}
 
 
 @dataclass(frozen=True)
@@ -62,12 +98,13 @@ class Edit:
     title: str
     dye: bool = False
 
-    def shipped_path(self) -> Path:
-        return VECTOR_DIR / f"{self.name}.safetensors"
+    def shipped_path(self, vector_dir: str | Path = VECTOR_DIR) -> Path:
+        """The shipped vector of this edit (default: MedSteer-mini's; ``Denoiser.vector_dir`` for another)."""
+        return Path(vector_dir) / f"{self.name}.safetensors"
 
-    def shipped_setting(self) -> tuple[int, int, float]:
+    def shipped_setting(self, vector_dir: str | Path = VECTOR_DIR) -> tuple[int, int, float]:
         """``setting_of`` the shipped vector (the fallback setting when none is shipped)."""
-        path = self.shipped_path()
+        path = self.shipped_path(vector_dir)
         return setting_of(load_vector(path) if path.is_file() else None)
 
 
@@ -144,6 +181,7 @@ def _grid(rows: list[tuple[str, torch.Tensor]], scale: int = 4):
 def run_demo(
     out: str | Path = "medsteer_demo",
     *,
+    backbones: tuple[str, ...] | None = None,
     eval_seeds: int = 32,
     vector_seeds: int = VECTOR_SEEDS,
     grid_seeds: int = 6,
@@ -158,83 +196,145 @@ def run_demo(
 ) -> dict:
     """Run the demo and write its folder; returns the numbers of ``report.json``.
 
-    The strength sweep defaults to 0-6 in steps of 1 and the window sweep to single layers and a few
-    spans; both always include the first edit's calibrated setting.
+    Args:
+        backbones: names of ``DENOISERS`` to run, in order (default: all; with ``model_path``, the
+            backbone that file is).
+        model_path: a mini file to run instead of the shipped one of its backbone (PixArt or UNet,
+            read from the file).
+        strengths / windows: the sweeps of Tables 3 and 4a (default 0-6 in steps of 1; single sites
+            and a few spans); both always include the first edit's calibrated setting.
     """
-    from .model import DEFAULT_PATH as MODEL_PATH
-    from .model import load_mini
     from .oracle import load_oracle
 
     started = time.time()
     out = Path(out)
-    _check_arguments(out, eval_seeds, vector_seeds, grid_seeds, edits, model_path, oracle_path)
-    model = load_mini(model_path)  # before the folder exists: a bad file leaves nothing behind
+    _check_arguments(out, eval_seeds, vector_seeds, grid_seeds, edits, model_path, oracle_path, backbones)
+    models = _load_models(backbones, model_path)  # before the folder exists: a bad file leaves nothing behind
     oracle = load_oracle(oracle_path)
     out.mkdir(parents=True, exist_ok=True)
-    tag = _file_digest(Path(model_path) if model_path else MODEL_PATH)
     cache = out / "cache" if use_cache else None
     if cache is not None:
         cache.mkdir(exist_ok=True)
     chosen = [e for e in EDITS if e.name in edits]
     seeds = [EVAL_SEED_BASE + i for i in range(eval_seeds)]
     seed_counts = tuple(sorted({min(n, vector_seeds) for n in seed_counts} | {vector_seeds}))
-    windows = list(windows) if windows is not None else _windows(model.transformer.config.num_layers)
-    strengths = DEMO_STRENGTHS if strengths is None else tuple(strengths)
-    first = chosen[0] if chosen else None
-    if first is not None:  # the sweeps always include the setting that Table 2 reports
-        first_setting = first.shipped_setting()
-        start, end, strength = first_setting
-        strengths = tuple(sorted(set(strengths) | {strength}))
-        windows = sorted(set(windows) | {(start, end)}, key=lambda w: (w[1] - w[0], w))
-
-    # Work in images, for the progress bar.
-    per_edit = 2 * vector_seeds + 3 * eval_seeds
-    sweeps = (len(strengths) + len(windows) + len(seed_counts) - 1) * eval_seeds + 2 * (sum(seed_counts) - vector_seeds)
-    total = len(synthetic.CLASSES) * eval_seeds + len(chosen) * per_edit + (sweeps if first else 0)
-    run = _DemoRun(model, oracle, seeds, vector_seeds, cache, tag, _Progress(total, quiet))
+    runs = [
+        _DemoRun(denoiser, model, oracle, seeds, vector_seeds, cache, tag, chosen, out)
+        for denoiser, model, tag in models
+    ]
+    for run in runs:
+        run.plan_sweeps(strengths, windows, seed_counts)
+    progress = _Progress(sum(run.images() for run in runs), quiet)
     report: dict = {
-        "model": model.metadata.get("training", ""),
-        "cfg": model.default_cfg,
         "eval_seeds": seeds[:1] + seeds[-1:],
         "grid_seeds": min(grid_seeds, len(seeds)),
+        "vector_seeds": vector_seeds,
+        "backbones": {},
     }
-    run.progress.stage("rendering check")
-    for c, name in enumerate(synthetic.CLASSES):
-        run.by_class[c] = model.generate(prompts_for(name, seeds), seeds)
-        run.progress(len(seeds))
-    rates = rendering_rates(oracle, run.by_class)
-    report["rendering_rate"] = {synthetic.CLASSES[c]: r for c, r in rates.items()}
-    report["edits"] = {}
-    for edit in chosen:
-        report["edits"][edit.name] = run.edit(edit, out / f"grid_{edit.name}.png", report["grid_seeds"])
-    if first is not None:
-        report.update(run.sweeps(first, first_setting, strengths, windows, seed_counts))
-    run.progress.close()
+    for run in runs:
+        run.progress = progress
+        report["backbones"][run.denoiser.name] = run.run(report["grid_seeds"])
+    progress.close()
     report["seconds"] = round(time.time() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report, len(seeds), vector_seeds, chosen, EVAL_SEED_BASE))
     return report
 
 
-class _DemoRun:
-    """What one demo run shares between its stages: model, oracle, held-out seeds, the unsteered
-    images of every class (``by_class``), the vectors built so far, the vector cache and progress."""
+def _load_models(backbones: tuple[str, ...] | None, model_path: str | None) -> list[tuple[Denoiser, object, str]]:
+    """``(denoiser, model, file digest)`` of each backbone to run; ``model_path`` replaces the
+    shipped file of the backbone it is (and alone is run when ``backbones`` is not given)."""
+    from .model import load_mini
+    from .unet import is_unet
 
-    def __init__(self, model, oracle, seeds, vector_seeds, cache, tag, progress) -> None:
-        self.model, self.oracle, self.seeds, self.vector_seeds = model, oracle, seeds, vector_seeds
-        self.cache, self.tag, self.progress = cache, tag, progress
+    custom = load_mini(model_path) if model_path else None
+    kind = None if custom is None else ("unet" if is_unet(custom.transformer) else "pixart")
+    if backbones is None:
+        backbones = (kind,) if kind else tuple(DENOISERS)
+    if kind is not None and kind not in backbones:
+        raise ValueError(
+            f"--model {str(model_path)!r} is a {DENOISERS[kind].title} file, but --backbone asks for "
+            f"{', '.join(backbones)}: pass --backbone {kind} (or both)"
+        )
+    models = []
+    for name in backbones:
+        denoiser = DENOISERS[name]
+        if name == kind:
+            models.append((denoiser, custom, _file_digest(Path(model_path))))
+        else:
+            models.append((denoiser, load_mini(denoiser.model_path), _file_digest(denoiser.model_path)))
+    return models
+
+
+class _DemoRun:
+    """What one backbone's demo run shares between its stages: model, oracle, held-out seeds, the
+    unsteered images of every class (``by_class``), the vectors built so far, the vector cache,
+    the sweeps' settings and progress."""
+
+    def __init__(self, denoiser, model, oracle, seeds, vector_seeds, cache, tag, edits, out) -> None:
+        self.denoiser, self.model, self.oracle, self.seeds = denoiser, model, oracle, seeds
+        self.vector_seeds, self.cache, self.tag, self.edits, self.out = vector_seeds, cache, tag, edits, out
+        self.sites = find_sites(model.transformer)
         self.by_class: dict[int, torch.Tensor] = {}
         self.vectors: dict[str, PathologyVector] = {}
+        self.progress = None
+        self.sweep_plan = None
+
+    def plan_sweeps(self, strengths, windows, seed_counts) -> None:
+        """The sweeps of the first edit: around its shipped setting, windows within this model."""
+        if not self.edits:
+            return
+        depth = self.sites.depth
+        setting = self.edits[0].shipped_setting(self.denoiser.vector_dir)
+        start, end, strength = setting
+        windows = [w for w in (windows if windows is not None else _windows(depth)) if w[1] <= depth]
+        strengths = tuple(sorted(set(DEMO_STRENGTHS if strengths is None else strengths) | {strength}))
+        windows = sorted(set(windows) | {(start, end)}, key=lambda w: (w[1] - w[0], w))
+        self.sweep_plan = (setting, strengths, windows, seed_counts)
+
+    def images(self) -> int:
+        """How many images the run samples (for the progress bar)."""
+        n = len(self.seeds)
+        total = len(synthetic.CLASSES) * n + len(self.edits) * (2 * self.vector_seeds + 3 * n)
+        if self.sweep_plan is not None:
+            _, strengths, windows, counts = self.sweep_plan
+            total += (len(strengths) + len(windows) + len(counts) - 1) * n + 2 * (sum(counts) - self.vector_seeds)
+        return total
+
+    def run(self, grid_seeds: int) -> dict:
+        """Everything for this backbone: rendering check, Table 2 per edit, the sweeps."""
+        started = time.time()
+        model, seeds, progress = self.model, self.seeds, self.progress
+        report: dict = {
+            "title": self.denoiser.title,
+            "model": model.metadata.get("training", ""),
+            "cfg": model.default_cfg,
+            "site_names": list(self.sites.names),
+            "site_widths": list(self.sites.widths),
+        }
+        progress.stage(f"{self.denoiser.name}: rendering check")
+        for c, name in enumerate(synthetic.CLASSES):
+            self.by_class[c] = model.generate(prompts_for(name, seeds), seeds)
+            progress(len(seeds))
+        rates = rendering_rates(self.oracle, self.by_class)
+        report["rendering_rate"] = {synthetic.CLASSES[c]: r for c, r in rates.items()}
+        report["edits"] = {}
+        for edit in self.edits:
+            report["edits"][edit.name] = self.edit(edit, self.out / self.denoiser.grid_name(edit.name), grid_seeds)
+        if self.sweep_plan is not None:
+            report.update(self.sweeps(self.edits[0], *self.sweep_plan))
+        report["seconds"] = round(time.time() - started, 1)
+        return report
 
     def edit(self, edit: Edit, grid_path: Path, grid_seeds: int) -> dict:
         """Table 2 for one edit: build its vector, steer the held-out seeds at the shipped setting,
         score them and re-prompting against the unsteered images, write its grid."""
         model, seeds, progress = self.model, self.seeds, self.progress
-        progress.stage(f"{edit.name}: vector")
-        start, end, strength = edit.shipped_setting()
+        progress.stage(f"{self.denoiser.name}: {edit.name}: vector")
+        start, end, strength = edit.shipped_setting(self.denoiser.vector_dir)
         vector = _vector(model, edit, list(range(self.vector_seeds)), self.cache, self.tag, progress)
         self.vectors[edit.name] = vector
-        progress.stage(f"{edit.name}: pairs")
+        progress.stage(f"{self.denoiser.name}: {edit.name}: pairs")
         s = synthetic.CLASSES.index(edit.source)
         t = synthetic.CLASSES.index(edit.target)
         originals = self.by_class[s]
@@ -246,7 +346,8 @@ class _DemoRun:
         progress(len(seeds))
         ours = score_pairs(self.oracle, originals, steered, s, t, dye_edit=edit.dye)
         baseline = score_pairs(self.oracle, originals, reprompted, s, t, dye_edit=edit.dye)
-        gates = record.maps().maps.mean(dim=(0, 1))  # [B, h, w] mean over steps and steered layers
+        # [B, h, w]: mean over steps and steered sites (coarser UNet levels upsampled to the finest grid)
+        gates = record.maps().maps.mean(dim=(0, 1))
         n = grid_seeds
         heat = torch.stack([overlay(originals[i].permute(1, 2, 0), gates[i], 0.7) for i in range(n)])
         _grid(
@@ -273,19 +374,19 @@ class _DemoRun:
         start, end, strength = setting
         originals = self.by_class[synthetic.CLASSES.index(first.source)]
         tables = {}
-        progress.stage(f"{first.name}: strength sweep")
+        progress.stage(f"{self.denoiser.name}: {first.name}: strength sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, [(start, end)], strengths,
             originals=originals, progress=lambda k: progress(k * len(seeds)),
         )  # fmt: skip
         tables["strength_sweep"] = [r.as_dict() for r in rows]
-        progress.stage(f"{first.name}: window sweep")
+        progress.stage(f"{self.denoiser.name}: {first.name}: window sweep")
         rows = sweep(
             model, oracle, vector, first.source, first.target, seeds, windows, [strength],
             originals=originals, progress=lambda k: progress(k * len(seeds)),
         )  # fmt: skip
         tables["window_sweep"] = [r.as_dict() for r in rows]
-        progress.stage(f"{first.name}: seeds sweep")
+        progress.stage(f"{self.denoiser.name}: {first.name}: seeds sweep")
         seed_rows = []
         for count in seed_counts:
             if count == self.vector_seeds:
@@ -310,6 +411,7 @@ def _check_arguments(
     edits: tuple[str, ...],
     model_path: str | None,
     oracle_path: str | None,
+    backbones: tuple[str, ...] | None = None,
 ) -> None:
     """Refuse bad arguments before anything is created (issue 11: ``--seeds 0`` was an IndexError
     and an empty output folder)."""
@@ -320,6 +422,8 @@ def _check_arguments(
     unknown = [e for e in edits if e not in known]
     if unknown:
         raise ValueError(f"unknown edit(s) {unknown}: choose from {known}")
+    if backbones is not None and (not backbones or not set(backbones) <= set(DENOISERS)):
+        raise ValueError(f"unknown backbone(s) {list(backbones)}: choose from {list(DENOISERS)}")
     for flag, path in (("--model", model_path), ("--oracle", oracle_path)):
         if path is not None and not Path(path).expanduser().is_file():
             raise ValueError(f"{flag} {str(path)!r}: no such file; pass an existing .safetensors file or leave it out")
@@ -333,117 +437,11 @@ def _windows(depth: int) -> list[tuple[int, int]]:
     return singles + [s for s in spans if s not in singles]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _count(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive count: use 1 or more")
-    return value
-
-
-def _plain(text: str) -> str:
-    """A docstring as terminal text: RST literals (````x````) and emphasis (``**x**``) unmarked."""
-    return re.sub(r"``(.+?)``|\*\*(.+?)\*\*", lambda m: m.group(1) or m.group(2), text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``medsteer demo [options]`` (every option has a default; no flags runs the full demo)."""
-    parser = _Parser(
-        prog="medsteer demo",
-        description=_plain(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", default="medsteer_demo", help="output folder (default medsteer_demo/)")
-    parser.add_argument("--seeds", type=_count, default=32, help="held-out seeds per table row, 1 or more (default 32)")
-    parser.add_argument(
-        "--vector-seeds",
-        type=_count,
-        default=VECTOR_SEEDS,
-        help=f"seeds per prompt for each vector, 1 or more (default {VECTOR_SEEDS})",
-    )
-    parser.add_argument(
-        "--edits",
-        default=",".join(e.name for e in EDITS),
-        help="comma-separated edits (default: all three, each with its calibrated shipped vector)",
-    )
-    parser.add_argument("--model", default=None, help="a MedSteer-mini .safetensors (default: the shipped one)")
-    parser.add_argument("--oracle", default=None, help="an oracle .safetensors (default: the shipped one)")
-    parser.add_argument("--no-cache", action="store_true", help="rebuild the vectors even if cached")
-    parser.add_argument("--quick", action="store_true", help="a reduced run (few seeds and sweep points)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no report on the terminal")
-    parser.add_argument(
-        "--calibrate", action="store_true", help="re-run the layer scan and write calibrated vectors to --out"
-    )
-    args = parser.parse_args(argv)
-    known = {e.name for e in EDITS}
-    edits = tuple(x.strip() for x in args.edits.split(",") if x.strip())
-    unknown = [e for e in edits if e not in known]
-    if unknown:
-        parser.error(f"unknown edit(s) {unknown}; choose from {sorted(known)}")
-    try:
-        return _run(args, edits)
-    except (MedSteerError, ValueError) as exc:  # bad input: one line (MEDSTEER_DEBUG=1 for the traceback)
-        if os.environ.get("MEDSTEER_DEBUG"):
-            raise
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    from .demo_cli import main as cli_main
 
-
-def _run(args: argparse.Namespace, edits: tuple[str, ...]) -> int:
-    out = Path(args.out)
-    if args.calibrate:
-        from .calibrate import calibrate_and_ship, calibration_markdown
-
-        _check_arguments(out, 1, 1, 1, edits, args.model, args.oracle)
-        summary = calibrate_and_ship(
-            args.out, edits=edits, model_path=args.model, oracle_path=args.oracle, quiet=args.quiet
-        )
-        Path(args.out, "calibration.json").write_text(json.dumps(summary, indent=2))
-        text = calibration_markdown(summary)
-        Path(args.out, "calibration.md").write_text(text)
-        if not args.quiet:
-            print(text)
-        print(f"wrote {out.resolve()}/: calibrated vectors, calibration.md, calibration.json")
-        return 0
-    kwargs = {}
-    if args.quick:
-        kwargs = {"strengths": (0.0, 1.0), "seed_counts": (2, 4), "grid_seeds": 2, "windows": ((0, 1), (0, 6))}
-    run_demo(
-        args.out,
-        eval_seeds=args.seeds,
-        vector_seeds=args.vector_seeds,
-        edits=edits,
-        model_path=args.model,
-        oracle_path=args.oracle,
-        use_cache=not args.no_cache,
-        quiet=args.quiet,
-        **kwargs,
-    )
-    if not args.quiet:
-        print(Path(args.out, "report.md").read_text())
-    print(_where(out, edits))
-    return 0
-
-
-def _where(out: Path, edits: tuple[str, ...]) -> str:
-    """The closing lines: where the demo wrote (absolute paths, to open or copy)."""
-    folder = out.resolve()
-    grids = ", ".join(f"grid_{e.name}.png" for e in EDITS if e.name in edits)
-    return (
-        f"medsteer demo: wrote {folder}{os.sep}\n"
-        f"  report: {folder / 'report.md'} (numbers: report.json)\n"
-        f"  grids:  {grids or 'none (no edits chosen)'} in the same folder"
-    )
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

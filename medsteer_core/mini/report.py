@@ -1,11 +1,13 @@
-"""The demo's ``report.md``: what the grids show, what every number means, and the tables shaped
-like the paper's Tables 2-4, written from the numbers ``run_demo`` puts in ``report.json``."""
+"""The demo's ``report.md``: the backbones side by side, what the grids show, what every number
+means, and per backbone the tables shaped like the paper's Tables 2-4, written from the numbers
+``run_demo`` puts in ``report.json``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from . import synthetic
+from .scan import ISSUE_BAR, window_label
 
 if TYPE_CHECKING:
     from .demo import Edit
@@ -45,18 +47,24 @@ METRIC_DEFINITIONS = (
     "their background trivially) do not flatter a weak setting.",
     "- **Re-prompting**: the baseline counterfactual: the same seed sampled with the prompt of the target "
     "class instead of steering. Same seed, so the two methods are directly comparable.",
-    "- **Layers a-b**: the steered blocks, `a` included and `b` excluded (0-based; MedSteer-mini has 6). "
-    "**Strength**: the paper's alpha; 0 is the unsteered image.",
+    "- **Layers a-b**: the steered cross-attention sites in execution order, `a` included and `b` excluded "
+    "(0-based; MedSteer-mini has 6, one per block; MedSteer-mini-UNet has 7, named in brackets as ComfyUI names "
+    "a UNet's blocks: input 3, input 5, middle 0, output 0-3). **Strength**: the paper's alpha; 0 is the "
+    "unsteered image.",
 )
 
 
 def _figures(report: dict, edits: list[Edit], first: int) -> list[str]:
     """The section that says what each grid shows (issue 11); ``first`` is the first held-out seed."""
+    from .demo import DENOISERS
+
     n = report.get("grid_seeds", 0)
+    names = list(report["backbones"])
+    files = " and ".join(f"`{DENOISERS[b].grid_name('<edit>')}` for {DENOISERS[b].title}" for b in names)
     parts = [
         "## Figures",
         "",
-        "Each `grid_<edit>.png` has one column per seed: "
+        f"Each grid ({files}) has one column per seed: "
         + (f"the first {n} held-out seeds ({first}, {first + 1}, ...)" if n > 1 else f"held-out seed {first}")
         + ", the same seeds in every row, so a column is one counterfactual set. Rows, top to bottom:",
         "",
@@ -65,47 +73,119 @@ def _figures(report: dict, edits: list[Edit], first: int) -> list[str]:
         "of Table 2;",
         "3. **re-prompted**: the same seed sampled with the target prompt instead (the baseline);",
         "4. **gate**: where steering acted: the gate max(<h, v>, 0) averaged over the sampling steps and the "
-        "steered layers, blended over the unsteered image in viridis colours (purple to yellow = weak to strong; "
-        "where the gate is zero the image shows through).",
+        "steered layers (a UNet's 8x8 sites brought to its 16x16 grid first), blended over the unsteered image "
+        "in viridis colours (purple to yellow = weak to strong; where the gate is zero the image shows through).",
         "",
         "A good edit changes row 2 only where row 4 is bright, and keeps the rest of row 1; re-prompting "
         "(row 3) usually redraws the whole scene.",
         "",
     ]
     for edit in edits:
-        parts += [f"![{edit.title}](grid_{edit.name}.png)", ""]
+        cells = [
+            f"![{edit.title}{'' if b == 'pixart' else f' ({DENOISERS[b].title})'}]({DENOISERS[b].grid_name(edit.name)})"
+            for b in names
+        ]
+        if len(names) == 1:
+            parts += [cells[0], ""]
+        else:
+            header = [DENOISERS[b].title for b in names]
+            parts += [f"**{edit.title}**", "", _table(header, [cells]), ""]
     return parts
 
 
 def markdown(report: dict, eval_seeds: int, vector_seeds: int, edits: list[Edit], first_seed: int) -> str:
     """``report.md`` from ``report`` (the numbers of ``report.json``): ``eval_seeds`` held-out seeds
-    from ``first_seed``, vectors from ``vector_seeds`` seeds per prompt, the tables of ``edits``."""
+    from ``first_seed``, vectors from ``vector_seeds`` seeds per prompt, the tables of ``edits`` for
+    every backbone of ``report["backbones"]``."""
+    runs = report["backbones"]
+    titles = [r["title"] for r in runs.values()]
+    cfgs = sorted({r["cfg"] for r in runs.values()})
+    cfg = f"CFG {cfgs[0]:g}" if len(cfgs) == 1 else "CFG per backbone below"
+    times = ", ".join(f"{r['title']} {r['seconds']} s" for r in runs.values())
     parts = [
-        "# MedSteer demo on MedSteer-mini",
+        f"# MedSteer demo on {' and '.join(titles)}",
         "",
         f"Held-out seeds: {eval_seeds} (from {first_seed}); vectors from {vector_seeds} seeds per prompt; "
-        f"DDIM 20 steps, CFG {report['cfg']:g}. Wall time {report['seconds']} s.",
+        f"DDIM 20 steps, {cfg}. Wall time {report['seconds']} s ({times}).",
         "",
+    ]
+    if len(runs) > 1 and edits:
+        parts += _side_by_side(runs, edits)
+    parts += [
         *(_figures(report, edits, first_seed) if edits else []),
         "## What the numbers mean",
         "",
         *METRIC_DEFINITIONS,
         "",
-        "## Rendering check (oracle assigns the prompted class)",
+    ]
+    for run in runs.values():
+        parts += _backbone_section(run, edits)
+    parts += ["", 'Definitions of every column: see "What the numbers mean" above.', ""]
+    return "\n".join(parts)
+
+
+def _removal(m: dict, dye: bool) -> float:
+    return 1 - m["dye_detection"] if dye else m["flip_rate"]
+
+
+def _side_by_side(runs: dict, edits: list[Edit]) -> list[str]:
+    """Every edit on every backbone in one table: its shipped setting against re-prompting."""
+    rows = []
+    for edit in edits:
+        for run in runs.values():
+            e = run["edits"][edit.name]
+            ours, base, st = e["medsteer"], e["reprompting"], e["setting"]
+            removed = _removal(ours, edit.dye)
+            met = removed >= ISSUE_BAR[edit.name] and ours["bg_psnr"] >= base["bg_psnr"]
+            rows.append(
+                [
+                    edit.title,
+                    run["title"],
+                    f"layers {window_label(st['layer_start'], st['layer_end'], run['site_names'])}, "
+                    f"strength {st['strength']:g}",
+                    f"{_fmt(removed)} / {_fmt(_removal(base, edit.dye))}",
+                    f"{_fmt(ours['bg_psnr'], 2)} / {_fmt(base['bg_psnr'], 2)}",
+                    f"{_fmt(ours['bg_ssim'], 4)} / {_fmt(base['bg_ssim'], 4)}",
+                    f"{'met' if met else 'NOT met'} (>= {ISSUE_BAR[edit.name]:g})",
+                ]
+            )
+    header = ["edit", "backbone", "shipped setting", "removed / flipped", "Bg-PSNR", "Bg-SSIM", "issue 10 bar"]
+    return [
+        "## Side by side: each backbone's shipped calibrated vectors (MedSteer / re-prompting, same seeds)",
+        "",
+        "Removed / flipped: dye gone (1 - dye detection) for dye removal, the flip rate for the lesion edits. "
+        "Issue 10's bar: removal at least the number shown and Bg-PSNR at least re-prompting's. Every pair of "
+        "numbers is MedSteer / re-prompting on the same held-out seeds.",
+        "",
+        _table(header, rows),
+        "",
+    ]
+
+
+def _backbone_section(run: dict, edits: list[Edit]) -> list[str]:
+    """One backbone's rendering check and tables (the whole report before there were two backbones)."""
+    sites = ", ".join(f"{n} ({w})" for n, w in zip(run["site_names"], run["site_widths"], strict=True))
+    parts = [
+        f"## {run['title']}",
+        "",
+        f"{len(run['site_names'])} cross-attention sites in execution order (name (width)): {sites}. "
+        f"CFG {run['cfg']:g}; this part took {run['seconds']} s.",
+        "",
+        "### Rendering check (oracle assigns the prompted class)",
         "",
         _table(
             ["class", "rendering rate"],
-            [[f"{synthetic.CONCEPTS[k]}", _fmt(v, 2)] for k, v in report["rendering_rate"].items()],
+            [[f"{synthetic.CONCEPTS[k]}", _fmt(v, 2)] for k, v in run["rendering_rate"].items()],
         ),
         "",
-        "## Table 2: counterfactual edits, MedSteer vs re-prompting (same seeds)",
+        "### Table 2: counterfactual edits, MedSteer vs re-prompting (same seeds)",
         "",
-        _table2(report, edits),
+        _table2(run, edits),
     ]
-    if "strength_sweep" in report:
-        parts += _sweep_tables(report, edits[0])
-    parts += ["", 'Definitions of every column: see "What the numbers mean" above.', ""]
-    return "\n".join(parts)
+    if "strength_sweep" in run:
+        parts += _sweep_tables(run, edits[0])
+    parts.append("")
+    return parts
 
 
 def _table2(report: dict, edits: list[Edit]) -> str:
@@ -114,8 +194,9 @@ def _table2(report: dict, edits: list[Edit]) -> str:
     for edit in edits:
         e = report["edits"][edit.name]
         st = e["setting"]
+        window = window_label(st["layer_start"], st["layer_end"], report["site_names"])
         for method, key in (
-            (f"MedSteer (layers {st['layer_start']}-{st['layer_end']}, strength {st['strength']:g})", "medsteer"),
+            (f"MedSteer (layers {window}, strength {st['strength']:g})", "medsteer"),
             ("Re-prompting", "reprompting"),
         ):
             m = e[key]
@@ -154,7 +235,8 @@ def _sweep_cells(r: dict) -> list[str]:
 def _sweep_tables(report: dict, first: Edit) -> list[str]:
     """Tables 3, 4a and 4b (strength, window and seeds sweeps of the first edit) and its layer profile."""
     title = first.title
-    parts = ["", f"## Table 3: strength sweep ({title})", "", "The Table 2 window, strength varied.", ""]
+    names = report["site_names"]
+    parts = ["", f"### Table 3: strength sweep ({title})", "", "The Table 2 window, strength varied.", ""]
     parts.append(
         _table(
             ["strength"] + _SWEEP_HEADER,
@@ -163,7 +245,7 @@ def _sweep_tables(report: dict, first: Edit) -> list[str]:
     )
     parts += [
         "",
-        f"## Table 4a: window sweep ({title}; layer_end exclusive)",
+        f"### Table 4a: window sweep ({title}; layer_end exclusive)",
         "",
         "The Table 2 strength, steered layers varied.",
         "",
@@ -171,12 +253,12 @@ def _sweep_tables(report: dict, first: Edit) -> list[str]:
     parts.append(
         _table(
             ["layers"] + _SWEEP_HEADER,
-            [[f"{r['layer_start']}-{r['layer_end']}"] + _sweep_cells(r) for r in report["window_sweep"]],
+            [[window_label(r["layer_start"], r["layer_end"], names)] + _sweep_cells(r) for r in report["window_sweep"]],
         )
     )
     parts += [
         "",
-        f"## Table 4b: seeds sweep ({title})",
+        f"### Table 4b: seeds sweep ({title})",
         "",
         "Vectors built from fewer seeds per prompt, applied at the Table 2 setting. Cosine to full vector: the "
         "mean cosine similarity of their directions to those of the full vector (1 = the same direction).",
@@ -192,6 +274,12 @@ def _sweep_tables(report: dict, first: Edit) -> list[str]:
     parts += [
         "",
         "Relative concept difference per layer (|mean with - mean without| / |mean|): "
-        + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(profile)),
+        + ", ".join(f"{_site(i, names)}: {v:.3f}" for i, v in enumerate(profile)),
     ]
     return parts
+
+
+def _site(index: int, names: list[str]) -> str:
+    """A site's index, with its name where names say more than an index (UNets)."""
+    label = window_label(index, index + 1, names)
+    return label[label.index("(") + 1 : -1] if "(" in label else str(index)

@@ -9,14 +9,17 @@ steering there only added noise). So the window is measured, per model:
   relative to the mean activation's norm (how much of the layer's output is the concept);
 - ``gate_localisation``: per layer, how much of the gate ``max(<h, v>, 0)`` falls on the concept's
   pixels (from the oracle's mask of the unsteered image) compared with an even spread (1 = no better
-  than uniform), and the fraction of tokens with a positive gate;
+  than uniform), and the fraction of tokens with a positive gate; every site's gate is brought to
+  the image's pixels first, so a UNet's two token grids are scored alike (``pixel_gates``);
 - ``sweep``: windows x strengths scored with the oracle (``metrics.score_pairs``);
 - ``calibrate``: among the settings that remove the concept in at least 85 % of the calibration
   seeds, picks the one that keeps the background best (``shortlist`` names the candidates a
   screening sweep on few seeds should confirm on more).
 
-These work on any model that ``MiniModel.generate`` wraps; ``vectors_for`` builds the vectors the
-way ``medsteer build-vector`` does (varied caption templates, one seed per image, both prompts).
+These work on any model that ``MiniModel.generate`` wraps (MedSteer-mini's PixArt and
+MedSteer-mini-UNet: windows run over ``find_sites(model).depth`` sites in execution order);
+``build_vector`` builds the vectors the way ``medsteer build-vector`` does (varied caption
+templates, one seed per image, both prompts).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from . import synthetic
 from .metrics import score_pairs
 
 __all__ = [
+    "ISSUE_BAR",
     "MIN_REMOVAL",
     "LayerStats",
     "SweepRow",
@@ -45,11 +49,13 @@ __all__ = [
     "calibrate",
     "gate_localisation",
     "layer_profile",
+    "pixel_gates",
     "prompts_for",
     "removal",
     "shortlist",
     "sweep",
     "sweep_settings",
+    "window_label",
 ]
 
 
@@ -102,7 +108,7 @@ def build_vector(
         scheduler="trailing, clip_sample",
         width=int(spec.width),
         height=int(spec.height),
-        model_family=sites.family,  # "medsteer-mini": the mini's backbone (mini/backbone.py)
+        model_family=sites.family,  # "medsteer-mini" or "medsteer-mini-unet" (mini/backbone.py)
         weights_fingerprint=weights_fingerprint(sites),
         extra={"class_with": with_class, "class_without": without_class},
     )
@@ -144,10 +150,12 @@ def gate_localisation(
     seeds: Sequence[int],
     mask_kind: str = "dye",
 ) -> tuple[list[float], list[float], torch.Tensor]:
-    """Gate localisation per layer on images of the ``concept`` prompt (with-concept class name).
+    """Gate localisation per site on images of the ``concept`` prompt (with-concept class name).
 
-    Samples the seeds once with a strength-0 plan over every layer (the images are exactly the
-    unsteered ones) while recording the gates, and compares them with the oracle's mask.
+    Samples the seeds once with a strength-0 plan over every site (the images are exactly the
+    unsteered ones) while recording the gates, and compares them with the oracle's mask. Each
+    site's gate is brought to the image's pixels first (nearest neighbour), so sites on different
+    token grids (a UNet's 16x16 and 8x8 levels) are scored on the same mask.
 
     Returns:
         ``(localisation[L], positive_fraction[L], images)``.
@@ -156,19 +164,37 @@ def gate_localisation(
     record = GateRecord()
     plan = SteeringPlan(vector, strength=0.0, layer_start=0, layer_end=depth)
     images = model.generate(prompts_for(concept, seeds), list(seeds), plans=[plan], record=record)
-    gates = record.maps().maps  # [S, L, B, h, w]
+    gates = pixel_gates(record.maps().maps, tuple(images.shape[-2:]))  # [S, L, B, H, W]
     read = oracle.read(images)
-    mask = (read.dye if mask_kind == "dye" else read.lesion) > 0.5
-    grid = gates.shape[-2:]
-    token_mask = F.adaptive_avg_pool2d(mask[:, None].float(), grid)[:, 0]  # [B, h, w] concept fraction
-    area = token_mask.flatten(1).mean(-1)  # [B]
+    mask = ((read.dye if mask_kind == "dye" else read.lesion) > 0.5).float()  # [B, H, W]
+    area = mask.flatten(1).mean(-1)  # [B] the concept's share of the image
     mass = gates.clamp_min(0)
     total = mass.flatten(-2).sum(-1).clamp_min(1e-12)  # [S, L, B]
-    inside = (mass * token_mask).flatten(-2).sum(-1) / total
+    inside = (mass * mask).flatten(-2).sum(-1) / total
     valid = area > 0
     lift = (inside[..., valid] / area[valid]).mean(dim=(0, 2))
     positive = (gates > 0).float().mean(dim=(0, 2, 3, 4))
     return lift.tolist(), positive.tolist(), images
+
+
+def pixel_gates(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Gate maps ``[..., h, w]`` on a token grid brought to ``size`` pixels by nearest neighbour:
+    each token's gate covers the pixels it sees, whatever its site's grid."""
+    lead, grid = maps.shape[:-2], maps.shape[-2:]
+    if tuple(grid) == tuple(size):
+        return maps
+    flat = maps.reshape(-1, 1, *grid).float()
+    return F.interpolate(flat, size=tuple(size), mode="nearest").reshape(*lead, *size)
+
+
+def window_label(start: int, end: int, names: Sequence[str] | None = None) -> str:
+    """``"a-b"`` for the window ``[a, b)``, with its sites' names where they say more than an index
+    (UNets: ``"2-5 (middle 0 - output 1)"``; PixArt's ``"block i"`` names add nothing)."""
+    label = f"{start}-{end}"
+    if not names or all(n.startswith("block ") for n in names):
+        return label
+    span = names[start] if end - start == 1 else f"{names[start]} - {names[end - 1]}"
+    return f"{label} ({span})"
 
 
 @dataclass(frozen=True)
@@ -265,6 +291,10 @@ def removal(row: SweepRow, dye: bool) -> float:
 #: Calibration asks for the concept to go in at least this fraction of the calibration seeds: a
 #: margin above the 0.8 that issue 5 asks of held-out seeds.
 MIN_REMOVAL = 0.85
+#: Issue 10's bar on held-out seeds, per edit: the least removal (dye gone / flipped to the target),
+#: with a background PSNR at least re-prompting's. Dye removal >= 0.85 and polyp -> normal >= 0.8
+#: as the issue states; colitis -> normal, which it does not name, as polyp -> normal.
+ISSUE_BAR = {"dye_removal": 0.85, "polyp_to_normal": 0.8, "colitis_to_normal": 0.8}
 
 
 def calibrate(rows: Sequence[SweepRow], dye: bool, min_removal: float = MIN_REMOVAL) -> SweepRow:
