@@ -141,7 +141,9 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path, back
         len(record["layer_profile"]) == len(record["gate_localisation"]) == depth == {"pixart": 6, "unet": 7}[backbone]
     )
     assert all(x == x and x >= 0 for x in record["gate_localisation"])  # both token grids scored
-    vector = load_vector(tmp_path / "dye_removal.safetensors")
+    vector = load_vector(
+        tmp_path / {"pixart": "dye_removal.safetensors", "unet": "unet_dye_removal.safetensors"}[backbone]
+    )
     assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
     assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]
     assert vector.metadata["model_family"] == family

@@ -116,7 +116,7 @@ def calibrate_and_ship(
         run.progress.stage(f"{edit.name}: vector")
         vector = build_vector(model, edit.source, edit.target, list(range(vector_seeds)), progress=run.progress)
         record, vector, best, baseline = run.edit(edit, vector)
-        save_vector(vector, out_dir / f"{edit.name}.safetensors")
+        save_vector(vector, edit.shipped_path(out_dir, denoiser.prefix))
         summary[edit.name] = record
         if not quiet:
             run.progress.bar.write(_choice_line(edit, best, baseline, sites.names, confirm_seeds))

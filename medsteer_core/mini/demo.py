@@ -64,7 +64,7 @@ class Denoiser:
         name: the ``--backbone`` choice (``"pixart"``, ``"unet"``).
         title: how reports name it.
         model_path: the shipped model file.
-        vector_dir: the shipped calibrated vectors (one ``<edit>.safetensors`` each).
+        vector_dir: the shipped calibrated vectors (one ``<prefix><edit>.safetensors`` each).
         prefix: put before an edit's name in the demo's file names (``grid_<prefix><edit>.png``)
             and after ``calibration`` in the calibration report's.
     """
@@ -98,13 +98,15 @@ class Edit:
     title: str
     dye: bool = False
 
-    def shipped_path(self, vector_dir: str | Path = VECTOR_DIR) -> Path:
-        """The shipped vector of this edit (default: MedSteer-mini's; ``Denoiser.vector_dir`` for another)."""
-        return Path(vector_dir) / f"{self.name}.safetensors"
+    def shipped_path(self, vector_dir: str | Path = VECTOR_DIR, prefix: str = "") -> Path:
+        """The shipped vector of this edit (default: MedSteer-mini's; ``Denoiser.vector_dir`` and
+        ``Denoiser.prefix`` for another: ``vectors_unet/unet_<edit>.safetensors``, so ComfyUI's
+        vector list, which goes by file name, tells the two apart)."""
+        return Path(vector_dir) / f"{prefix}{self.name}.safetensors"
 
-    def shipped_setting(self, vector_dir: str | Path = VECTOR_DIR) -> tuple[int, int, float]:
+    def shipped_setting(self, vector_dir: str | Path = VECTOR_DIR, prefix: str = "") -> tuple[int, int, float]:
         """``setting_of`` the shipped vector (the fallback setting when none is shipped)."""
-        path = self.shipped_path(vector_dir)
+        path = self.shipped_path(vector_dir, prefix)
         return setting_of(load_vector(path) if path.is_file() else None)
 
 
@@ -285,7 +287,7 @@ class _DemoRun:
         if not self.edits:
             return
         depth = self.sites.depth
-        setting = self.edits[0].shipped_setting(self.denoiser.vector_dir)
+        setting = self.edits[0].shipped_setting(self.denoiser.vector_dir, self.denoiser.prefix)
         start, end, strength = setting
         windows = [w for w in (windows if windows is not None else _windows(depth)) if w[1] <= depth]
         strengths = tuple(sorted(set(DEMO_STRENGTHS if strengths is None else strengths) | {strength}))
@@ -331,7 +333,7 @@ class _DemoRun:
         score them and re-prompting against the unsteered images, write its grid."""
         model, seeds, progress = self.model, self.seeds, self.progress
         progress.stage(f"{self.denoiser.name}: {edit.name}: vector")
-        start, end, strength = edit.shipped_setting(self.denoiser.vector_dir)
+        start, end, strength = edit.shipped_setting(self.denoiser.vector_dir, self.denoiser.prefix)
         vector = _vector(model, edit, list(range(self.vector_seeds)), self.cache, self.tag, progress)
         self.vectors[edit.name] = vector
         progress.stage(f"{self.denoiser.name}: {edit.name}: pairs")
