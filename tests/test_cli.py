@@ -360,7 +360,10 @@ def test_build_vector_then_generate_on_the_defaults_works_on_the_mini(tmp_path, 
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "the paper's 8-16 on models with at least 16 layers, or all layers of a smaller model" in help_text
+    assert (
+        "the paper's 8-16 on a PixArt with at least 16 layers, all layers of a smaller one (0-6 on MedSteer-mini)"
+        in help_text
+    )
 
 
 def test_missing_local_model_path_is_one_line_and_exit_2_without_the_hub(tmp_path, monkeypatch, capsys):
