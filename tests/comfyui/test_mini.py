@@ -205,10 +205,9 @@ def score_dye_removal(originals, steered, reprompted):
     return float(judge.read(originals).dye_detected.float().mean()), ours, baseline
 
 
-@pytest.fixture(scope="module")
-def quickstart_scores(comfy_env, classes):
-    """The template over COMFY_SEEDS, with a re-prompting sampler added on the same seed."""
-    prompt, ids = quickstart_prompt(classes)
+def score_quickstart(comfy_env, prompt: dict, ids: dict, seeds: list[int], label: str):
+    """``(had dye, steered scores, re-prompted scores)`` of a quickstart graph over ``seeds``, with a
+    re-prompting sampler added on the same seed (both minis' ComfyUI-route effect tests)."""
     steered_sampler, plain_sampler = ids["Steered sampler"], ids["Unsteered sampler"]
     # Re-prompting: the same sampler settings and seed with the without-concept prompt.
     clip = prompt[ids["Prompt (with the concept)"]]["inputs"]["clip"]
@@ -220,7 +219,7 @@ def quickstart_scores(comfy_env, classes):
     }
     prompt["903"] = {"class_type": "PreviewImage", "inputs": {"images": ["902", 0]}}
     images = {"unsteered": [], "steered": [], "reprompted": []}
-    for seed in COMFY_SEEDS:
+    for seed in seeds:
         for sampler in (steered_sampler, plain_sampler, "901"):
             prompt[sampler]["inputs"]["seed"] = seed
         result = comfy_env.run(prompt)
@@ -231,10 +230,15 @@ def quickstart_scores(comfy_env, classes):
     # IMAGE [B, H, W, 3] -> the oracle's [B, 3, H, W]
     as_batch = {k: torch.cat(v).permute(0, 3, 1, 2).contiguous() for k, v in images.items()}
     had_dye, ours, baseline = score_dye_removal(as_batch["unsteered"], as_batch["steered"], as_batch["reprompted"])
-    print(
-        f"\nComfyUI route, {len(COMFY_SEEDS)} held-out seeds: had dye {had_dye:.3f}; steered {ours}; re-prompted {baseline}"
-    )
+    print(f"\n{label}, {len(seeds)} held-out seeds: had dye {had_dye:.3f}; steered {ours}; re-prompted {baseline}")
     return had_dye, ours, baseline
+
+
+@pytest.fixture(scope="module")
+def quickstart_scores(comfy_env, classes):
+    """The template over COMFY_SEEDS, with a re-prompting sampler added on the same seed."""
+    prompt, ids = quickstart_prompt(classes)
+    return score_quickstart(comfy_env, prompt, ids, COMFY_SEEDS, "ComfyUI route")
 
 
 def test_quickstart_removes_dye_on_held_out_seeds(quickstart_scores):

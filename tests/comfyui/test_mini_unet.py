@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_boot import Graph
-from test_mini import score_dye_removal
+from test_mini import score_dye_removal, score_quickstart
 from test_workflows import ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -312,31 +312,7 @@ def test_quickstart_template_runs_and_shows_pair_heatmap_and_mask(comfy_env, cla
 def quickstart_scores(comfy_env, classes):
     """The template over COMFY_SEEDS, with a re-prompting sampler added on the same seed."""
     prompt, ids = quickstart_prompt(classes)
-    steered_sampler, plain_sampler = ids["Steered sampler"], ids["Unsteered sampler"]
-    clip = prompt[ids["Prompt (with the concept)"]]["inputs"]["clip"]
-    prompt["900"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": POLYP_PROMPT}}
-    prompt["901"] = {"class_type": "KSampler", "inputs": {**prompt[plain_sampler]["inputs"], "positive": ["900", 0]}}
-    prompt["902"] = {
-        "class_type": "VAEDecode",
-        "inputs": {"samples": ["901", 0], "vae": prompt[ids["Decode steered"]]["inputs"]["vae"]},
-    }
-    prompt["903"] = {"class_type": "PreviewImage", "inputs": {"images": ["902", 0]}}
-    images = {"unsteered": [], "steered": [], "reprompted": []}
-    for seed in COMFY_SEEDS:
-        for sampler in (steered_sampler, plain_sampler, "901"):
-            prompt[sampler]["inputs"]["seed"] = seed
-        result = comfy_env.run(prompt)
-        assert result.success, result.error
-        images["steered"].append(result.output(ids["Decode steered"]))
-        images["unsteered"].append(result.output(ids["Decode unsteered"]))
-        images["reprompted"].append(result.output("902"))
-    as_batch = {k: torch.cat(v).permute(0, 3, 1, 2).contiguous() for k, v in images.items()}
-    had_dye, ours, baseline = score_dye_removal(as_batch["unsteered"], as_batch["steered"], as_batch["reprompted"])
-    print(
-        f"\nmini-UNet, ComfyUI route, {len(COMFY_SEEDS)} held-out seeds: had dye {had_dye:.3f}; steered {ours}; "
-        f"re-prompted {baseline}"
-    )
-    return had_dye, ours, baseline
+    return score_quickstart(comfy_env, prompt, ids, COMFY_SEEDS, "mini-UNet, ComfyUI route")
 
 
 def test_quickstart_removes_dye_on_held_out_seeds(quickstart_scores):
