@@ -102,13 +102,22 @@ def mini_pair(seed: int, strength: float, sampler: str = "ddim", steps: int = 20
     negative = g.add("CLIPTextEncode", clip=mini[1], text="")
     vector = g.add("LoadPathologyVector", vector_name="dye_removal.safetensors")
     latent = g.add("EmptyChromaRadianceLatentImage", width=32, height=32, batch_size=batch)
+    return (
+        g,
+        *steered_and_plain(g, mini[0], vector[0], strength, (1, 4), (positive, negative, latent), seed, sampler, steps),
+    )
+
+
+def steered_and_plain(g, model, vector, strength: float, window: tuple[int, int], conditioning, seed, sampler, steps):
+    """An ApplySSPSSteer on ``model`` and two KSamplers on one seed (steered, unsteered); both minis' pair graphs."""
+    positive, negative, latent = conditioning
     steer = g.add(
         "ApplySSPSSteer",
-        model=mini[0],
-        pathology_vector=vector[0],
+        model=model,
+        pathology_vector=vector,
         strength=strength,
-        layer_start=1,
-        layer_end=4,
+        layer_start=window[0],
+        layer_end=window[1],
         start_percent=0.0,
         end_percent=1.0,
         rows="cond and uncond",
@@ -127,11 +136,11 @@ def mini_pair(seed: int, strength: float, sampler: str = "ddim", steps: int = 20
         "KSampler", model=steer[0], positive=positive[0], negative=negative[0], latent_image=latent[0], **settings
     )
     plain = g.add(
-        "KSampler", model=mini[0], positive=positive[0], negative=negative[0], latent_image=latent[0], **settings
+        "KSampler", model=model, positive=positive[0], negative=negative[0], latent_image=latent[0], **settings
     )
     g.add("MedSteerTestKeep", value=steered[0])
     g.add("MedSteerTestKeep", value=plain[0])
-    return g, steered, plain
+    return steered, plain
 
 
 @pytest.mark.parametrize(("sampler", "steps", "batch"), [("ddim", 20, 1), ("euler_ancestral", 7, 2), ("heun", 4, 1)])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_boot import Graph
-from test_mini import score_dye_removal, score_quickstart
+from test_mini import score_dye_removal, score_quickstart, steered_and_plain
 from test_workflows import ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,36 +171,8 @@ def unet_pair(seed: int, strength: float, vector, sampler: str = "ddim", steps: 
         )
     else:
         source = g.add("LoadPathologyVector", vector_name=vector)
-    steer = g.add(
-        "ApplySSPSSteer",
-        model=mini[0],
-        pathology_vector=source[0],
-        strength=strength,
-        layer_start=0,
-        layer_end=7,
-        start_percent=0.0,
-        end_percent=1.0,
-        rows="cond and uncond",
-        preserve_norm=False,
-        interpolation="nearest",
-    )
-    settings = {
-        "seed": seed,
-        "steps": steps,
-        "cfg": 2.0,
-        "sampler_name": sampler,
-        "scheduler": "simple",
-        "denoise": 1.0,
-    }
-    steered = g.add(
-        "KSampler", model=steer[0], positive=positive[0], negative=negative[0], latent_image=latent[0], **settings
-    )
-    plain = g.add(
-        "KSampler", model=mini[0], positive=positive[0], negative=negative[0], latent_image=latent[0], **settings
-    )
-    g.add("MedSteerTestKeep", value=steered[0])
-    g.add("MedSteerTestKeep", value=plain[0])
-    return g, steered, plain
+    conditioning = (positive, negative, latent)
+    return (g, *steered_and_plain(g, mini[0], source[0], strength, (0, 7), conditioning, seed, sampler, steps))
 
 
 @pytest.mark.parametrize(("sampler", "steps", "batch"), [("ddim", 20, 1), ("euler_ancestral", 7, 2), ("heun", 4, 1)])
