@@ -287,7 +287,7 @@ def _steer_hooks(plans: list[SteeringPlan], state: _CallState, widths: Sequence[
 
 
 def attach_steering(
-    model: nn.Module,
+    model: nn.Module | Sites,
     plans: SteeringPlan | Sequence[SteeringPlan],
     *,
     call_info: CallInfo | None = None,
@@ -296,10 +296,13 @@ def attach_steering(
 ) -> HookHandle:
     """Register SSPS hooks on the model's cross-attention sites; see ``steering``.
 
+    ``model`` may also be its ``Sites`` (``find_sites``), which a host attaching around every model
+    call finds once instead of walking the model's modules each time.
+
     Returns:
         A ``HookHandle``; call ``.remove()`` when done.
     """
-    sites = find_sites(model)
+    sites = model if isinstance(model, Sites) else find_sites(model)
     plans = [plans] if isinstance(plans, SteeringPlan) else list(plans)
     if not plans:
         raise ValueError("steering needs at least one SteeringPlan")
@@ -342,7 +345,7 @@ def attach_steering(
 
 @contextmanager
 def steering(
-    model: nn.Module,
+    model: nn.Module | Sites,
     plans: SteeringPlan | Sequence[SteeringPlan],
     *,
     call_info: CallInfo | None = None,
@@ -355,7 +358,7 @@ def steering(
     the paper chains vectors for compositional edits.
 
     Args:
-        model: a PixArt transformer (see ``find_sites``).
+        model: a model ``find_sites`` knows (PixArt, the SD UNets, ...), or its ``Sites``.
         plans: one ``SteeringPlan`` or a list of them.
         call_info: the row layout of every call made inside the context (hosts that open one
             context per model call). If ``None``, each call's timesteps and grid are read from the

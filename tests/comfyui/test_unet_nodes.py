@@ -145,6 +145,26 @@ def test_steering_changes_only_the_sites_in_the_window(comfy_env, pack, family, 
     assert all(len(raw[i]) == 2 for i in raw)  # one batched [uncond, cond] call per step
 
 
+def test_a_sampling_run_walks_the_unet_for_its_sites_once(comfy_env, pack, monkeypatch):
+    """The wrapper finds the sites at a run's first model call and reuses them for the others
+    (walking SDXL's modules costs about 1.6 ms a call); the next run finds them afresh, and the
+    reuse changes no output."""
+    steer_module = comfy_env.pack.nodes.steer
+    found, find = [], steer_module.find_sites
+    # A spy: records each call, then runs the real find_sites.
+    monkeypatch.setattr(steer_module, "find_sites", lambda model: found.append(model) or find(model))
+    model = pack.tiny_unet("sdxl")
+    vector = random_vector(comfy_env.core, sites_of(comfy_env.core, model), seed=5)
+    steered = apply_steer(model, vector, layers="preset")
+    conds = pack.random_conditioning("polyp", 77, "sdxl"), pack.random_conditioning("", 77, "sdxl")
+    first = sample(steered, *conds, steps=4)  # 4 model calls (one CFG batch each)
+    assert found == [model.model.diffusion_model]
+    second = sample(steered, *conds, steps=4)
+    assert len(found) == 2 and torch.equal(first, second)
+    monkeypatch.undo()
+    assert not torch.equal(first, sample(model, *conds, steps=4))  # every run was steered
+
+
 def test_layers_by_name_equal_the_index_window_and_bad_names_list_the_blocks(comfy_env, pack):
     g = Graph()
     model = unet(g, "sd1")
