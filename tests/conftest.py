@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 CAPTION_CHANNELS = 32
+#: ``-n auto`` (the README's test command, pytest-xdist) starts one worker per core, at most this
+#: many: every worker boots its own ComfyUI and loads its own models, and the heavy modules are few.
+MAX_WORKERS = 4
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(_cores(), MAX_WORKERS))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, share the cores between the workers: torch gives every process all of
+    them, and N workers x N threads each thrash (the ComfyUI tests set 1 thread when they boot)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        torch.set_num_threads(max(1, _cores() // workers))
 
 
 def make_transformer(
