@@ -99,7 +99,8 @@ def configuration_section(r: dict) -> list[str]:
         f"{r['build_s']:.0f} s, RSS {r['rss_model_bytes'] / 2**30:.1f} GiB after the build, peak "
         f"{r['peak_rss_bytes'] / 2**30:.1f} GiB; {r['rounds']} timed rounds ({r['timed_s']:.0f} s) after "
         f"{r['warmup_rounds']} warm-up round(s); load average {be.fmt_load(env['loadavg_start'])} at start, "
-        f"{be.fmt_load(env['loadavg_end'])} at end.",
+        f"{be.fmt_load(env['loadavg_end'])} at end; malloc: {env.get('allocator', 'system')}, "
+        f"{r.get('minor_page_faults', 0):,} minor page faults in the process.",
         "",
         "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
         "|---|---:|---:|---:|---:|",
@@ -136,7 +137,7 @@ def markdown(architectures: list[dict], results: list[dict], command: str) -> st
         lines += [
             f"Date {env['date']}; torch {env['torch']}, diffusers {env['diffusers']}, medsteer {env['medsteer']}, "
             f"Python {env['python']}; CPU: {env['cpu']} ({env['cpu_count']} logical cores), torch threads "
-            f"{env['torch_threads']}. Random-weight UNet2DConditionModel, float32, CPU; CFG batch [uncond, cond] "
+            f"{env['torch_threads']}, malloc {env.get('allocator', 'system')}. Random-weight UNet2DConditionModel, float32, CPU; CFG batch [uncond, cond] "
             f"with {TEXT_TOKENS} text tokens; strength {first['strength']}; timesteps cycling through a "
             f"{first['schedule_steps']}-step DPM-Solver schedule. {where}",
             "",
