@@ -22,7 +22,7 @@ import pytest
 import torch
 from comfy_boot import Graph
 from test_mini import score_dye_removal, score_quickstart, steered_and_plain
-from test_workflows import ui_to_api
+from test_workflows import check_steers_as_calibrated, ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "example_workflows" / "medsteer_quickstart_mini_unet.json"
@@ -240,27 +240,12 @@ def quickstart_prompt(classes) -> tuple[dict, dict[str, str]]:
 def test_quickstart_template_uses_the_vectors_calibrated_setting(comfy_env, classes):
     """The template steers with what the vector records as calibrated and samples as it was calibrated."""
     prompt, _ = quickstart_prompt(classes)
-    by_type = {}
-    for node in prompt.values():
-        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    by_type = check_steers_as_calibrated(comfy_env, prompt)
     assert by_type["LoadMedSteerMini"] == [{"denoiser": UNET}]
     (vector_input,) = by_type["LoadPathologyVector"]
     assert vector_input["vector_name"] == DYE_VECTOR
-    vector = comfy_env.core.load_vector(comfy_env.pack.nodes.vector_io.vector_path(DYE_VECTOR))
     (steer,) = by_type["ApplySSPSSteer"]
     assert not steer.get("layers")
-    assert (steer["layer_start"], steer["layer_end"], steer["strength"]) == (
-        int(vector.metadata["calibrated_layer_start"]),
-        int(vector.metadata["calibrated_layer_end"]),
-        float(vector.metadata["calibrated_strength"]),
-    )
-    for sampler in by_type["KSampler"]:
-        assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
-            int(vector.metadata["steps"]),
-            float(vector.metadata["cfg"]),
-            "ddim",
-            "simple",
-        )
 
 
 def test_quickstart_template_runs_and_shows_pair_heatmap_and_mask(comfy_env, classes):

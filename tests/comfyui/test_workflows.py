@@ -317,10 +317,10 @@ def test_workflows_use_the_paper_settings(classes):
     assert heatmaps and heatmaps[0]["preset"].startswith("paper Fig. 3")
 
 
-def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, classes):
-    """The mini's template steers with what dye_removal.safetensors records as calibrated, and
-    samples as the mini was calibrated (20 steps, CFG 2, ddim on the trailing 'simple' schedule)."""
-    prompt = ui_to_api(json.loads((REPO / "example_workflows" / "medsteer_quickstart_mini.json").read_text()), classes)
+def check_steers_as_calibrated(comfy_env, prompt: dict) -> dict[str, list[dict]]:
+    """A quickstart prompt steers with what its LoadPathologyVector's vector records as calibrated
+    and samples as that vector was calibrated (its steps and CFG, ddim on the trailing 'simple'
+    schedule). Returns every node's inputs by class type, for the caller's own checks."""
     by_type = {}
     for node in prompt.values():
         by_type.setdefault(node["class_type"], []).append(node["inputs"])
@@ -339,6 +339,14 @@ def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, 
             "ddim",
             "simple",
         )
+    return by_type
+
+
+def test_quickstart_mini_uses_the_shipped_vectors_calibrated_setting(comfy_env, classes):
+    """The mini's template steers with what dye_removal.safetensors records as calibrated, and
+    samples as the mini was calibrated (20 steps, CFG 2, ddim on the trailing 'simple' schedule)."""
+    prompt = ui_to_api(json.loads((REPO / "example_workflows" / "medsteer_quickstart_mini.json").read_text()), classes)
+    by_type = check_steers_as_calibrated(comfy_env, prompt)
     assert by_type["LoadMedSteerMini"] == [{"denoiser": "MedSteer-mini (PixArt)"}]
 
 
