@@ -474,17 +474,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.allocator == "jemalloc":
         if args.same_process:
             parser.error("--allocator jemalloc preloads it into each configuration's own process: drop --same-process")
-        if not any(Path(p).exists() for p in JEMALLOC_PATHS):
+        if jemalloc_library() is None:
             parser.error(
                 f"--allocator jemalloc: none of {', '.join(JEMALLOC_PATHS)} exists (apt-get install libjemalloc2)"
             )
     return args
 
 
+def jemalloc_library() -> str | None:
+    """The first of ``JEMALLOC_PATHS`` on this machine, if any."""
+    return next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
+
+
 def use_allocator(args) -> None:
     """Make the configurations' subprocesses (which inherit the environment) use ``--allocator``."""
     if args.allocator == "jemalloc":
-        os.environ["LD_PRELOAD"] = next(p for p in JEMALLOC_PATHS if Path(p).exists())
+        os.environ["LD_PRELOAD"] = jemalloc_library()
         os.environ["MALLOC_CONF"] = JEMALLOC_CONF
 
 
