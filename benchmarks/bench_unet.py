@@ -272,9 +272,11 @@ class StepBench:
         return stack
 
     @torch.no_grad()
-    def full_step(self, variant: str, step: int) -> tuple[float, torch.Tensor]:
+    def full_step(self, variant: str, step: int) -> tuple[float, float, torch.Tensor]:
+        """``(wall seconds, process CPU seconds, guided output)`` of one step. With one thread the
+        CPU time is the work itself, without the time the process waited to be scheduled."""
         t = self.schedule[step]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with self.driver_hooks(variant, step):
             out = self.unet(
                 self.latents,
@@ -285,7 +287,7 @@ class StepBench:
             )[0].float()
         uncond, cond = out.chunk(2)
         guided = uncond + CFG_SCALE * (cond - uncond)
-        return time.perf_counter() - start, guided
+        return time.perf_counter() - start, time.process_time() - cpu, guided
 
     @torch.no_grad()
     def hooks_only(self, variant: str, step: int) -> float:
@@ -332,9 +334,10 @@ def run_round(bench: StepBench, r: int, timings: dict | None) -> None:
     step = r % len(bench.schedule)
     outputs = {}
     for variant in order:
-        seconds, outputs[variant] = bench.full_step(variant, step)
+        seconds, cpu_seconds, outputs[variant] = bench.full_step(variant, step)
         if timings is not None:
             timings["full"][variant].append(seconds)
+            timings["full_cpu"][variant].append(cpu_seconds)
     if timings is None:
         bench.check(outputs)
     with be.pass_through(bench.sites.modules):
@@ -361,7 +364,7 @@ def bench_configuration(model: str, size: int, args) -> dict:
     be.log(f"{label}: built in {build_s:.1f} s, {bench.sites.depth} sites, window {bench.window}")
     for r in range(args.warmup):
         run_round(bench, r, None)
-    timings = {part: {v: [] for v in args.variants} for part in ("full", "hooks_only")}
+    timings = {part: {v: [] for v in args.variants} for part in ("full", "full_cpu", "hooks_only")}
     start, rounds = time.perf_counter(), 0
     while rounds < args.max_rounds:
         run_round(bench, args.warmup + rounds, timings)

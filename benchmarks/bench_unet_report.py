@@ -65,7 +65,7 @@ def dry_run(architectures: list[dict], args) -> str:
 
 def summary_row(r: dict, flops: dict) -> str:
     if "error" in r:
-        return f"| {r['model']} | {r['size']}x{r['size']} | failed: {r['error']} |" + " |" * 8
+        return f"| {r['model']} | {r['size']}x{r['size']} | failed: {r['error']} |" + " |" * 9
     full, hooks = r["stats"]["full"], r["stats"]["hooks_only"]
 
     def ratio(variant: str) -> str:
@@ -80,11 +80,18 @@ def summary_row(r: dict, flops: dict) -> str:
     )
     plain = full["plain"]
     steered = f"{full['steered']['median']:.2f}" if "steered" in full else "-"
+    cpu = r["stats"].get("full_cpu", {})  # absent in reports written before CPU time was recorded
+    cpu = (
+        f"{cpu['steered']['paired_ratio']['median']:.3f} [{cpu['steered']['paired_ratio']['ci95'][0]:.3f}, "
+        f"{cpu['steered']['paired_ratio']['ci95'][1]:.3f}]"
+        if "steered" in cpu
+        else "-"
+    )
     rate = flops.get((r["model"], str(r["size"])))
     rate = f"{rate / plain['median'] / 1e9:.3g}" if rate else "-"
     return (
         f"| {r['model']} | {r['size']}x{r['size']} | {r['rounds']} | {plain['median']:.2f} ({plain['iqr_pct']:.1f}%) | "
-        f"{rate} | {steered} | **{ratio('steered')}** | {ratio('recorded')} | {ratio('authors')} | {alone} | "
+        f"{rate} | {steered} | **{ratio('steered')}** | {cpu} | {ratio('recorded')} | {ratio('authors')} | {alone} | "
         f"{r['peak_rss_bytes'] / 2**30:.1f} GiB |"
     )
 
@@ -105,6 +112,18 @@ def configuration_section(r: dict) -> list[str]:
         "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
         "|---|---:|---:|---:|---:|",
         *be.stat_rows(r["stats"]["full"], 1),
+        *(
+            [
+                "",
+                "The same steps in process CPU time (the work, without waiting to be scheduled):",
+                "",
+                "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
+                "|---|---:|---:|---:|---:|",
+                *be.stat_rows(r["stats"]["full_cpu"], 1),
+            ]
+            if "full_cpu" in r["stats"]
+            else []
+        ),
         "",
         f"Hooks alone ({r['hooks_only_repeats']} per variant and round):",
         "",
@@ -117,10 +136,21 @@ def configuration_section(r: dict) -> list[str]:
         )
         lines.append(f"| {variant} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} ({s['iqr_pct']:.1f}%)" + extra)
     variants = list(r["timings_s"]["full"])
-    lines += ["", "Step times (ms) per round:", "", "| round | " + " | ".join(variants) + " |"]
+    cpu = "full_cpu" in r["timings_s"]
+    lines += [
+        "",
+        f"Step times (ms) per round{', wall / CPU' if cpu else ''}:",
+        "",
+        "| round | " + " | ".join(variants) + " |",
+    ]
     lines.append("|---:|" + "---:|" * len(variants))
     for i in range(r["rounds"]):
-        lines.append(f"| {i + 1} | " + " | ".join(f"{r['timings_s']['full'][v][i] * 1e3:.0f}" for v in variants) + " |")
+        cells = [
+            f"{r['timings_s']['full'][v][i] * 1e3:.0f}"
+            + (f" / {r['timings_s']['full_cpu'][v][i] * 1e3:.0f}" if cpu else "")
+            for v in variants
+        ]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -156,9 +186,9 @@ def markdown(architectures: list[dict], results: list[dict], command: str) -> st
         "## Summary: seconds per denoising step (one UNet call on the CFG batch)",
         "",
         "| model | latent | rounds | plain s (IQR) | plain GFLOP/s | steered s | steered / plain [95% CI] | "
-        "recorded / plain | authors' style / plain | hooks alone, ms per step: steered / recorded / authors' "
+        "the same in process CPU time | recorded / plain | authors' style / plain | hooks alone, ms per step: steered / recorded / authors' "
         "(% of a plain step) | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         *[summary_row(r, flops) for r in results],
     ]
     for r in done:
