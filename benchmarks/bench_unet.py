@@ -1,4 +1,5 @@
-"""Speed of the MedSteer hooks on the full SD1.5 and SDXL UNets (random weights, float32, CPU).
+"""Speed of the MedSteer hooks on the full SD1.5 and SDXL UNets (random weights; float32 on the CPU
+by default, ``--device cuda --dtype float16`` on a GPU).
 
 For each model (``--models``) and latent side (``--sizes``) it times one denoising step, a
 ``UNet2DConditionModel`` call on the CFG batch ``[uncond, cond]``, with its hooks attached and
@@ -17,6 +18,9 @@ recorded, no hook is left behind), until ``--budget`` seconds have passed; then 
 hooks alone (attached, run at every site on an activation of that site's shape with the attention
 replaced by a pass-through, removed). Each configuration runs in a fresh subprocess, so its peak
 resident set is its own. Method and statistics are ``bench_engine.py``'s (imported from it).
+
+On a GPU every timed call is bracketed by ``torch.cuda.synchronize``; the process CPU time recorded
+beside the wall time then measures the host's launch work only.
 
 Run from the repository root: ``python benchmarks/bench_unet.py --help``; ``--tiny`` checks the
 script in seconds on small UNets with the same site layout (16 / 70 sites).
@@ -50,6 +54,7 @@ from medsteer_core.plan import default_window  # noqa: E402
 from medsteer_core.provenance import site_widths  # noqa: E402
 
 VARIANTS = ("plain", "steered", "recorded", "authors")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: ``--allocator jemalloc``: preloaded into every configuration's process, never returning memory to
 #: the system. glibc's malloc hands the UNet's large activations back to the kernel and faults them in
 #: again (0.3-0.9 million page faults per SD1.5 64x64 step here, a quarter of its CPU time, varying from
@@ -145,13 +150,17 @@ def architecture(model: str, tiny: bool) -> Architecture:
     return Architecture(SDXL, 70, "sdxl", 2_567_463_684, 1280)
 
 
-def build_unet(model: str, tiny: bool, device: str = "cpu", seed: int = 0):
-    """A random-weight ``UNet2DConditionModel`` (float32, eval); ``device="meta"`` allocates nothing."""
+def build_unet(model: str, tiny: bool, device: str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight ``UNet2DConditionModel`` (eval); ``device="meta"`` allocates nothing.
+
+    The weights are drawn on the CPU in float32 (the same weights on every device), then moved."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta" if device == "meta" else "cpu"):
         unet = UNet2DConditionModel(**architecture(model, tiny).config)
+    if device != "meta":
+        unet = unet.to(device=device, dtype=dtype)
     return unet.eval()
 
 
@@ -245,11 +254,19 @@ class StepBench:
         ]
         self.record = ms.GateRecord()
         g = torch.Generator().manual_seed(0)
-        self.latents, self.context, self.added = step_inputs(unet, architecture(model, args.tiny), size, g)
+        inputs = step_inputs(unet, architecture(model, args.tiny), size, g)
+        self.latents, self.context = (x.to(args.device, args.dtype) for x in inputs[:2])
+        self.added = {k: v.to(args.device, args.dtype) for k, v in inputs[2].items()}
         shapes = {}  # one CA-output-shaped activation [2, tokens, width] per level, shared by its sites
         for (rows, columns), width in zip(self.grids(), widths, strict=True):
-            shapes.setdefault((rows * columns, width), torch.randn(2, rows * columns, width, generator=g))
+            h = torch.randn(2, rows * columns, width, generator=g)
+            shapes.setdefault((rows * columns, width), h.to(args.device, args.dtype))
         self.site_inputs = [shapes[(r * c, w)] for (r, c), w in zip(self.grids(), widths, strict=True)]
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+        if self.latents.device.type == "cuda":
+            torch.cuda.synchronize(self.latents.device)
 
     def grids(self) -> list[tuple[int, int]]:
         return [self.sites.token_grid(i, (self.size, self.size)) for i in range(self.sites.depth)]
@@ -275,7 +292,8 @@ class StepBench:
     def full_step(self, variant: str, step: int) -> tuple[float, float, torch.Tensor]:
         """``(wall seconds, process CPU seconds, guided output)`` of one step. With one thread the
         CPU time is the work itself, without the time the process waited to be scheduled."""
-        t = self.schedule[step]
+        t = self.schedule[step].to(self.args.device)
+        self.sync()
         start, cpu = time.perf_counter(), time.process_time()
         with self.driver_hooks(variant, step):
             out = self.unet(
@@ -287,12 +305,14 @@ class StepBench:
             )[0].float()
         uncond, cond = out.chunk(2)
         guided = uncond + CFG_SCALE * (cond - uncond)
-        return time.perf_counter() - start, time.process_time() - cpu, guided
+        self.sync()
+        return time.perf_counter() - start, time.process_time() - cpu, guided.cpu()
 
     @torch.no_grad()
     def hooks_only(self, variant: str, step: int) -> float:
         """Attach, run at every site (attention replaced by a pass-through), detach."""
-        t = self.schedule[step]
+        t = self.schedule[step].to(self.args.device)
+        self.sync()
         start = time.perf_counter()
         call = CallInfo(t.reshape(1).expand(2), (False, True), latent_size=(self.size, self.size))
         if variant in ("steered", "recorded"):
@@ -306,6 +326,7 @@ class StepBench:
         with context:
             for module, h in zip(self.sites.modules, self.site_inputs, strict=True):
                 module(h)
+        self.sync()
         return time.perf_counter() - start
 
     def check(self, outputs: dict[str, torch.Tensor]) -> None:
@@ -356,7 +377,10 @@ def bench_configuration(model: str, size: int, args) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401  (the import is not part of the build time)
 
     start = time.perf_counter()
-    unet = build_unet(model, args.tiny)
+    unet = build_unet(model, args.tiny, args.device, dtype=args.dtype)
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    env["device"], env["dtype"] = args.device, str(args.dtype).removeprefix("torch.")
     build_s = time.perf_counter() - start
     rss_model = be._rss_bytes()
     bench = StepBench(unet, model, size, args)
@@ -408,6 +432,7 @@ def forwarded(args) -> list[str]:
     options += ["--min-rounds", str(args.min_rounds), "--max-rounds", str(args.max_rounds)]
     options += ["--hook-repeats", str(args.hook_repeats), "--steps", str(args.steps), "--strength", str(args.strength)]
     options += ["--variants", ",".join(args.variants)] + (["--tiny"] if args.tiny else [])
+    options += ["--device", args.device, "--dtype", str(args.dtype).removeprefix("torch.")]
     return options
 
 
@@ -451,6 +476,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="malloc of each configuration's process: system (glibc) or jemalloc, preloaded, keeping freed "
         "memory (apt-get install libjemalloc2); steadier step times, see JEMALLOC_CONF (default system)",
     )
+    add("--device", default="cpu", help="where the UNet runs: cpu, cuda or cuda:N (timed with torch.cuda.synchronize)")
+    add("--dtype", choices=tuple(DTYPES), default="float32", help="the UNet's and the inputs' dtype (default float32)")
     add("--tiny", action="store_true", help="small UNets with the same 16 / 70 sites: checks the script in seconds")
     add("--same-process", action="store_true", help="every configuration in this process (default with --tiny)")
     add("--dry-run", action="store_true", help="only the meta-device check: parameters, sites, FLOP per step")
@@ -474,6 +501,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
     args.same_process = args.same_process or args.tiny
+    args.dtype = DTYPES[args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device}: use cpu, cuda or cuda:N")
     if args.allocator == "jemalloc":
         if args.same_process:
             parser.error("--allocator jemalloc preloads it into each configuration's own process: drop --same-process")

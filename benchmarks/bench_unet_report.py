@@ -167,7 +167,8 @@ def markdown(architectures: list[dict], results: list[dict], command: str) -> st
         lines += [
             f"Date {env['date']}; torch {env['torch']}, diffusers {env['diffusers']}, medsteer {env['medsteer']}, "
             f"Python {env['python']}; CPU: {env['cpu']} ({env['cpu_count']} logical cores), torch threads "
-            f"{env['torch_threads']}, malloc {env.get('allocator', 'system')}. Random-weight UNet2DConditionModel, float32, CPU; CFG batch [uncond, cond] "
+            f"{env['torch_threads']}, malloc {env.get('allocator', 'system')}. Random-weight UNet2DConditionModel, "
+            f"{env.get('dtype', 'float32')}, {env.get('gpu', env.get('device', 'cpu'))}; CFG batch [uncond, cond] "
             f"with {TEXT_TOKENS} text tokens; strength {first['strength']}; timesteps cycling through a "
             f"{first['schedule_steps']}-step DPM-Solver schedule. {where}",
             "",
