@@ -255,12 +255,12 @@ class StepBench:
         self.record = ms.GateRecord()
         g = torch.Generator().manual_seed(0)
         inputs = step_inputs(unet, architecture(model, args.tiny), size, g)
-        self.latents, self.context = (x.to(args.device, args.dtype) for x in inputs[:2])
-        self.added = {k: v.to(args.device, args.dtype) for k, v in inputs[2].items()}
+        self.latents, self.context = (x.to(args.device, DTYPES[args.dtype]) for x in inputs[:2])
+        self.added = {k: v.to(args.device, DTYPES[args.dtype]) for k, v in inputs[2].items()}
         shapes = {}  # one CA-output-shaped activation [2, tokens, width] per level, shared by its sites
         for (rows, columns), width in zip(self.grids(), widths, strict=True):
             h = torch.randn(2, rows * columns, width, generator=g)
-            shapes.setdefault((rows * columns, width), h.to(args.device, args.dtype))
+            shapes.setdefault((rows * columns, width), h.to(args.device, DTYPES[args.dtype]))
         self.site_inputs = [shapes[(r * c, w)] for (r, c), w in zip(self.grids(), widths, strict=True)]
 
     def sync(self) -> None:
@@ -377,10 +377,10 @@ def bench_configuration(model: str, size: int, args) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401  (the import is not part of the build time)
 
     start = time.perf_counter()
-    unet = build_unet(model, args.tiny, args.device, dtype=args.dtype)
+    unet = build_unet(model, args.tiny, args.device, dtype=DTYPES[args.dtype])
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    env["device"], env["dtype"] = args.device, str(args.dtype).removeprefix("torch.")
+    env["device"], env["dtype"] = args.device, args.dtype
     build_s = time.perf_counter() - start
     rss_model = be._rss_bytes()
     bench = StepBench(unet, model, size, args)
@@ -432,7 +432,7 @@ def forwarded(args) -> list[str]:
     options += ["--min-rounds", str(args.min_rounds), "--max-rounds", str(args.max_rounds)]
     options += ["--hook-repeats", str(args.hook_repeats), "--steps", str(args.steps), "--strength", str(args.strength)]
     options += ["--variants", ",".join(args.variants)] + (["--tiny"] if args.tiny else [])
-    options += ["--device", args.device, "--dtype", str(args.dtype).removeprefix("torch.")]
+    options += ["--device", args.device, "--dtype", args.dtype]
     return options
 
 
@@ -501,7 +501,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
     args.same_process = args.same_process or args.tiny
-    args.dtype = DTYPES[args.dtype]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     if args.device != "cpu" and not args.device.startswith("cuda"):

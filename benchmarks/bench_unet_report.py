@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be  # noqa: E402
 
 TEXT_TOKENS = 77  # CLIP's context length, as in bench_unet
+#: The header of a configuration's step-time tables (wall time, and CPU time where recorded).
+STEP_TABLE = (
+    "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
+    "|---|---:|---:|---:|---:|",
+)
 
 
 def statistics_of(timings: dict) -> dict:
@@ -68,10 +73,10 @@ def summary_row(r: dict, flops: dict) -> str:
         return f"| {r['model']} | {r['size']}x{r['size']} | failed: {r['error']} |" + " |" * 9
     full, hooks = r["stats"]["full"], r["stats"]["hooks_only"]
 
-    def ratio(variant: str) -> str:
-        if variant not in full:
+    def ratio(variant: str, part: dict = full) -> str:
+        if variant not in part:
             return "-"
-        p = full[variant]["paired_ratio"]
+        p = part[variant]["paired_ratio"]
         return f"{p['median']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
 
     alone = " / ".join(
@@ -80,13 +85,8 @@ def summary_row(r: dict, flops: dict) -> str:
     )
     plain = full["plain"]
     steered = f"{full['steered']['median']:.2f}" if "steered" in full else "-"
-    cpu = r["stats"].get("full_cpu", {})  # absent in reports written before CPU time was recorded
-    cpu = (
-        f"{cpu['steered']['paired_ratio']['median']:.3f} [{cpu['steered']['paired_ratio']['ci95'][0]:.3f}, "
-        f"{cpu['steered']['paired_ratio']['ci95'][1]:.3f}]"
-        if "steered" in cpu
-        else "-"
-    )
+    # absent in reports written before CPU time was recorded
+    cpu = ratio("steered", r["stats"].get("full_cpu", {}))
     rate = flops.get((r["model"], str(r["size"])))
     rate = f"{rate / plain['median'] / 1e9:.3g}" if rate else "-"
     return (
@@ -109,16 +109,14 @@ def configuration_section(r: dict) -> list[str]:
         f"{be.fmt_load(env['loadavg_end'])} at end; malloc: {env.get('allocator', 'system')}, "
         f"{r.get('minor_page_faults', 0):,} minor page faults in the process.",
         "",
-        "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
-        "|---|---:|---:|---:|---:|",
+        *STEP_TABLE,
         *be.stat_rows(r["stats"]["full"], 1),
         *(
             [
                 "",
                 "The same steps in process CPU time (the work, without waiting to be scheduled):",
                 "",
-                "| variant | median ms | IQR ms (% of median) | ratio of medians | paired ratio [95% CI] |",
-                "|---|---:|---:|---:|---:|",
+                *STEP_TABLE,
                 *be.stat_rows(r["stats"]["full_cpu"], 1),
             ]
             if "full_cpu" in r["stats"]
