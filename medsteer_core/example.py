@@ -17,8 +17,8 @@ import torch
 
 from . import GateRecord, SteeringPlan, VectorEstimator, save_vector
 from .driver import SamplingSpec, sample
+from .gate_drawing import gate_grid
 from .gates import select_maps
-from .heatmap import gate_grid
 
 
 def _tiny_pixart():

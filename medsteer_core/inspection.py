@@ -325,7 +325,7 @@ def profile_image(report: dict, colormap: str = "viridis", cell: int = 12) -> to
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from .heatmap import apply_colormap
+    from .gate_drawing import apply_colormap
 
     values = torch.tensor(report["relative_norms"], dtype=torch.float32)  # [K, L]
     order = sorted(range(len(report["timesteps"])), key=lambda i: -report["timesteps"][i])

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .build import BuildPathologyVector
-from .heatmap import GateHeatmap
+from .apply_steer import ApplySSPSSteer
+from .build_vector import BuildPathologyVector
+from .gate_heatmap import GateHeatmap
 from .inspect_vector import InspectPathologyVector
 from .mini import LoadMedSteerMini, register_shipped_vectors
-from .steer import ApplySSPSSteer
 from .vector_io import LoadPathologyVector, SavePathologyVector
 
 NODES: list[type[io.ComfyNode]] = [

@@ -19,7 +19,7 @@ import sys
 
 from comfy_api.latest import io, ui
 
-from ..medsteer_core.heatmap import COLORMAPS
+from ..medsteer_core.gate_drawing import COLORMAPS
 from ..medsteer_core.inspection import format_inspection, inspect_vector, profile_image, site_table
 from .common import CATEGORY, PathologyVectorSocket, model_sites
 

@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..medsteer_core import weights as ck
+from ..medsteer_core import weights
 from .common import inside, model_name_problem
 
 CATEGORY = "medsteer/loaders"
@@ -36,7 +36,7 @@ def checkpoint_choices() -> list[str]:
     names: set[str] = set()
     for folder in _CHECKPOINT_FOLDERS:
         names.update(folder_paths.get_filename_list(folder))
-        names.update(ck.list_diffusers_folders(_roots(folder)))
+        names.update(weights.list_diffusers_folders(_roots(folder)))
     return sorted(names)
 
 
@@ -53,7 +53,7 @@ def resolve_checkpoint(name: str) -> str:
     """
     problem = model_name_problem(name, CHECKPOINT_PLACE)
     if problem is not None:
-        raise ck.CheckpointError(f"PixArt checkpoint: {problem}")
+        raise weights.CheckpointError(f"PixArt checkpoint: {problem}")
     for folder in _CHECKPOINT_FOLDERS:
         if name.endswith("/"):
             for root in _roots(folder):
@@ -64,7 +64,7 @@ def resolve_checkpoint(name: str) -> str:
             path = folder_paths.get_full_path(folder, name)
             if path is not None:
                 return path
-    raise ck.CheckpointError(
+    raise weights.CheckpointError(
         f"PixArt checkpoint {name!r} is not in {CHECKPOINT_PLACE} (nor in their extra_model_paths.yaml "
         "folders): put the PixArt-alpha .pth/.safetensors file there (e.g. PixArt-XL-2-512x512.pth), or a "
         "diffusers transformer folder (listed with a trailing '/'), then refresh the page (press R) and pick it"
@@ -73,33 +73,33 @@ def resolve_checkpoint(name: str) -> str:
 
 def lora_choices() -> list[str]:
     """Folders under ``models/loras`` that contain ``transformer_lora/`` or ``text_encoder_lora/``."""
-    return ck.list_lora_folders(_roots("loras"))
+    return weights.list_lora_folders(_roots("loras"))
 
 
 def resolve_lora(name: str) -> str:
     """The full path of a ``lora_choices()`` folder, looked up only inside the registered ``loras`` folders."""
     problem = model_name_problem(name, LORA_PLACE)
     if problem is not None:
-        raise ck.CheckpointError(f"MedSteer LoRA: {problem}")
+        raise weights.CheckpointError(f"MedSteer LoRA: {problem}")
     for root in _roots("loras"):
         path = inside(root, name)
         if path is not None and os.path.isdir(path):
             return path
-    raise ck.CheckpointError(
+    raise weights.CheckpointError(
         f"MedSteer LoRA folder {name!r} is not in {LORA_PLACE} (nor in its extra_model_paths.yaml folders): "
         "put the folder that holds transformer_lora/ and text_encoder_lora/ there (e.g. models/loras/medsteer/), "
         "then refresh the page (press R) and pick it"
     )
 
 
-def _for_clients(error: ck.CheckpointError, folder_names: tuple[str, ...]) -> ck.CheckpointError:
+def _for_clients(error: weights.CheckpointError, folder_names: tuple[str, ...]) -> weights.CheckpointError:
     """``error`` with each registered model folder's path replaced by ``models/<kind>``: messages reach
     every client of a shared server, which need not learn where the server keeps its files (issue 12, F1)."""
     message = str(error)
     roots = {os.path.abspath(root): f"models/{kind}" for kind in folder_names for root in _roots(kind)}
     for root in sorted(roots, key=len, reverse=True):
         message = message.replace(root, roots[root])
-    return ck.CheckpointError(message)
+    return weights.CheckpointError(message)
 
 
 def _queue_time_check(resolve, name) -> bool | str:
@@ -113,12 +113,12 @@ def _queue_time_check(resolve, name) -> bool | str:
         return True
     try:
         resolve(name)
-    except ck.CheckpointError as error:
+    except weights.CheckpointError as error:
         return str(error)
     return True
 
 
-def build_pixart_alpha(state_dict: dict, geometry: ck.PixArtGeometry, dtype: torch.dtype | None = None):
+def build_pixart_alpha(state_dict: dict, geometry: weights.PixArtGeometry, dtype: torch.dtype | None = None):
     """A ComfyUI MODEL of PixArt-alpha (SD1.5 latent format) from an original-layout state dict.
 
     ``state_dict`` is consumed (its tensors move into the model).
@@ -135,7 +135,7 @@ def build_pixart_alpha(state_dict: dict, geometry: ck.PixArtGeometry, dtype: tor
     manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model(state_dict, "", device=offload_device)
-    ck.check_state_dict_fits(state_dict, model.diffusion_model.state_dict())
+    weights.check_state_dict_fits(state_dict, model.diffusion_model.state_dict())
     model.load_model_weights(state_dict, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
@@ -191,18 +191,18 @@ class LoadPixArtAlphaCheckpoint(io.ComfyNode):
         if weight_dtype not in _DTYPES:
             raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {list(_DTYPES)}")
         try:
-            state_dict, geometry = ck.load_pixart_checkpoint(resolve_checkpoint(ckpt_name))
-        except ck.CheckpointError as error:
+            state_dict, geometry = weights.load_pixart_checkpoint(resolve_checkpoint(ckpt_name))
+        except weights.CheckpointError as error:
             raise _for_clients(error, _CHECKPOINT_FOLDERS) from None
         if geometry.model_max_length == 300:
-            raise ck.CheckpointError(
+            raise weights.CheckpointError(
                 f"{ckpt_name!r} has a 300-token caption embedding: it is PixArt-Sigma, not PixArt-alpha. "
                 "Load it with ComfyUI's Load Diffusion Model node (which gives it the SDXL latent format it needs)"
             )
         return io.NodeOutput(build_pixart_alpha(state_dict, geometry, _DTYPES[weight_dtype]))
 
 
-def _add_lora_patches(owner, patches: list[ck.LoraPatch], strength: float):
+def _add_lora_patches(owner, patches: list[weights.LoraPatch], strength: float):
     """Clone ``owner`` (a ModelPatcher or CLIP) and register ``patches`` as ComfyUI LoRA weights.
 
     ComfyUI applies ``W += strength * (alpha / rank) * up @ down``; alpha is set to
@@ -221,7 +221,7 @@ def _add_lora_patches(owner, patches: list[ck.LoraPatch], strength: float):
     applied = set(clone.add_patches(loaded, strength))
     skipped = [k for k in loaded if k not in applied]
     if len(loaded) != len(patches) or skipped:
-        raise ck.CheckpointError(f"ComfyUI did not accept the LoRA patches for {skipped[:5] or 'some modules'}")
+        raise weights.CheckpointError(f"ComfyUI did not accept the LoRA patches for {skipped[:5] or 'some modules'}")
     return clone
 
 
@@ -284,18 +284,18 @@ class LoadPeftLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float) -> io.NodeOutput:
         try:
-            lora = ck.load_medsteer_lora(
+            lora = weights.load_medsteer_lora(
                 resolve_lora(lora_name), transformer=strength_model != 0, text_encoder=strength_clip != 0
             )
             new_model, new_clip = model, clip
             if lora.transformer is not None:
                 shapes = model.model.state_dict()
-                patches = ck.transformer_lora_patches(lora.transformer, shapes, prefix="diffusion_model.")
+                patches = weights.transformer_lora_patches(lora.transformer, shapes, prefix="diffusion_model.")
                 new_model = _add_lora_patches(model, patches, strength_model)
             if lora.text_encoder is not None:
-                patches = ck.t5_lora_patches(lora.text_encoder, clip.cond_stage_model.state_dict())
+                patches = weights.t5_lora_patches(lora.text_encoder, clip.cond_stage_model.state_dict())
                 new_clip = _add_lora_patches(clip, patches, strength_clip)
-        except ck.CheckpointError as error:
+        except weights.CheckpointError as error:
             raise _for_clients(error, ("loras",)) from None
         return io.NodeOutput(new_model, new_clip)
 

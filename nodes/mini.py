@@ -41,12 +41,11 @@ import torch
 from comfy.ldm.pixart.pixartms import PixArtMS, get_2d_sincos_pos_embed_torch
 from comfy_api.latest import io
 
-from ..medsteer_core import MedSteerError
+from ..medsteer_core import MedSteerError, weights
 from ..medsteer_core import mini as core_mini
-from ..medsteer_core import weights as ck
 from ..medsteer_core.backbones import PixArtComfyUI, register_backbone
 from ..medsteer_core.mini.backbone import TAG, tag_transformer
-from ..medsteer_core.mini.unet import DEFAULT_UNET_PATH
+from ..medsteer_core.mini.mini_unet import DEFAULT_UNET_PATH
 from . import mini_unet
 from .common import CATEGORY
 from .vector_io import FOLDER as VECTOR_FOLDER
@@ -190,11 +189,11 @@ def build_model(parts: core_mini.MiniParts) -> comfy.model_patcher.ModelPatcher:
     config.set_inference_dtype(torch.float32, None)
     offload = comfy.model_management.unet_offload_device()
     base = config.get_model({}, "", device=offload)
-    state = ck.diffusers_to_pixart(parts.transformer_state)
+    state = weights.diffusers_to_pixart(parts.transformer_state)
     expected = base.diffusion_model.state_dict()
     # diffusers keeps no null caption embedding (used only for caption dropout in training).
     state.setdefault("y_embedder.y_embedding", expected["y_embedder.y_embedding"].clone())
-    ck.check_state_dict_fits(state, expected)
+    weights.check_state_dict_fits(state, expected)
     base.diffusion_model.load_state_dict(state, strict=True)
     patcher = comfy.model_patcher.ModelPatcher(
         base, load_device=comfy.model_management.get_torch_device(), offload_device=offload

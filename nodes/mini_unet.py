@@ -1,6 +1,6 @@
 """MedSteer-mini-UNet inside ComfyUI: the mini's UNet as ComfyUI's own SD UNet class (issue 10).
 
-MedSteer-mini-UNet (``medsteer_core.mini.unet``) is a diffusers ``UNet2DConditionModel`` in pixel
+MedSteer-mini-UNet (``medsteer_core.mini.mini_unet``) is a diffusers ``UNet2DConditionModel`` in pixel
 space trained under MedSteer-mini's frozen T5. ``LoadMedSteerMini`` offers it beside the PixArt
 mini; this module builds its MODEL:
 
@@ -31,11 +31,10 @@ import comfy.utils
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from ..medsteer_core import MedSteerError
+from ..medsteer_core import MedSteerError, weights
 from ..medsteer_core import mini as core_mini
-from ..medsteer_core import weights as ck
 from ..medsteer_core.backbones import register_backbone
-from ..medsteer_core.backbones.unet import UNetComfyUI
+from ..medsteer_core.backbones.sd_unet import UNetComfyUI
 from ..medsteer_core.mini.backbone import TAG, UNET_FAMILY, tag_transformer
 
 #: ComfyUI's ``image_model`` name of the mini-UNet (``nodes.common.model_family`` reads it).
@@ -186,7 +185,7 @@ def build_model(parts: core_mini.MiniParts, latent_format: type, post_cfg) -> co
     offload = comfy.model_management.unet_offload_device()
     base = model_config.get_model({}, "", device=offload)
     state = comfy_state_dict(parts.transformer_state, config)
-    ck.check_state_dict_fits(state, base.diffusion_model.state_dict(), what="MedSteer-mini-UNet")
+    weights.check_state_dict_fits(state, base.diffusion_model.state_dict(), what="MedSteer-mini-UNet")
     base.diffusion_model.load_state_dict(state, strict=True)
     patcher = comfy.model_patcher.ModelPatcher(
         base, load_device=comfy.model_management.get_torch_device(), offload_device=offload

@@ -19,8 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from medsteer_core import MedSteerError
-from medsteer_core import weights as ck
+from medsteer_core import MedSteerError, weights
 from tests.checkpoint_factories import tiny_pixart
 
 FUZZ = settings(
@@ -78,16 +77,16 @@ CONFIG_KEYS = [
 
 
 def test_the_unmutated_config_loads():
-    assert ck.to_pixart_layout(META_STATE, CONFIG)[1].depth == 2
+    assert weights.to_pixart_layout(META_STATE, CONFIG)[1].depth == 2
 
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON, min_size=1, max_size=4))
 def test_crafted_diffusers_config(changes):
-    _only_our_error(ck.to_pixart_layout, META_STATE, {**CONFIG, **changes})
+    _only_our_error(weights.to_pixart_layout, META_STATE, {**CONFIG, **changes})
 
 
-ORIGINAL = ck.diffusers_to_pixart(META_STATE)
+ORIGINAL = weights.diffusers_to_pixart(META_STATE)
 SHAPE = st.lists(st.integers(min_value=0, max_value=3000) | st.just(10**12), max_size=5).map(tuple)
 BLOCK_KEY = st.builds(
     lambda index, rest: f"blocks.{index}.{rest}",
@@ -104,11 +103,11 @@ BLOCK_KEY = st.builds(
 def test_crafted_checkpoint_shapes(changes, removed):
     shapes = {k: tuple(v.shape) for k, v in ORIGINAL.items() if k not in removed}
     shapes.update(changes)
-    _only_our_error(ck.pixart_geometry, shapes)  # shapes alone: any size
+    _only_our_error(weights.pixart_geometry, shapes)  # shapes alone: any size
     if all(_describable(shape) for shape in changes.values()):
         state = {k: v for k, v in ORIGINAL.items() if k not in removed}
         state.update({k: torch.empty(shape, device="meta") for k, shape in changes.items()})
-        _only_our_error(ck.to_pixart_layout, state)
+        _only_our_error(weights.to_pixart_layout, state)
 
 
 @FUZZ
@@ -119,8 +118,10 @@ def test_crafted_checkpoint_shapes(changes, removed):
 def test_crafted_diffusers_checkpoint_shapes(changes, removed):
     state = {k: v for k, v in META_STATE.items() if k not in removed}
     state.update({k: torch.empty(shape, device="meta") for k, shape in changes.items() if _describable(shape)})
-    _only_our_error(ck.to_pixart_layout, state, CONFIG)
-    _only_our_error(ck.pixart_to_diffusers, {k: torch.empty(s, device="meta") for k, s in _original(changes).items()})
+    _only_our_error(weights.to_pixart_layout, state, CONFIG)
+    _only_our_error(
+        weights.pixart_to_diffusers, {k: torch.empty(s, device="meta") for k, s in _original(changes).items()}
+    )
 
 
 def _original(changes) -> dict:
@@ -164,17 +165,17 @@ def test_crafted_adapter_config(adapter_folder, changes, patterns, where):
     if patterns:
         config[where] = patterns
     _write_config(adapter_folder, config)
-    adapter = _only_our_error(ck.load_peft_adapter, adapter_folder)
+    adapter = _only_our_error(weights.load_peft_adapter, adapter_folder)
     if adapter is not None:
         (module,) = adapter.modules
-        assert abs(module.scale) <= ck.MAX_LORA_SCALE and module.rank == 2
+        assert abs(module.scale) <= weights.MAX_LORA_SCALE and module.rank == 2
 
 
 @FUZZ
 @given(PATTERN_TEXT, st.text(alphabet="ab_0.", max_size=16))
 def test_accepted_patterns_match_exactly_as_peft_s_regex(pattern, module):
-    assume(ck.pattern_problem(pattern) is None)
-    assert ck.module_matches(pattern, module) is bool(re.match(rf"(.*\.)?({pattern})$", module))
+    assume(weights.pattern_problem(pattern) is None)
+    assert weights.module_matches(pattern, module) is bool(re.match(rf"(.*\.)?({pattern})$", module))
 
 
 # ------------------------------------------------------------------------------------------------

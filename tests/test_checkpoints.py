@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medsteer_core import MedSteerError
-from medsteer_core import weights as ck
+from medsteer_core import MedSteerError, weights
 from tests.checkpoint_factories import (
     PIXART_XL_2_512_CONFIG,
     T5_TARGETS,
@@ -38,17 +37,17 @@ def t5():
     return tiny_t5()
 
 
-def random_original_state_dict(geometry: ck.PixArtGeometry, seed: int = 0, pos_embed: bool = True):
+def random_original_state_dict(geometry: weights.PixArtGeometry, seed: int = 0, pos_embed: bool = True):
     """What a released PixArt .pth holds: the original key layout (plus the pos_embed buffer)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(shape, generator=g) for k, shape in ck.expected_pixart_shapes(geometry).items()}
+    sd = {k: torch.randn(shape, generator=g) for k, shape in weights.expected_pixart_shapes(geometry).items()}
     if pos_embed:
         side = geometry.sample_size // geometry.patch_size
         sd["pos_embed"] = torch.randn(1, side * side, geometry.hidden_size, generator=g)
     return sd
 
 
-TINY_512 = ck.PixArtGeometry(
+TINY_512 = weights.PixArtGeometry(
     hidden_size=144,
     depth=2,
     num_heads=2,
@@ -71,9 +70,9 @@ TINY_512 = ck.PixArtGeometry(
 def test_diffusers_layout_converts_to_the_original_and_back(micro):
     model = tiny_pixart(micro_condition=micro)
     sd = model.state_dict()
-    original, geometry = ck.to_pixart_layout(sd, dict(model.config))
+    original, geometry = weights.to_pixart_layout(sd, dict(model.config))
     assert geometry.micro_condition is micro
-    assert {k: tuple(v.shape) for k, v in original.items()} == ck.expected_pixart_shapes(geometry)
+    assert {k: tuple(v.shape) for k, v in original.items()} == weights.expected_pixart_shapes(geometry)
     h = geometry.hidden_size
     qkv = original["blocks.1.attn.qkv.weight"]
     assert torch.equal(qkv[:h], sd["transformer_blocks.1.attn1.to_q.weight"])
@@ -82,7 +81,7 @@ def test_diffusers_layout_converts_to_the_original_and_back(micro):
     kv = original["blocks.0.cross_attn.kv_linear.bias"]
     assert torch.equal(kv[h:], sd["transformer_blocks.0.attn2.to_v.bias"])
     assert torch.equal(original["final_layer.scale_shift_table"], sd["scale_shift_table"])
-    back = ck.pixart_to_diffusers(original)
+    back = weights.pixart_to_diffusers(original)
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     # and diffusers itself accepts the round trip
@@ -90,7 +89,7 @@ def test_diffusers_layout_converts_to_the_original_and_back(micro):
 
 
 def test_geometry_of_the_tiny_model(pixart):
-    _, geometry = ck.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
+    _, geometry = weights.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
     assert geometry == TINY_512
 
 
@@ -99,7 +98,7 @@ def test_full_size_pixart_xl_2_512_geometry_without_allocating():
 
     with torch.device("meta"):
         model = PixArtTransformer2DModel.from_config(PIXART_XL_2_512_CONFIG)
-    original, geometry = ck.to_pixart_layout(model.state_dict(), PIXART_XL_2_512_CONFIG)
+    original, geometry = weights.to_pixart_layout(model.state_dict(), PIXART_XL_2_512_CONFIG)
     assert all(t.is_meta for t in original.values())
     assert (geometry.hidden_size, geometry.depth, geometry.num_heads) == (1152, 28, 16)
     assert (geometry.caption_channels, geometry.model_max_length, geometry.sample_size) == (4096, 120, 64)
@@ -107,7 +106,7 @@ def test_full_size_pixart_xl_2_512_geometry_without_allocating():
     config = geometry.comfy_unet_config()
     assert config["image_model"] == "pixart_alpha" and config["micro_condition"] is False
     assert config["pe_interpolation"] == 1
-    params = sum(math.prod(s) for s in ck.expected_pixart_shapes(geometry).values())
+    params = sum(math.prod(s) for s in weights.expected_pixart_shapes(geometry).values())
     # 610.9M parameters as published, less the 120 x 4096 null caption embedding diffusers does not store
     assert params - 120 * 4096 == sum(p.numel() for p in model.parameters())
     assert 600e6 < params < 620e6
@@ -115,13 +114,13 @@ def test_full_size_pixart_xl_2_512_geometry_without_allocating():
 
 def test_original_checkpoint_without_heads_infers_pixart_head_width():
     sd = random_original_state_dict(TINY_512)
-    geometry = ck.pixart_geometry(sd)
+    geometry = weights.pixart_geometry(sd)
     assert geometry == TINY_512  # heads from 72-wide heads, sample size from pos_embed
 
 
 def test_original_checkpoint_without_pos_embed_leaves_interpolation_dynamic():
     sd = random_original_state_dict(TINY_512, pos_embed=False)
-    geometry = ck.pixart_geometry(sd)
+    geometry = weights.pixart_geometry(sd)
     assert geometry.sample_size is None and geometry.pe_interpolation is None
     assert "pe_interpolation" not in geometry.comfy_unet_config()
 
@@ -130,45 +129,45 @@ def test_prefixed_full_checkpoint_is_unwrapped():
     sd = random_original_state_dict(TINY_512)
     wrapped = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
     wrapped["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)
-    out, geometry = ck.to_pixart_layout(wrapped)
+    out, geometry = weights.to_pixart_layout(wrapped)
     assert geometry == TINY_512
     assert torch.equal(out["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
 
 
 def test_to_pixart_layout_refuses_other_models_and_broken_checkpoints():
-    with pytest.raises(ck.CheckpointError, match="not a PixArt transformer checkpoint"):
-        ck.to_pixart_layout({"input_blocks.0.0.weight": torch.zeros(1)})
+    with pytest.raises(weights.CheckpointError, match="not a PixArt transformer checkpoint"):
+        weights.to_pixart_layout({"input_blocks.0.0.weight": torch.zeros(1)})
     sd = random_original_state_dict(TINY_512)
     del sd["blocks.1.cross_attn.proj.bias"]
-    with pytest.raises(ck.CheckpointError, match=r"missing 1 key\(s\) \['blocks.1.cross_attn.proj.bias'\]"):
-        ck.to_pixart_layout(sd)
+    with pytest.raises(weights.CheckpointError, match=r"missing 1 key\(s\) \['blocks.1.cross_attn.proj.bias'\]"):
+        weights.to_pixart_layout(sd)
     sd = random_original_state_dict(TINY_512)
     sd["blocks.0.attn.proj.weight"] = torch.zeros(144, 100)
-    with pytest.raises(ck.CheckpointError, match=r"'blocks.0.attn.proj.weight'.*\[144, 100\].*\[144, 144\]"):
-        ck.to_pixart_layout(sd)
+    with pytest.raises(weights.CheckpointError, match=r"'blocks.0.attn.proj.weight'.*\[144, 100\].*\[144, 144\]"):
+        weights.to_pixart_layout(sd)
     sd = random_original_state_dict(TINY_512)
     del sd["x_embedder.proj.weight"]
-    with pytest.raises(ck.CheckpointError, match="x_embedder.proj.weight"):
-        ck.pixart_geometry(sd)
+    with pytest.raises(weights.CheckpointError, match="x_embedder.proj.weight"):
+        weights.pixart_geometry(sd)
 
 
 def test_diffusers_conversion_names_foreign_keys_and_missing_parts(pixart):
     sd = dict(pixart.state_dict())
     sd["text_encoder.shared.weight"] = torch.zeros(1)
-    with pytest.raises(ck.CheckpointError, match="text_encoder.shared.weight"):
-        ck.diffusers_to_pixart(sd)
+    with pytest.raises(weights.CheckpointError, match="text_encoder.shared.weight"):
+        weights.diffusers_to_pixart(sd)
     sd = dict(pixart.state_dict())
     del sd["transformer_blocks.0.attn1.to_k.weight"]
-    with pytest.raises(ck.CheckpointError, match=r"blocks.0.attn.qkv.weight.*\[1\]"):
-        ck.diffusers_to_pixart(sd)
+    with pytest.raises(weights.CheckpointError, match=r"blocks.0.attn.qkv.weight.*\[1\]"):
+        weights.diffusers_to_pixart(sd)
 
 
 def test_heads_cannot_be_guessed_for_non_pixart_widths():
-    geometry = ck.PixArtGeometry(**{**TINY_512.__dict__, "hidden_size": 96, "num_heads": 2})
+    geometry = weights.PixArtGeometry(**{**TINY_512.__dict__, "hidden_size": 96, "num_heads": 2})
     sd = random_original_state_dict(geometry)
-    with pytest.raises(ck.CheckpointError, match="cannot tell the number of attention heads of hidden size 96"):
-        ck.pixart_geometry(sd)
-    assert ck.pixart_geometry(sd, num_heads=2).num_heads == 2
+    with pytest.raises(weights.CheckpointError, match="cannot tell the number of attention heads of hidden size 96"):
+        weights.pixart_geometry(sd)
+    assert weights.pixart_geometry(sd, num_heads=2).num_heads == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +178,7 @@ def test_load_original_pth_and_safetensors(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "PixArt-XL-2-512x512.pth")
     save_file(sd, str(tmp_path / "pixart.safetensors"))
     for name in ("PixArt-XL-2-512x512.pth", "pixart.safetensors"):
-        out, geometry = ck.load_pixart_checkpoint(tmp_path / name)
+        out, geometry = weights.load_pixart_checkpoint(tmp_path / name)
         assert geometry == TINY_512
         assert "pos_embed" not in out
         assert torch.equal(out["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
@@ -191,34 +190,34 @@ class Payload:
 
 def test_pickled_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": Payload()}}, tmp_path / "evil.pth")
-    with pytest.raises(ck.CheckpointError, match="weights-only"):
-        ck.load_state_dict_file(tmp_path / "evil.pth")
+    with pytest.raises(weights.CheckpointError, match="weights-only"):
+        weights.load_state_dict_file(tmp_path / "evil.pth")
 
 
 def test_corrupt_and_missing_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ck.CheckpointError, match="corrupt"):
-        ck.load_state_dict_file(tmp_path / "bad.safetensors")
-    with pytest.raises(ck.CheckpointError, match="does not exist"):
-        ck.load_pixart_checkpoint(tmp_path / "nope.pth")
-    assert issubclass(ck.CheckpointError, MedSteerError) and issubclass(ck.CheckpointError, ValueError)
+    with pytest.raises(weights.CheckpointError, match="corrupt"):
+        weights.load_state_dict_file(tmp_path / "bad.safetensors")
+    with pytest.raises(weights.CheckpointError, match="does not exist"):
+        weights.load_pixart_checkpoint(tmp_path / "nope.pth")
+    assert issubclass(weights.CheckpointError, MedSteerError) and issubclass(weights.CheckpointError, ValueError)
 
 
 def test_diffusers_folder_pipeline_folder_and_listing(tmp_path, pixart):
     pixart.save_pretrained(tmp_path / "models" / "PixArt-tiny" / "transformer")
     (tmp_path / "models" / "PixArt-tiny" / "model_index.json").write_text("{}")
     for folder in (tmp_path / "models" / "PixArt-tiny", tmp_path / "models" / "PixArt-tiny" / "transformer"):
-        out, geometry = ck.load_pixart_checkpoint(folder)
+        out, geometry = weights.load_pixart_checkpoint(folder)
         assert geometry == TINY_512
     # the weight file alone, next to its config.json, uses that config
-    _, geometry = ck.load_pixart_checkpoint(
+    _, geometry = weights.load_pixart_checkpoint(
         tmp_path / "models" / "PixArt-tiny" / "transformer" / "diffusion_pytorch_model.safetensors"
     )
     assert geometry == TINY_512
-    assert ck.list_diffusers_folders([tmp_path / "models", tmp_path / "absent"]) == ["PixArt-tiny/transformer/"]
+    assert weights.list_diffusers_folders([tmp_path / "models", tmp_path / "absent"]) == ["PixArt-tiny/transformer/"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ck.CheckpointError, match="not a diffusers transformer folder"):
-        ck.load_pixart_checkpoint(tmp_path / "empty")
+    with pytest.raises(weights.CheckpointError, match="not a diffusers transformer folder"):
+        weights.load_pixart_checkpoint(tmp_path / "empty")
 
 
 def test_diffusers_folder_of_another_model_is_refused(tmp_path, pixart):
@@ -226,8 +225,8 @@ def test_diffusers_folder_of_another_model_is_refused(tmp_path, pixart):
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     config["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "t" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ck.CheckpointError, match="UNet2DConditionModel"):
-        ck.load_pixart_checkpoint(tmp_path / "t")
+    with pytest.raises(weights.CheckpointError, match="UNet2DConditionModel"):
+        weights.load_pixart_checkpoint(tmp_path / "t")
 
 
 def test_sharded_diffusers_folder(tmp_path, pixart):
@@ -246,11 +245,11 @@ def test_sharded_diffusers_folder(tmp_path, pixart):
         save_file({k: sd[k] for k in part}, str(folder / name))
         weight_map.update(dict.fromkeys(part, name))
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    _, geometry = ck.load_pixart_checkpoint(folder)
+    _, geometry = weights.load_pixart_checkpoint(folder)
     assert geometry == TINY_512
     (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ck.CheckpointError, match="00002-of-00002.*missing"):
-        ck.load_pixart_checkpoint(folder)
+    with pytest.raises(weights.CheckpointError, match="00002-of-00002.*missing"):
+        weights.load_pixart_checkpoint(folder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,20 +275,20 @@ def lora(tmp_path_factory, pixart, t5):
 
 def test_config_scale_is_alpha_over_r(lora):
     folder, _, _ = lora
-    adapter = ck.load_peft_adapter(folder / "transformer_lora")
+    adapter = weights.load_peft_adapter(folder / "transformer_lora")
     assert adapter.config.r == 4 and adapter.config.lora_alpha == 8
     assert {m.scale for m in adapter.modules} == {2.0}
-    t5_adapter = ck.load_peft_adapter(folder / "text_encoder_lora")
+    t5_adapter = weights.load_peft_adapter(folder / "text_encoder_lora")
     assert {m.scale for m in t5_adapter.modules} == {3.0}
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6, -1.5])
 def test_transformer_patches_equal_peft_merge(lora, pixart, strength):
     folder, peft_transformer, _ = lora
-    base, _ = ck.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
-    merged, _ = ck.to_pixart_layout(merged_state_dict(peft_transformer), dict(pixart.config))
-    adapter = ck.load_peft_adapter(folder / "transformer_lora")
-    patches = ck.transformer_lora_patches(adapter, base, prefix="")
+    base, _ = weights.to_pixart_layout(pixart.state_dict(), dict(pixart.config))
+    merged, _ = weights.to_pixart_layout(merged_state_dict(peft_transformer), dict(pixart.config))
+    adapter = weights.load_peft_adapter(folder / "transformer_lora")
+    patches = weights.transformer_lora_patches(adapter, base, prefix="")
     # 2 blocks x (q, k, v, out of both attentions + 2 MLP) + proj_out + pos_embed.proj
     assert len(patches) == 2 * 10 + 2
     assert {p.offset for p in patches if p.target == "blocks.0.attn.qkv.weight"} == {
@@ -310,10 +309,10 @@ def test_t5_patches_equal_peft_merge(lora, t5):
     folder, _, peft_t5 = lora
     base = dict(t5.state_dict())
     merged = merged_state_dict(peft_t5)
-    adapter = ck.load_peft_adapter(folder / "text_encoder_lora")
+    adapter = weights.load_peft_adapter(folder / "text_encoder_lora")
     prefixed = {f"t5xxl.transformer.{k}": v for k, v in base.items()}
-    assert ck.find_t5_prefix(prefixed) == "t5xxl.transformer."
-    patches = ck.t5_lora_patches(adapter, prefixed)
+    assert weights.find_t5_prefix(prefixed) == "t5xxl.transformer."
+    patches = weights.t5_lora_patches(adapter, prefixed)
     assert len(patches) == 2 * len(T5_TARGETS)
     patched = apply_patches(prefixed, patches, 0.5)
     for key in base:
@@ -328,7 +327,7 @@ def test_rank_and_alpha_patterns_and_rslora_match_peft(tmp_path, pixart):
     for kwargs in ({"rank_pattern": {"to_q": 2}, "alpha_pattern": {"ff.net.2": 3.0}}, {"use_rslora": True}):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         peft_model = save_adapter(pixart, folder, 4, 8.0, ["to_q", "to_v", "ff.net.2"], **kwargs)
-        adapter = ck.load_peft_adapter(folder)
+        adapter = weights.load_peft_adapter(folder)
         ours = {m.name: m.scale for m in adapter.modules}
         theirs = {
             name.removeprefix("base_model.model."): module.scaling["default"]
@@ -342,10 +341,10 @@ def test_rank_and_alpha_patterns_and_rslora_match_peft(tmp_path, pixart):
 def test_adapter_for_another_model_size_names_key_and_both_shapes(tmp_path, t5):
     small = tiny_pixart(heads=1)
     save_adapter(small, tmp_path / "a", 4, 8.0, ["to_q"])
-    base, _ = ck.to_pixart_layout(tiny_pixart().state_dict())
-    adapter = ck.load_peft_adapter(tmp_path / "a")
-    with pytest.raises(ck.CheckpointError) as info:
-        ck.transformer_lora_patches(adapter, {f"diffusion_model.{k}": v for k, v in base.items()})
+    base, _ = weights.to_pixart_layout(tiny_pixart().state_dict())
+    adapter = weights.load_peft_adapter(tmp_path / "a")
+    with pytest.raises(weights.CheckpointError) as info:
+        weights.transformer_lora_patches(adapter, {f"diffusion_model.{k}": v for k, v in base.items()})
     message = str(info.value)
     assert "transformer_blocks.0.attn1.to_q" in message and "diffusion_model.blocks.0.attn.qkv.weight" in message
     assert "[72, 72]" in message and "[144, 144]" in message and "rows 0:144 of [432, 144]" in message
@@ -353,17 +352,17 @@ def test_adapter_for_another_model_size_names_key_and_both_shapes(tmp_path, t5):
 
 def test_t5_adapter_on_the_transformer_and_vice_versa(tmp_path, lora, pixart, t5):
     folder, _, _ = lora
-    base, _ = ck.to_pixart_layout(pixart.state_dict())
+    base, _ = weights.to_pixart_layout(pixart.state_dict())
     with pytest.raises(
-        ck.CheckpointError, match="'encoder.block.0.layer.0.SelfAttention.k' .* not a module of a diffusers PixArt"
+        weights.CheckpointError, match="'encoder.block.0.layer.0.SelfAttention.k' .* not a module of a diffusers PixArt"
     ):
-        ck.transformer_lora_patches(ck.load_peft_adapter(folder / "text_encoder_lora"), base, prefix="")
-    with pytest.raises(ck.CheckpointError, match="no T5 encoder"):
-        ck.t5_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), base)
-    with pytest.raises(ck.CheckpointError, match="which the T5 text encoder does not have"):
-        ck.t5_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
-    with pytest.raises(ck.CheckpointError, match="not a PixArt transformer"):
-        ck.transformer_lora_patches(ck.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
+        weights.transformer_lora_patches(weights.load_peft_adapter(folder / "text_encoder_lora"), base, prefix="")
+    with pytest.raises(weights.CheckpointError, match="no T5 encoder"):
+        weights.t5_lora_patches(weights.load_peft_adapter(folder / "transformer_lora"), base)
+    with pytest.raises(weights.CheckpointError, match="which the T5 text encoder does not have"):
+        weights.t5_lora_patches(weights.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
+    with pytest.raises(weights.CheckpointError, match="not a PixArt transformer"):
+        weights.transformer_lora_patches(weights.load_peft_adapter(folder / "transformer_lora"), t5.state_dict())
 
 
 def test_missing_halves_and_files(tmp_path, lora):
@@ -371,24 +370,24 @@ def test_missing_halves_and_files(tmp_path, lora):
     only_transformer = tmp_path / "only"
     only_transformer.mkdir()
     (only_transformer / "transformer_lora").symlink_to(folder / "transformer_lora")
-    with pytest.raises(ck.CheckpointError, match="no text_encoder_lora/ folder.*set strength_clip to 0"):
-        ck.load_medsteer_lora(only_transformer)
-    loaded = ck.load_medsteer_lora(only_transformer, text_encoder=False)
+    with pytest.raises(weights.CheckpointError, match="no text_encoder_lora/ folder.*set strength_clip to 0"):
+        weights.load_medsteer_lora(only_transformer)
+    loaded = weights.load_medsteer_lora(only_transformer, text_encoder=False)
     assert loaded.text_encoder is None and loaded.transformer is not None
-    assert ck.list_lora_folders([tmp_path, folder.parent]) == ["medsteer/", "only/"]
+    assert weights.list_lora_folders([tmp_path, folder.parent]) == ["medsteer/", "only/"]
 
     broken = tmp_path / "broken" / "transformer_lora"
     broken.mkdir(parents=True)
     (broken / "adapter_config.json").write_text((folder / "transformer_lora" / "adapter_config.json").read_text())
-    with pytest.raises(ck.CheckpointError, match="adapter_model.safetensors' is missing"):
-        ck.load_medsteer_lora(broken.parent, text_encoder=False)
+    with pytest.raises(weights.CheckpointError, match="adapter_model.safetensors' is missing"):
+        weights.load_medsteer_lora(broken.parent, text_encoder=False)
     (broken / "adapter_config.json").unlink()
-    with pytest.raises(ck.CheckpointError, match="adapter_config.json' is missing"):
-        ck.load_medsteer_lora(broken.parent, text_encoder=False)
-    with pytest.raises(ck.CheckpointError, match="does not exist"):
-        ck.load_medsteer_lora(tmp_path / "nothing")
-    with pytest.raises(ck.CheckpointError, match="is a single PEFT adapter, not the MedSteer layout"):
-        ck.load_medsteer_lora(folder / "transformer_lora")
+    with pytest.raises(weights.CheckpointError, match="adapter_config.json' is missing"):
+        weights.load_medsteer_lora(broken.parent, text_encoder=False)
+    with pytest.raises(weights.CheckpointError, match="does not exist"):
+        weights.load_medsteer_lora(tmp_path / "nothing")
+    with pytest.raises(weights.CheckpointError, match="is a single PEFT adapter, not the MedSteer layout"):
+        weights.load_medsteer_lora(folder / "transformer_lora")
 
 
 def _write_adapter(folder, tensors, **config):
@@ -400,25 +399,25 @@ def _write_adapter(folder, tensors, **config):
 def test_unsupported_adapter_variants_are_refused(tmp_path):
     a, b = torch.zeros(2, 8), torch.zeros(8, 2)
     _write_adapter(tmp_path / "dora", {"m.lora_A.weight": a, "m.lora_B.weight": b}, use_dora=True)
-    with pytest.raises(ck.CheckpointError, match="use_dora=true"):
-        ck.load_peft_adapter(tmp_path / "dora")
+    with pytest.raises(weights.CheckpointError, match="use_dora=true"):
+        weights.load_peft_adapter(tmp_path / "dora")
     _write_adapter(tmp_path / "emb", {"base_model.model.shared.lora_embedding_A": a})
-    with pytest.raises(ck.CheckpointError, match="embedding layers"):
-        ck.load_peft_adapter(tmp_path / "emb")
+    with pytest.raises(weights.CheckpointError, match="embedding layers"):
+        weights.load_peft_adapter(tmp_path / "emb")
     _write_adapter(tmp_path / "half", {"m.lora_A.weight": a})
-    with pytest.raises(ck.CheckpointError, match="'m' has \\['lora_A'\\] but needs both"):
-        ck.load_peft_adapter(tmp_path / "half")
+    with pytest.raises(weights.CheckpointError, match="'m' has \\['lora_A'\\] but needs both"):
+        weights.load_peft_adapter(tmp_path / "half")
     _write_adapter(tmp_path / "rank", {"m.lora_A.weight": torch.zeros(3, 8), "m.lora_B.weight": torch.zeros(8, 3)})
-    with pytest.raises(ck.CheckpointError, match="rank 3 but adapter_config.json says r=2"):
-        ck.load_peft_adapter(tmp_path / "rank")
+    with pytest.raises(weights.CheckpointError, match="rank 3 but adapter_config.json says r=2"):
+        weights.load_peft_adapter(tmp_path / "rank")
     _write_adapter(tmp_path / "ia3", {"m.lora_A.weight": a, "m.lora_B.weight": b}, peft_type="IA3")
-    with pytest.raises(ck.CheckpointError, match="IA3 adapter"):
-        ck.load_peft_adapter(tmp_path / "ia3")
+    with pytest.raises(weights.CheckpointError, match="IA3 adapter"):
+        weights.load_peft_adapter(tmp_path / "ia3")
     _write_adapter(tmp_path / "full", {"m.weight": a})
-    with pytest.raises(ck.CheckpointError, match="'m.weight'.*only lora_A / lora_B"):
-        ck.load_peft_adapter(tmp_path / "full")
+    with pytest.raises(weights.CheckpointError, match="'m.weight'.*only lora_A / lora_B"):
+        weights.load_peft_adapter(tmp_path / "full")
     _write_adapter(tmp_path / "adapter_named", {"m.lora_A.default.weight": a, "m.lora_B.default.weight": b})
-    assert ck.load_peft_adapter(tmp_path / "adapter_named").modules[0].name == "m"
+    assert weights.load_peft_adapter(tmp_path / "adapter_named").modules[0].name == "m"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,8 +427,8 @@ def test_lora_layout_error_never_lists_the_folder(tmp_path):
     """F1: the message reaches ComfyUI clients; it used to list the folder ("it has ['.java', ...]")."""
     (tmp_path / "secret_payroll.csv").write_text("x")
     (tmp_path / "private_keys").mkdir()
-    with pytest.raises(ck.CheckpointError, match="has no transformer_lora/ folder") as error:
-        ck.load_medsteer_lora(tmp_path)
+    with pytest.raises(weights.CheckpointError, match="has no transformer_lora/ folder") as error:
+        weights.load_medsteer_lora(tmp_path)
     assert "secret_payroll" not in str(error.value) and "private_keys" not in str(error.value)
 
 
@@ -441,8 +440,8 @@ def test_one_huge_block_index_is_refused_before_anything_is_built(tmp_path):
     sd["blocks.100000000.mlp.fc1.weight"] = torch.zeros(576, 1536)
     save_file(sd, str(tmp_path / "huge_index.safetensors"))
     start = time.perf_counter()
-    with pytest.raises(ck.CheckpointError, match=r"block index '100000000'.*0 to 999"):
-        ck.load_pixart_checkpoint(tmp_path / "huge_index.safetensors")
+    with pytest.raises(weights.CheckpointError, match=r"block index '100000000'.*0 to 999"):
+        weights.load_pixart_checkpoint(tmp_path / "huge_index.safetensors")
     assert time.perf_counter() - start < 5  # measured 0.01 s; ~minutes before the fix
 
 
@@ -461,9 +460,9 @@ def test_one_huge_block_index_is_refused_before_anything_is_built(tmp_path):
 )
 def test_block_indices_must_be_0_to_n_minus_1(extra, message):
     shapes = {k: tuple(v.shape) for k, v in random_original_state_dict(TINY_512).items()}
-    with pytest.raises(ck.CheckpointError, match=message):
-        ck.pixart_geometry({**shapes, **extra})
-    assert ck.MAX_DEPTH == 1000
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights.pixart_geometry({**shapes, **extra})
+    assert weights.MAX_DEPTH == 1000
 
 
 @pytest.mark.parametrize(
@@ -480,8 +479,8 @@ def test_block_indices_must_be_0_to_n_minus_1(extra, message):
 def test_malformed_geometry_tensors_are_checkpoint_errors(key, shape):
     shapes = {k: tuple(v.shape) for k, v in random_original_state_dict(TINY_512).items()}
     shapes[key] = shape
-    with pytest.raises(ck.CheckpointError, match=re.escape(key)):
-        ck.pixart_geometry(shapes)
+    with pytest.raises(weights.CheckpointError, match=re.escape(key)):
+        weights.pixart_geometry(shapes)
 
 
 @pytest.mark.parametrize(
@@ -509,20 +508,20 @@ def test_malformed_geometry_tensors_are_checkpoint_errors(key, shape):
 def test_every_config_field_used_is_checked(tmp_path, pixart, entry, message):
     """F9 / F12: config.json is checked against the weights before any model is built."""
     config = {**dict(pixart.config), **entry}
-    with pytest.raises(ck.CheckpointError, match=message):
-        ck.to_pixart_layout(pixart.state_dict(), config)
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights.to_pixart_layout(pixart.state_dict(), config)
     folder = tmp_path / "t"
     pixart.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ck.CheckpointError, match=message):
-        ck.load_pixart_checkpoint(folder)
-    with pytest.raises(ck.CheckpointError, match=message):
-        ck.check_diffusers_transformer(folder)
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights.load_pixart_checkpoint(folder)
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights.check_diffusers_transformer(folder)
 
 
 def test_check_diffusers_transformer_reads_headers_only(tmp_path, pixart):
     pixart.save_pretrained(tmp_path / "t")
-    assert ck.check_diffusers_transformer(tmp_path / "t") == TINY_512
+    assert weights.check_diffusers_transformer(tmp_path / "t") == TINY_512
 
 
 @pytest.mark.parametrize(
@@ -532,8 +531,8 @@ def test_check_diffusers_transformer_reads_headers_only(tmp_path, pixart):
 def test_broken_config_json_is_a_checkpoint_error(tmp_path, pixart, content):
     pixart.save_pretrained(tmp_path / "t")
     (tmp_path / "t" / "config.json").write_bytes(content)
-    with pytest.raises(ck.CheckpointError, match="config.json"):
-        ck.load_pixart_checkpoint(tmp_path / "t")
+    with pytest.raises(weights.CheckpointError, match="config.json"):
+        weights.load_pixart_checkpoint(tmp_path / "t")
 
 
 def _shard_folder(tmp_path, pixart, names) -> Path:
@@ -560,8 +559,8 @@ def test_shard_index_names_only_files_in_the_folder(tmp_path, pixart, escape):
         escape = str(tmp_path / "elsewhere.safetensors")
     folder = _shard_folder(tmp_path, pixart, ["diffusion_pytorch_model-00001-of-00002.safetensors", escape])
     assert (folder / escape).is_file()  # the file exists: only the name is wrong
-    for load in (ck.load_pixart_checkpoint, ck.check_diffusers_transformer):
-        with pytest.raises(ck.CheckpointError, match="shard"):
+    for load in (weights.load_pixart_checkpoint, weights.check_diffusers_transformer):
+        with pytest.raises(weights.CheckpointError, match="shard"):
             load(folder)
 
 
@@ -571,8 +570,8 @@ def test_shard_that_is_not_a_regular_file_is_refused(tmp_path, pixart):
     folder = _shard_folder(tmp_path, pixart, ["a.safetensors", "b.safetensors"])
     (folder / "b.safetensors").unlink()
     os.mkfifo(folder / "b.safetensors")  # a FIFO would block the reader forever
-    with pytest.raises(ck.CheckpointError, match="'b.safetensors', which is missing or not a regular file"):
-        ck.check_diffusers_transformer(folder)
+    with pytest.raises(weights.CheckpointError, match="'b.safetensors', which is missing or not a regular file"):
+        weights.check_diffusers_transformer(folder)
 
 
 # PEFT adapter configs ---------------------------------------------------------------------------
@@ -599,8 +598,8 @@ def test_backtracking_pattern_is_refused_at_once(tmp_path):
         config["rank_pattern"] = {pattern: 2}
         (folder / "adapter_config.json").write_text(json.dumps(config))
         start = time.perf_counter()
-        with pytest.raises(ck.CheckpointError, match=re.escape(f"rank_pattern key {pattern!r}")):
-            ck.load_peft_adapter(folder)
+        with pytest.raises(weights.CheckpointError, match=re.escape(f"rank_pattern key {pattern!r}")):
+            weights.load_peft_adapter(folder)
         assert time.perf_counter() - start < 1
 
 
@@ -624,14 +623,14 @@ def test_backtracking_pattern_is_refused_at_once(tmp_path):
 )
 def test_unsupported_patterns_name_the_key_and_the_rule(tmp_path, pattern, why):
     folder = _adapter(tmp_path, alpha_pattern={pattern: 2.0})
-    with pytest.raises(ck.CheckpointError, match="alpha_pattern key " + re.escape(repr(pattern)[:40])) as error:
-        ck.load_peft_adapter(folder)
+    with pytest.raises(weights.CheckpointError, match="alpha_pattern key " + re.escape(repr(pattern)[:40])) as error:
+        weights.load_peft_adapter(folder)
     assert why in str(error.value) and "transformer_blocks.0.attn1.to_q" in str(error.value)
 
 
 def test_target_modules_string_is_a_pattern_too(tmp_path):
-    with pytest.raises(ck.CheckpointError, match=r"target_modules '\(a\+\)\+'"):
-        ck.load_peft_adapter(_adapter(tmp_path, target_modules="(a+)+"))
+    with pytest.raises(weights.CheckpointError, match=r"target_modules '\(a\+\)\+'"):
+        weights.load_peft_adapter(_adapter(tmp_path, target_modules="(a+)+"))
 
 
 REAL_PATTERNS = [
@@ -651,16 +650,16 @@ REAL_PATTERNS = [
 @pytest.mark.parametrize("pattern", REAL_PATTERNS)
 def test_real_peft_patterns_match_as_peft_matches_them(tmp_path, pattern):
     module = "transformer_blocks.0.attn2.to_k"
-    assert ck.module_matches(pattern, module) is bool(re.match(rf"(.*\.)?({pattern})$", module))
-    assert ck.module_matches(pattern, module)  # every one of these targets the module
-    adapter = ck.load_peft_adapter(_adapter(tmp_path, rank_pattern={pattern: 2}, alpha_pattern={pattern: 6.0}))
+    assert weights.module_matches(pattern, module) is bool(re.match(rf"(.*\.)?({pattern})$", module))
+    assert weights.module_matches(pattern, module)  # every one of these targets the module
+    adapter = weights.load_peft_adapter(_adapter(tmp_path, rank_pattern={pattern: 2}, alpha_pattern={pattern: 6.0}))
     assert adapter.modules[0].scale == 3.0
 
 
 def test_patterns_of_other_modules_do_not_match():
     for pattern in ("transformer_blocks.0.attn1.to_q", "attn1.to_k", "to_q", "blocks.0.attn2.to_k", "to_k$|to_v"):
-        assert not ck.module_matches(pattern, "transformer_blocks.0.attn2.to_kv")
-        assert ck.module_matches(pattern, "transformer_blocks.0.attn2.to_k") is bool(
+        assert not weights.module_matches(pattern, "transformer_blocks.0.attn2.to_kv")
+        assert weights.module_matches(pattern, "transformer_blocks.0.attn2.to_k") is bool(
             re.match(rf"(.*\.)?({pattern})$", "transformer_blocks.0.attn2.to_k")
         )
 
@@ -670,7 +669,7 @@ def test_pattern_matching_is_linear_in_the_module_name():
 
     name = "a." * 20_000 + "!"  # a crafted adapter's module names are checked at 500 characters; this is 40001
     start = time.perf_counter()
-    assert not ck.module_matches("(a|.)(a|.)(a|.)(a|.)(.*)(.*)x", name)
+    assert not weights.module_matches("(a|.)(a|.)(a|.)(a|.)(.*)(.*)x", name)
     assert time.perf_counter() - start < 1
 
 
@@ -699,8 +698,8 @@ def test_pattern_matching_is_linear_in_the_module_name():
 def test_adapter_numbers_out_of_bounds_are_refused(tmp_path, config, message):
     """F8 / F10: NaN, inf and 1e30 alphas were applied (black images, exit 0); r 1e400 was an OverflowError."""
     folder = _adapter(tmp_path, **config)
-    with pytest.raises(ck.CheckpointError, match=message):
-        ck.load_peft_adapter(folder)
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights.load_peft_adapter(folder)
 
 
 @pytest.mark.parametrize(
@@ -709,26 +708,26 @@ def test_adapter_numbers_out_of_bounds_are_refused(tmp_path, config, message):
 def test_broken_adapter_config_is_a_checkpoint_error(tmp_path, content):
     folder = _adapter(tmp_path)
     (folder / "adapter_config.json").write_bytes(content)
-    with pytest.raises(ck.CheckpointError, match="adapter_config.json"):
-        ck.load_peft_adapter(folder)
+    with pytest.raises(weights.CheckpointError, match="adapter_config.json"):
+        weights.load_peft_adapter(folder)
 
 
 def test_overlong_module_name_in_adapter_is_refused(tmp_path):
     name = "m" * 1000
     folder = tmp_path / "long"
     _write_adapter(folder, {f"{name}.lora_A.weight": torch.zeros(2, 8), f"{name}.lora_B.weight": torch.zeros(8, 2)})
-    with pytest.raises(ck.CheckpointError, match="has a key of 1014 characters"):
-        ck.load_peft_adapter(folder)
+    with pytest.raises(weights.CheckpointError, match="has a key of 1014 characters"):
+        weights.load_peft_adapter(folder)
 
 
 def test_fused_parts_that_do_not_stack_and_non_string_keys_are_checkpoint_errors(tmp_path, pixart):
     """F10: torch.cat's RuntimeError and an AttributeError on int keys escaped before."""
     sd = dict(pixart.state_dict())
     sd["transformer_blocks.0.attn1.to_k.weight"] = torch.zeros(144, 100)
-    with pytest.raises(ck.CheckpointError, match=r"blocks.0.attn.qkv.weight: .*\[144, 100\].*do not stack"):
-        ck.to_pixart_layout(sd)
-    with pytest.raises(ck.CheckpointError, match="does not split into 3 equal parts"):
-        ck.pixart_to_diffusers({"blocks.0.attn.qkv.weight": torch.zeros(100, 144)})
+    with pytest.raises(weights.CheckpointError, match=r"blocks.0.attn.qkv.weight: .*\[144, 100\].*do not stack"):
+        weights.to_pixart_layout(sd)
+    with pytest.raises(weights.CheckpointError, match="does not split into 3 equal parts"):
+        weights.pixart_to_diffusers({"blocks.0.attn.qkv.weight": torch.zeros(100, 144)})
     torch.save({"state_dict": {0: torch.zeros(1)}}, tmp_path / "int_keys.pth")
-    with pytest.raises(ck.CheckpointError, match="names to tensors"):
-        ck.load_pixart_checkpoint(tmp_path / "int_keys.pth")
+    with pytest.raises(weights.CheckpointError, match="names to tensors"):
+        weights.load_pixart_checkpoint(tmp_path / "int_keys.pth")

@@ -187,7 +187,7 @@ def test_pixel_gates_bring_both_token_grids_to_the_image():
 
 def test_a_model_file_of_the_other_backbone_is_refused_before_anything_is_created(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    from medsteer_core.mini.unet import DEFAULT_UNET_PATH
+    from medsteer_core.mini.mini_unet import DEFAULT_UNET_PATH
 
     status = demo.main(["--backbone", "pixart", "--model", str(DEFAULT_UNET_PATH), "--out", "out"])
     assert status == 2

@@ -13,8 +13,8 @@ from medsteer_core.backbones import find_sites
 from medsteer_core.mini import load_mini, synthetic
 from medsteer_core.mini.demo import DENOISERS, EDITS, setting_of
 from medsteer_core.mini.metrics import score_pairs
+from medsteer_core.mini.mini_unet import DEFAULT_UNET_PATH
 from medsteer_core.mini.scan import ISSUE_BAR, prompts_for
-from medsteer_core.mini.unet import DEFAULT_UNET_PATH
 from medsteer_core.plan import SteeringPlan
 from medsteer_core.provenance import site_widths
 from medsteer_core.vector import load_vector

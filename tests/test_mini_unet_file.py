@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from medsteer_core.errors import MedSteerError
 from medsteer_core.mini import load_mini, save_mini
+from medsteer_core.mini.mini_unet import UNET_CONFIG, build_unet
 from medsteer_core.mini.model import MiniModel
-from medsteer_core.mini.unet import UNET_CONFIG, build_unet
 
 
 def _unet_model(seed: int = 0) -> MiniModel:

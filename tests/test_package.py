@@ -143,7 +143,7 @@ def test_engine_wings_and_nodes_keep_the_size_rule():
     # The split modules are checked too (a rename would otherwise drop them from the rule silently).
     for module in ("hooks.py", "site_forward.py", "vector.py", "vector_ops.py", "driver.py", "headless/cli.py"):
         assert f"medsteer_core/{module}" in names, module
-    assert "nodes/build.py" in names
+    assert "nodes/build_vector.py" in names
     for path in files:
         text = path.read_text()
         name = path.relative_to(ROOT).as_posix()

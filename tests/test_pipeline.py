@@ -288,7 +288,7 @@ def test_steer_defaults_come_from_a_vectors_calibrated_metadata(model):
 
 
 def test_profile_image_puts_the_noisiest_timestep_first_and_scales_to_the_largest_cell():
-    from medsteer_core.heatmap import apply_colormap
+    from medsteer_core.gate_drawing import apply_colormap
 
     timesteps = [49.0, 549.0, 999.0]  # stored ascending; shown noisiest first
     relative = [[0.1, 0.2], [0.3, 0.4], [0.5, 2.0]]  # [K, L]: the largest is t=999, layer 1

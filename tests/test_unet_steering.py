@@ -174,8 +174,8 @@ def test_driver_samples_a_unet_steered_and_unsteered(vector):
 def test_heatmap_mask_and_figure_at_a_non_square_size(unet, vector):
     """The mask is the mean over steps and layers of each site's gates upsampled bilinearly from
     its own grid to the finest one; the figure and overlays come out at the image's aspect."""
+    from medsteer_core.gate_drawing import gate_grid, overlay, selection_mask
     from medsteer_core.gates import select_maps
-    from medsteer_core.heatmap import gate_grid, overlay, selection_mask
 
     sites = find_sites(unet)
     latents, _, context = _inputs(batch=1, size=(5, 7), seed=1, guided=False)

@@ -19,7 +19,7 @@ from .base import (
     unregister_backbone,
 )
 from .pixart import PixArtComfyUI, PixArtDiffusers, check_latent_size
-from .unet import UNetComfyUI, UNetDiffusers, UNetSite, unet_family
+from .sd_unet import UNetComfyUI, UNetDiffusers, UNetSite, unet_family
 
 __all__ = [
     "Backbone",

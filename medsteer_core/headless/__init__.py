@@ -33,14 +33,22 @@ Example:
     ...             seeds=range(100), out_dir="pairs/dye")
 """
 
-from .build import BuiltVector, build_vector, check_new_seeds, default_window, load_built, merge_built, save_built
 from .dataset import GenerateReport, generate
 from .distributed import Shard, check_device
 from .figures import Heatmap, gate_heatmap
 from .manifest import MANIFEST
 from .models import DTYPES, SCHEDULERS, HeadlessModel, ModelLoadError, load_model
 from .outputs import OutputFolderError, check_output_file, lock_output_folder
-from .steer import Steer, paper_heatmap_steps
+from .steer_options import Steer, paper_heatmap_steps
+from .vector_build import (
+    BuiltVector,
+    build_vector,
+    check_new_seeds,
+    default_window,
+    load_built,
+    merge_built,
+    save_built,
+)
 
 __all__ = [
     "DTYPES",

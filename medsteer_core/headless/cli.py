@@ -56,7 +56,7 @@ def _per_vector(values: list | None, count: int, flag: str) -> list:
 
 
 def _steers(args):
-    from .steer import Steer
+    from .steer_options import Steer
 
     n = len(args.vector)
     strengths = _per_vector(args.strength, n, "--strength")
@@ -100,9 +100,9 @@ def _load(args, shard=None):
 # ------------------------------------------------------------------------------------- commands
 def _cmd_build_vector(args) -> int:
     from ..inspection import halves_paths
-    from .build import build_vector, check_new_seeds, load_built, merge_built, save_built
     from .distributed import Shard, check_device
     from .outputs import check_output_file
+    from .vector_build import build_vector, check_new_seeds, load_built, merge_built, save_built
 
     prompts_with = _prompt_list(args.prompts_with, args.with_file)
     prompts_without = _prompt_list(args.prompts_without, args.without_file)

@@ -8,7 +8,7 @@ import argparse
 import logging
 import textwrap
 
-from ..heatmap import COLORMAPS
+from ..gate_drawing import COLORMAPS
 
 log = logging.getLogger("medsteer")
 

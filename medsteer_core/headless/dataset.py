@@ -15,7 +15,6 @@ from pathlib import Path
 from .. import __version__
 from ..gates import GateRecord, parse_steps
 from ..plan import SteeringPlan
-from .build import _batches, _progress_bar
 from .distributed import Shard
 from .figures import _pair_heatmap
 from .manifest import (
@@ -29,7 +28,8 @@ from .manifest import (
 )
 from .models import HeadlessModel
 from .outputs import OutputFolderError, _os_reason, _write_atomic, lock_output_folder
-from .steer import Steer, _default_heatmap_layers, layer_selection, paper_heatmap_steps
+from .steer_options import Steer, _default_heatmap_layers, layer_selection, paper_heatmap_steps
+from .vector_build import _batches, _progress_bar
 
 
 @dataclass

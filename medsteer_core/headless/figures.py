@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import MedSteerError
+from ..gate_drawing import gate_grid, selection_mask
 from ..gates import GateMaps, GateRecord, parse_steps, select_maps
-from ..heatmap import gate_grid, selection_mask
 from .models import HeadlessModel
-from .steer import Steer, _default_heatmap_layers, layer_labels, layer_selection, paper_heatmap_steps
+from .steer_options import Steer, _default_heatmap_layers, layer_labels, layer_selection, paper_heatmap_steps
 
 
 def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, sites=None, **style):

@@ -11,13 +11,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..backbones import PixArtDiffusers, register_backbone
-from ..backbones.unet import UNetDiffusers
+from ..backbones.sd_unet import UNetDiffusers
 
 __all__ = ["FAMILY", "TAG", "UNET_FAMILY", "MiniDiffusers", "MiniUNetDiffusers", "tag_transformer"]
 
 #: The ``model_family`` of every vector built on MedSteer-mini.
 FAMILY = "medsteer-mini"
-#: The ``model_family`` of every vector built on MedSteer-mini-UNet (``mini/unet.py``).
+#: The ``model_family`` of every vector built on MedSteer-mini-UNet (``mini/mini_unet.py``).
 UNET_FAMILY = "medsteer-mini-unet"
 #: The attribute ``new_mini`` / ``load_mini`` set to ``True`` on the transformer they build.
 TAG = "medsteer_mini"

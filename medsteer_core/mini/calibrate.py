@@ -136,8 +136,8 @@ def _choice_line(edit: Edit, best, baseline, names, seeds: int) -> str:
 
 def _load(backbone: str, model_path: str | None):
     """``(model, denoiser)``: the model to calibrate, checked to be of ``backbone``."""
+    from .mini_unet import is_unet
     from .model import load_mini
-    from .unet import is_unet
 
     if backbone not in DENOISERS:
         raise ValueError(f"unknown backbone {backbone!r}: choose from {list(DENOISERS)}")

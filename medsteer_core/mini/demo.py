@@ -32,16 +32,16 @@ from pathlib import Path
 import torch
 
 from ..backbones import find_sites
+from ..gate_drawing import overlay
 from ..gates import GateRecord
-from ..heatmap import overlay
 from ..plan import SteeringPlan
 from ..vector import PathologyVector, load_vector, save_vector
 from . import synthetic
 from .metrics import rendering_rates, score_pairs
+from .mini_unet import DEFAULT_UNET_PATH
 from .model import DEFAULT_PATH as MODEL_PATH
 from .report import markdown
 from .scan import build_vector, layer_profile, prompts_for, sweep
-from .unet import DEFAULT_UNET_PATH
 
 __all__ = ["DENOISERS", "EDITS", "Denoiser", "Edit", "main", "run_demo"]
 
@@ -246,8 +246,8 @@ def run_demo(
 def _load_models(backbones: tuple[str, ...] | None, model_path: str | None) -> list[tuple[Denoiser, object, str]]:
     """``(denoiser, model, file digest)`` of each backbone to run; ``model_path`` replaces the
     shipped file of the backbone it is (and alone is run when ``backbones`` is not given)."""
+    from .mini_unet import is_unet
     from .model import load_mini
-    from .unet import is_unet
 
     custom = load_mini(model_path) if model_path else None
     kind = None if custom is None else ("unet" if is_unet(custom.transformer) else "pixart")

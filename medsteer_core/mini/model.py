@@ -263,7 +263,7 @@ def save_mini(model: MiniModel, path: str | os.PathLike, metadata: dict[str, str
 
 
 def _denoiser_meta(denoiser: nn.Module) -> dict[str, str]:
-    from .unet import config_json, is_unet
+    from .mini_unet import config_json, is_unet
 
     if is_unet(denoiser):
         return config_json(denoiser)
@@ -318,8 +318,8 @@ def load_mini_parts(path: str | os.PathLike | None = None) -> MiniParts:
     Raises:
         MedSteerError: the file is missing, unreadable, not a MedSteer-mini file, or inconsistent.
     """
-    from .checks import REMEDY as _REMEDY
-    from .checks import build_text_encoder, check_metadata, check_transformer, meta_json
+    from .file_checks import REMEDY as _REMEDY
+    from .file_checks import build_text_encoder, check_metadata, check_transformer, meta_json
 
     path = Path(path) if path is not None else DEFAULT_PATH
     meta, tensors = read_tagged(path, FORMAT_NAME, "MedSteer-mini", _REMEDY)
@@ -335,8 +335,8 @@ def load_mini_parts(path: str | os.PathLike | None = None) -> MiniParts:
             f"{_REMEDY}"
         )
     transformer_state = {k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")}
-    if meta.get("denoiser", "pixart") == "unet":  # MedSteer-mini-UNet (mini/unet.py)
-        from .unet import check_unet_config
+    if meta.get("denoiser", "pixart") == "unet":  # MedSteer-mini-UNet (mini/mini_unet.py)
+        from .mini_unet import check_unet_config
 
         transformer_config = meta_json(meta, "unet_config", dict, path)
         check_unet_config(transformer_config, path, _REMEDY)
@@ -365,7 +365,7 @@ def load_mini(path: str | os.PathLike | None = None) -> MiniModel:
 
     parts = load_mini_parts(path)
     if parts.metadata.get("denoiser") == "unet":
-        from .unet import build_unet
+        from .mini_unet import build_unet
 
         transformer = build_unet(parts.transformer_config, parts.transformer_state)
         return MiniModel(transformer.eval(), parts.text_encoder, parts.tokenizer, parts.metadata)

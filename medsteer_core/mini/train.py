@@ -76,7 +76,7 @@ def _new_models(seed: int, denoiser: str) -> tuple[MiniModel, MiniModel, list[nn
         return model, ema, [model.transformer, model.text_encoder], [ema.transformer, ema.text_encoder]
     if denoiser != "unet":
         raise ValueError(f"denoiser must be 'pixart' or 'unet', got {denoiser!r}")
-    from .unet import build_unet
+    from .mini_unet import build_unet
 
     torch.manual_seed(seed)
     text = load_mini()

@@ -32,7 +32,7 @@ Example:
     >>> patches = transformer_lora_patches(lora.transformer, model_shapes)     # doctest: +SKIP
 """
 
-from .checks import MAX_DEPTH, MAX_LORA_SCALE, CheckpointError
+from .bounds import MAX_DEPTH, MAX_LORA_SCALE, CheckpointError
 from .peft_lora import (
     LoraModule,
     LoraPatch,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import (
+from .bounds import (
     MAX_LORA_RANK,
     MAX_LORA_SCALE,
     MAX_MODULE_NAME,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-from .checks import CheckpointError, _show
+from .bounds import CheckpointError, _show
 
 # ------------------------------------------------------------------------------------------------
 # PEFT module patterns (rank_pattern / alpha_pattern keys)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import MAX_DEPTH, MAX_INTERPOLATION_SCALE, MAX_SAMPLE_SIZE, CheckpointError, _finite_number, _whole_number
+from .bounds import MAX_DEPTH, MAX_INTERPOLATION_SCALE, MAX_SAMPLE_SIZE, CheckpointError, _finite_number, _whole_number
 from .pixart_layout import _BLOCK_RE, PIXART_HEAD_DIM
 
 

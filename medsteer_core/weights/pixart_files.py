@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import CheckpointError, _read_json_object, _show, _whole_number
+from .bounds import CheckpointError, _read_json_object, _show, _whole_number
 from .pixart import PixArtGeometry, check_state_dict_fits, expected_pixart_shapes, pixart_geometry
 from .pixart_layout import _is_pixart_layout, _strip_prefix, diffusers_to_pixart, is_diffusers_layout
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import CheckpointError
+from .bounds import CheckpointError
 
 # ------------------------------------------------------------------------------------------------
 # Key layouts. diffusers module -> original (PixArt-alpha / ComfyUI PixArtMS) module; each entry

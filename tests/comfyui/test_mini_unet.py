@@ -56,8 +56,8 @@ def classes(comfy_env):
 def random_unet_file(comfy_env, tmp_path_factory):
     """A mini-UNet file: the shipped mini's text encoder, a UNet with every weight perturbed."""
     mini = comfy_env.core.mini
+    from medsteer_core.mini.mini_unet import build_unet
     from medsteer_core.mini.model import MiniModel, save_mini
-    from medsteer_core.mini.unet import build_unet
 
     text = mini.load_mini()
     torch.manual_seed(0)

@@ -378,7 +378,7 @@ def test_chained_steering_equals_the_cores_composed_plan(comfy_env):
     assert torch.equal(result.output(chained.id)["samples"], expected)
     assert torch.equal(result.output(only_first.id)["samples"], core_sample(comfy_env, result, nodes, [plan_a]))
     # the upstream clone still holds one plan; the chained one holds both, in order
-    steer_module = sys.modules[comfy_env.pack.__name__ + ".nodes.steer"]
+    steer_module = sys.modules[comfy_env.pack.__name__ + ".nodes.apply_steer"]
     assert len(steer_module.steering_of(result.output(first.id)).plans) == 1
     assert [p.strength for p in steer_module.steering_of(result.output(second.id)).plans] == [2.5, 1.5]
 
@@ -534,15 +534,15 @@ def test_heatmap_mask_is_the_mean_over_the_chosen_steps_and_layers(comfy_env):
     keep(g, shown[1])
     result = comfy_env.run(g)
     assert result.success, result.error
-    steer_module = sys.modules[comfy_env.pack.__name__ + ".nodes.steer"]
+    steer_module = sys.modules[comfy_env.pack.__name__ + ".nodes.apply_steer"]
     wrapper = steer_module.steering_of(result.output(nodes["steered_model"].id))
     record = wrapper.record_for(result.output(nodes["steered"].id)["samples"])
     assert record.runs() == 1
     core = comfy_env.core
     maps, _, _ = core.gates.select_maps(record.maps(), "0,-1", "mean")
     mask = result.output(shown.id, 1)[0]
-    assert torch.allclose(mask, core.heatmap.selection_mask(maps, (SIZE, SIZE)))
-    assert not torch.allclose(mask, core.heatmap.to_mask(maps[-1].mean(dim=0), (SIZE, SIZE)))  # not the last step's
+    assert torch.allclose(mask, core.gate_drawing.selection_mask(maps, (SIZE, SIZE)))
+    assert not torch.allclose(mask, core.gate_drawing.to_mask(maps[-1].mean(dim=0), (SIZE, SIZE)))  # not the last step's
 
 
 def test_heatmap_shows_the_run_behind_its_latent_when_samplers_share_a_steered_model(comfy_env):

@@ -149,7 +149,7 @@ def test_a_sampling_run_walks_the_unet_for_its_sites_once(comfy_env, pack, monke
     """The wrapper finds the sites at a run's first model call and reuses them for the others
     (walking SDXL's modules costs about 1.6 ms a call); the next run finds them afresh, and the
     reuse changes no output."""
-    steer_module = comfy_env.pack.nodes.steer
+    steer_module = comfy_env.pack.nodes.apply_steer
     found, find = [], steer_module.find_sites
     # A spy: records each call, then runs the real find_sites.
     monkeypatch.setattr(steer_module, "find_sites", lambda model: found.append(model) or find(model))
@@ -363,13 +363,13 @@ def test_gate_heatmap_on_a_non_square_latent_upsamples_each_sites_grid(comfy_env
     keep(g, overlays)
     result = comfy_env.run(g)
     assert result.success, result.error
-    record = comfy_env.pack.nodes.steer.steering_of(result.output(steered_model.id))
+    record = comfy_env.pack.nodes.apply_steer.steering_of(result.output(steered_model.id))
     gates = record.record_for(result.output(steered.id)["samples"]).maps()
     assert tuple(gates.maps.shape) == (4, 4 if grid == (4, 6) else 7, 1, *grid)
     picture, mask = result.output(by_name.id, 0), result.output(by_name.id, 1)
     assert picture.dim() == 4 and picture.shape[0] == 1 and mask.shape == (1, 64, 96)
     assert result.output(overlays.id, 0).shape == (2, 64, 96, 3)  # two steps x the layer mean
-    heatmap = comfy_env.pack.nodes.heatmap
+    heatmap = comfy_env.pack.nodes.gate_heatmap
     sites = sites_of(comfy_env.core, result.output(model.id))
     assert heatmap.named_layers(sites, "middle, output 1") == [2, 4]
     assert heatmap.site_labels(sites, gates.layers, [2, 4], ["layer 2", "layer 4"]) == ["middle 0", "output 1"]

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from medsteer_core import MedSteerError
-from medsteer_core.gates import MAX_INDEX, GateMaps, index_entries, parse_layers, parse_steps, select_maps
-from medsteer_core.heatmap import (
+from medsteer_core.gate_drawing import (
     COLORMAPS,
     apply_colormap,
     gate_grid,
@@ -16,6 +15,7 @@ from medsteer_core.heatmap import (
     selection_mask,
     to_mask,
 )
+from medsteer_core.gates import MAX_INDEX, GateMaps, index_entries, parse_layers, parse_steps, select_maps
 
 
 def _gates(steps=20, layers=(8, 9, 10), batch=1, side=4):

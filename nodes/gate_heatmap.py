@@ -16,10 +16,10 @@ from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.comfy_widgets import HEATMAP_PRESETS, heatmap_selection, resolve_edit
+from ..medsteer_core.gate_drawing import COLORMAPS, gate_grid, overlay, selection_mask
 from ..medsteer_core.gates import HeatmapSelection, parse_layers, select_maps
-from ..medsteer_core.heatmap import COLORMAPS, gate_grid, overlay, selection_mask
+from .apply_steer import steering_of
 from .common import CATEGORY, UNET_SITES_HELP, model_sites
-from .steer import steering_of
 
 
 class GateHeatmap(io.ComfyNode):

@@ -16,7 +16,7 @@ from ..inspection import sha256_file
 from ..plan import SteeringPlan
 from ..plan import default_window as plan_default_window
 from ..vector import PathologyVector, load_vector
-from .build import default_window
+from .vector_build import default_window
 
 
 @dataclass(frozen=True)
