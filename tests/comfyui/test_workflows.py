@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -266,6 +267,137 @@ def test_converter_rejects_broken_workflows(classes):
         ui_to_api(broken, classes)
 
 
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+def live_widgets(class_def) -> list[tuple[str, str, dict]]:
+    """``(name, kind, options)`` for each value of a node's ``widgets_values``, in the frontend's order.
+
+    Frontend 1.27.10 makes a widget of every required, then optional, input whose type is a widget
+    type (forceInput ones stay sockets), and follows an INT widget with ``control_after_generate``
+    (or named ``seed`` / ``noise_seed``, its legacy rule) or a COMBO with it by a control widget whose
+    value the file also stores (widgets.ts, useIntWidget / useComboWidget). ``options["options"]``
+    is a COMBO's list, also for V1 schemas that give the list as the type.
+    """
+    widgets = []
+    for name, options in widget_inputs(class_def):
+        kind = input_type(class_def, name)
+        if kind == "COMBO" and "options" not in options:
+            spec = (class_def.INPUT_TYPES().get("required") or {}).get(name) or class_def.INPUT_TYPES()["optional"][
+                name
+            ]
+            options = {**options, "options": list(spec[0])}
+        widgets.append((name, kind, options))
+        control = options.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed"))
+        if control and kind in ("INT", "COMBO"):
+            widgets.append(("control_after_generate", "CONTROL", {}))
+    return widgets
+
+
+def value_problem(kind: str, options: dict, value, file_folder: str | None = None) -> str | None:
+    """Why ``value`` does not fit a widget, or None. A COMBO listing files accepts a name the user
+    downloads or builds (not on this machine) when the folder takes files of its extension."""
+    import folder_paths
+
+    if kind == "CONTROL":
+        return None if value in CONTROL_VALUES else f"is {value!r}, not one of {CONTROL_VALUES}"
+    if kind == "COMBO":
+        if value in options["options"]:
+            return None
+        if file_folder is not None and isinstance(value, str):
+            extensions = folder_paths.folder_names_and_paths[file_folder][1]
+            if value.endswith("/") or any(value.endswith(e) for e in extensions) or not extensions:
+                return None
+            return f"is {value!r}: not a {sorted(extensions)} file name for models/{file_folder}"
+        return f"is {value!r}, not one of {options['options'][:8]}"
+    types = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str}
+    if not isinstance(value, types.get(kind, object)) or (kind != "BOOLEAN" and isinstance(value, bool)):
+        return f"is {value!r}, not a {kind}"
+    if kind in ("INT", "FLOAT") and not options.get("min", value) <= value <= options.get("max", value):
+        return f"is {value}, outside [{options.get('min')}, {options.get('max')}]"
+    return None
+
+
+def live_schema_problems(workflow: dict, classes: dict) -> list[str]:
+    """What in a UI-format workflow the live node schemas refuse: an unknown node type, a
+    ``widgets_values`` count other than the schema's, a value of the wrong type, outside its range or
+    not among a combo's options; a PrimitiveNode's value that does not fit the widgets it drives."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    problems = []
+    for node in workflow["nodes"]:
+        kind, label = node["type"], f"node {node['id']} ({node['type']})"
+        if kind in FRONTEND_ONLY:
+            continue
+        if kind not in classes:
+            problems.append(f"{label}: {kind!r} is not in NODE_CLASS_MAPPINGS (a missing custom node)")
+            continue
+        widgets = live_widgets(classes[kind])
+        values = node.get("widgets_values") or []
+        if len(values) != len(widgets):
+            names = [name for name, _, _ in widgets]
+            problems.append(f"{label} has {len(values)} widget values, its schema takes {len(widgets)}: {names}")
+            continue
+        for (name, widget_kind, options), value in zip(widgets, values, strict=True):
+            problem = value_problem(widget_kind, options, value, FILE_INPUTS.get((kind, name)))
+            if problem:
+                problems.append(f"{label} {name} {problem}")
+    links = {link[0]: link for link in workflow["links"]}
+    for node in workflow["nodes"]:
+        if node["type"] != "PrimitiveNode":
+            continue
+        for link_id in node["outputs"][0]["links"] or []:
+            target = nodes[links[link_id][3]]
+            name = target["inputs"][links[link_id][4]]["name"]
+            if target["type"] not in classes:
+                continue
+            (widget,) = [w for w in live_widgets(classes[target["type"]]) if w[0] == name]
+            problem = value_problem(widget[1], widget[2], node["widgets_values"][0])
+            if problem:
+                problems.append(
+                    f"node {node['id']} (PrimitiveNode) drives {target['type']} {name}, its value {problem}"
+                )
+    return problems
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_node_and_widget_value_fits_the_live_schemas(classes, path):
+    problems = live_schema_problems(json.loads(path.read_text()), classes)
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+def test_live_schema_check_catches_wrong_values(classes):
+    workflow = json.loads((REPO / "example_workflows" / "medsteer_quickstart_mini.json").read_text())
+    assert live_schema_problems(workflow, classes) == []
+
+    def broken(node_type: str, index: int, value) -> list[str]:
+        copied = copy.deepcopy(workflow)
+        next(n for n in copied["nodes"] if n["type"] == node_type)["widgets_values"][index] = value
+        return live_schema_problems(copied, classes)
+
+    assert "not one of" in broken("KSampler", 4, "ddim_typo")[0]  # sampler_name
+    assert "outside [1, 10000]" in broken("KSampler", 2, 0)[0]  # steps
+    assert "not one of ('fixed'" in broken("KSampler", 1, "sometimes")[0]  # seed's control_after_generate
+    assert "file name for models/medsteer" in broken("LoadPathologyVector", 0, "dye_removal.pt")[0]
+    assert "drives KSampler seed" in broken("PrimitiveNode", 0, -1)[0]
+    assert "not a BOOLEAN" in broken("ApplySSPSSteer", 6, "no")[0]  # preserve_norm
+    copied = copy.deepcopy(workflow)
+    next(n for n in copied["nodes"] if n["type"] == "GateHeatmap")["type"] = "GateHeatmapTypo"
+    assert "not in NODE_CLASS_MAPPINGS" in live_schema_problems(copied, classes)[0]
+
+
+def test_thumbnail_widget_names_are_the_live_schemas(classes):
+    """scripts/render_thumbnails.py labels each widget value with a name of its own table (the files
+    name none): the names, in order, of every node type the workflows use."""
+    spec = importlib.util.spec_from_file_location("render_thumbnails", REPO / "scripts" / "render_thumbnails.py")
+    renderer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(renderer)
+    used = {n["type"] for path in WORKFLOWS for n in json.loads(path.read_text())["nodes"]}
+    for kind in sorted(used - FRONTEND_ONLY):
+        live = " ".join(name for name, _, _ in live_widgets(classes[kind]))
+        assert renderer.WIDGET_NAMES.get(kind, "") == live, f"render_thumbnails.WIDGET_NAMES[{kind!r}] != {live!r}"
+    assert renderer.WIDGET_NAMES["PrimitiveNode"] == "value control_after_generate"
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -320,22 +452,28 @@ def test_workflows_use_the_paper_settings(classes):
 def check_steers_as_calibrated(comfy_env, prompt: dict) -> dict[str, list[dict]]:
     """A quickstart prompt steers with what its LoadPathologyVector's vector records as calibrated
     and samples as that vector was calibrated (its steps and CFG, ddim on the trailing 'simple'
-    schedule). Returns every node's inputs by class type, for the caller's own checks."""
+    schedule). The setting is read through the library (``PathologyVector.provenance``). Returns
+    every node's inputs by class type, for the caller's own checks."""
     by_type = {}
     for node in prompt.values():
         by_type.setdefault(node["class_type"], []).append(node["inputs"])
     (vector_input,) = by_type["LoadPathologyVector"]
     vector = comfy_env.core.load_vector(comfy_env.pack.nodes.vector_io.vector_path(vector_input["vector_name"]))
+    provenance = vector.provenance
+    calibrated = provenance.calibrated_setting()
+    assert set(calibrated) == {"layer_start", "layer_end", "strength"}, (
+        f"{vector_input['vector_name']} records no full calibrated setting: {calibrated}"
+    )
     (steer,) = by_type["ApplySSPSSteer"]
     assert (steer["layer_start"], steer["layer_end"], steer["strength"]) == (
-        int(vector.metadata["calibrated_layer_start"]),
-        int(vector.metadata["calibrated_layer_end"]),
-        float(vector.metadata["calibrated_strength"]),
+        calibrated["layer_start"],
+        calibrated["layer_end"],
+        calibrated["strength"],
     )
     for sampler in by_type["KSampler"]:
         assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
-            int(vector.metadata["steps"]),
-            float(vector.metadata["cfg"]),
+            provenance.steps,
+            provenance.cfg,
             "ddim",
             "simple",
         )
