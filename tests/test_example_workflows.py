@@ -32,7 +32,7 @@ TEXT_ZOOM_CUTOFF = 8 / 14
 SCREEN = (1856, 1002)
 # Group titles: LGraphGroup draws `font_size`px Arial at x + 4 in a bar 1.4 * font_size high.
 GROUP_PADDING, GROUP_FONT = 4, "LiberationSans-Regular.ttf"  # Liberation Sans: Arial's metrics
-# Where the real-PixArt templates' weights come from (README's "Loading PixArt-XL-2-512x512" too).
+# Where the real-PixArt templates' weights come from (docs/installation.md's "Loading PixArt-XL-2-512x512" too).
 WEIGHT_SOURCES = (
     "PixArt-XL-2-512x512",
     "PixArt-alpha/PixArt-alpha",
@@ -270,11 +270,12 @@ def test_thumbnail_is_the_jpeg_the_template_browser_requests(path):
         assert image.width >= 800 and image.height >= 300, image.size
 
 
-def test_readme_image_links_into_example_workflows_resolve():
-    links = re.findall(r"\]\((example_workflows/[^)]+)\)", (ROOT / "README.md").read_text())
-    assert links, "README shows no example workflow picture"
-    missing = [link for link in links if not (ROOT / link).is_file()]
-    assert not missing, f"README links to missing files: {missing}"
+def test_docs_image_links_into_example_workflows_resolve():
+    quickstart = ROOT / "docs" / "quickstart.md"
+    links = re.findall(r"\]\((\.\./example_workflows/[^)]+)\)", quickstart.read_text())
+    assert links, "docs/quickstart.md shows no example workflow picture"
+    missing = [link for link in links if not (quickstart.parent / link).is_file()]
+    assert not missing, f"docs/quickstart.md links to missing files: {missing}"
 
 
 def _extent(workflow: dict) -> tuple[float, float, float, float]:
@@ -368,8 +369,8 @@ def test_template_notes_say_which_model_it_expects_and_where_to_get_the_weights(
         assert not missing, f"{path.name}'s note does not say where to get {missing}"
 
 
-def test_readme_pixart_section_lists_the_same_weight_sources():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Loading PixArt-XL-2-512x512 and the MedSteer LoRA", 1)[1].split("\n#", 1)[0]
+def test_installation_pixart_section_lists_the_same_weight_sources():
+    text = (ROOT / "docs" / "installation.md").read_text()
+    section = text.split("## Loading PixArt-XL-2-512x512 and the MedSteer LoRA", 1)[1].split("\n#", 1)[0]
     missing = [source for source in WEIGHT_SOURCES if source not in section]
-    assert not missing, f"README's PixArt loading section does not name {missing}"
+    assert not missing, f"docs/installation.md's PixArt loading section does not name {missing}"
