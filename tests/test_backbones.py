@@ -4,7 +4,7 @@ from torch import nn
 
 from medsteer_core import UnsupportedModelError, find_sites
 from medsteer_core.backbones import Backbone, register_backbone, unregister_backbone
-from tests.conftest import make_transformer
+from tests.tiny_models import make_transformer
 
 
 def test_diffusers_sites_in_depth_order(transformer):

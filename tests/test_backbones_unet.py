@@ -13,8 +13,7 @@ from torch import nn
 
 from medsteer_core import find_sites
 from medsteer_core.backbones import UNetDiffusers, resolve_layers, unet_family
-from tests.conftest import make_transformer
-from tests.tiny_unet import CONTEXT, full_unet, make_unet, unet_kwargs
+from tests.tiny_models import CONTEXT, full_unet, make_transformer, make_unet, unet_kwargs
 
 SD1_NAMES = (
     "input 1", "input 2", "input 4", "input 5", "input 7", "input 8", "middle 0",

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from medsteer_core import MedSteerError, weights
-from tests.checkpoint_factories import tiny_pixart
+from tests.tiny_models import tiny_pixart
 
 FUZZ = settings(
     max_examples=150,

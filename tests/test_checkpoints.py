@@ -22,9 +22,8 @@ from tests.checkpoint_factories import (
     make_medsteer_lora,
     merged_state_dict,
     save_adapter,
-    tiny_pixart,
-    tiny_t5,
 )
+from tests.tiny_models import tiny_pixart, tiny_t5
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from medsteer_core import MedSteerError, SteeringPlan, inspection, load_vector, 
 from medsteer_core import headless as mp
 from medsteer_core.headless.cli import main
 from medsteer_core.hooks import CallInfo
-from tests.tiny_pipeline import save_tiny_lora, save_tiny_pixart
+from tests.checkpoint_factories import save_tiny_lora
+from tests.tiny_models import save_tiny_pixart
 
 WITH = "an endoscopic image of dyed lifted polyps"
 WITHOUT = "an endoscopic image of polyps"

@@ -18,7 +18,7 @@ from diffusers import DPMSolverMultistepScheduler
 from medsteer_core import GateRecord, SteeringPlan, VectorEstimator, find_sites, steering
 from medsteer_core.driver import SamplingSpec, sample
 from medsteer_core.vector import PathologyVector
-from tests.conftest import make_embeds, make_transformer
+from tests.tiny_models import make_embeds, make_transformer
 
 SPEC = SamplingSpec(steps=4, cfg=4.0, height=8, width=8)
 

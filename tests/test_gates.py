@@ -15,7 +15,7 @@ from medsteer_core.gates import (
     select_maps,
     selection_gate,
 )
-from tests.conftest import make_transformer
+from tests.tiny_models import make_transformer
 
 
 @pytest.fixture(scope="module")

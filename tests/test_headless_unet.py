@@ -1,5 +1,5 @@
 """The headless route on Stable Diffusion pipelines (issue 10), on tiny folders the tests write
-(``tests.tiny_sd``): SD 1.x-shaped with epsilon and v-prediction schedulers, SDXL-shaped with two
+(``tests.tiny_models``): SD 1.x-shaped with epsilon and v-prediction schedulers, SDXL-shaped with two
 text encoders, a bare UNet over a base pipeline (MINIM's ``unets/<id>/unet``) and a single-file
 checkpoint in the original layout. Unsteered sampling is diffusers' own pipeline; the CLI runs
 build-vector -> generate -> heatmap -> inspect; loader mistakes get one-line errors; a vector of one
@@ -16,7 +16,8 @@ from medsteer_core import VectorMismatchError, load_vector
 from medsteer_core import headless as mh
 from medsteer_core.driver import initial_latents
 from medsteer_core.headless.cli import main
-from tests.tiny_sd import make_family_pipeline, save_bare_unet, save_single_file, save_tiny_sd
+from tests.checkpoint_factories import save_single_file
+from tests.tiny_models import make_family_pipeline, save_bare_unet, save_tiny_sd
 
 WITH = "an endoscopic image of dyed lifted polyps"
 WITHOUT = "an endoscopic image of polyps"
@@ -140,7 +141,7 @@ def test_loader_mistakes_are_one_line_errors_naming_the_fix(folders, tmp_path, c
 
 
 def test_unet_over_pixart_and_single_file_over_pixart_config_are_refused(folders, tmp_path):
-    from tests.tiny_pipeline import save_tiny_pixart
+    from tests.tiny_models import save_tiny_pixart
 
     pixart = save_tiny_pixart(tmp_path / "pixart")
     with pytest.raises(mh.ModelLoadError, match="replaces the UNet of a Stable Diffusion pipeline"):
@@ -215,7 +216,7 @@ def test_an_sd1_vector_on_sdxl_or_pixart_is_refused_naming_both(tmp_path):
     assert built.vector.metadata["model_family"] == "sd1"
     with pytest.raises(VectorMismatchError, match="sd1.*sdxl"):
         mh.generate(sdxl, [mh.Steer(built.vector)], [WITH], [0], tmp_path / "out", steps=1, height=8, width=8)
-    from tests.tiny_pipeline import save_tiny_pixart
+    from tests.tiny_models import save_tiny_pixart
 
     pixart = _load(save_tiny_pixart(tmp_path / "pixart"))
     with pytest.raises(VectorMismatchError, match="sd1.*pixart"):

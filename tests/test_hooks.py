@@ -16,7 +16,7 @@ from medsteer_core import (
 from medsteer_core.driver import SamplingSpec, sample
 from medsteer_core.hooks import CallInfo
 from medsteer_core.plan import MAX_STRENGTH
-from tests.conftest import make_transformer
+from tests.tiny_models import make_transformer
 
 SPEC = SamplingSpec(steps=4, cfg=4.0, height=8, width=8)
 

@@ -18,7 +18,7 @@ from medsteer_core import (
     steering,
 )
 from medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
-from tests.conftest import make_transformer
+from tests.tiny_models import make_transformer
 
 
 def make_vector(depth=4, hidden=16, keys=5, seed=0) -> PathologyVector:
@@ -173,7 +173,7 @@ def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, stren
     """It wrote all-black PNGs and exited 0 (1e30), or raised a raw RuntimeError after creating --out."""
     from medsteer_core.backbones import find_sites as sites_of
     from medsteer_core.headless.cli import main
-    from tests.tiny_pipeline import save_tiny_pixart
+    from tests.tiny_models import save_tiny_pixart
 
     model = save_tiny_pixart(tmp_path / "model")
     from diffusers import PixArtTransformer2DModel

@@ -11,8 +11,7 @@ import torch
 
 from medsteer_core import PathologyVector, SteeringPlan, VectorMismatchError, find_sites, steering
 from medsteer_core.plan import check_family, family_group, make_plan
-from tests.conftest import make_transformer
-from tests.tiny_unet import full_unet, make_unet
+from tests.tiny_models import full_unet, make_transformer, make_unet
 
 
 def vector_for(sites, family: str) -> PathologyVector:

@@ -1,6 +1,6 @@
 """The engine on UNets (issue 10): capture -> estimate -> save/load (ragged widths) -> steer -> gates.
 
-Tiny random diffusers UNets (``tests/tiny_unet.py``), called directly with the hooks reading each
+Tiny random diffusers UNets (``tests/tiny_models.py``), called directly with the hooks reading each
 call's latents and timesteps (``layout=``), and once through ``driver.sample``.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from medsteer_core import GateRecord, SteeringPlan, VectorEstimator, capture, find_sites, load_vector, save_vector
 from medsteer_core import steering as steering_context
-from tests.tiny_unet import CONTEXT, make_unet, unet_kwargs
+from tests.tiny_models import CONTEXT, make_unet, unet_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,8 @@ import torch
 from comfy_boot import Graph, keep, ksampler, load_pack
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoint_factories import (
-    CAPTION_CHANNELS,
-    PIXART_XL_2_512_CONFIG,
-    make_medsteer_lora,
-    merged_state_dict,
-    save_adapter,
-    tiny_pixart,
-    tiny_t5,
-)
+from tests.checkpoint_factories import PIXART_XL_2_512_CONFIG, make_medsteer_lora, merged_state_dict, save_adapter
+from tests.tiny_models import CAPTION_CHANNELS, tiny_pixart, tiny_t5
 
 HERE = Path(__file__).resolve().parent
 LOADER = "MedSteerLoadPixArtAlpha"

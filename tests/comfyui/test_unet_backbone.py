@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_unet import full_unet
+from tests.tiny_models import full_unet
 
 
 def comfy_unet(config: dict, device=None, seed: int = 0):
