@@ -258,12 +258,12 @@ def test_medsteer_mini_file_loads_and_samples_in_pixel_space(tmp_path):
 
 # ----------------------------------------------------------------------------------- README
 def test_readme_headless_pipeline_example_runs(folders, tmp_path, monkeypatch, capsys):
-    """The README's pipeline block, with its settings line pointed at the tiny model (4 layers)."""
+    """The Python API page's pipeline block, with its settings line pointed at the tiny model (4 layers)."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("### Headless pipeline", 1)[1].split("\n## ", 1)[0]
+    text = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
+    section = text.split("## Headless pipeline", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     settings = {
         r"MODEL, LORA = .*": f"MODEL, LORA = {str(folders['model'])!r}, {str(folders['lora'])!r}",
@@ -273,7 +273,7 @@ def test_readme_headless_pipeline_example_runs(folders, tmp_path, monkeypatch, c
         block, count = re.subn(pattern, line, block)
         assert count == 1, pattern
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, "docs/python-api.md", "exec"), {})
     assert "4 pairs written, 0 already there" in capsys.readouterr().out
     assert (tmp_path / "fig3.png").is_file() and (tmp_path / "vectors" / "dye.halves" / "a.safetensors").is_file()
     assert len((tmp_path / "pairs" / "dye" / mp.MANIFEST).read_text().splitlines()) == 4
