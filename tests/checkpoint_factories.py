@@ -4,7 +4,7 @@ PEFT LoRA adapters with real key names (``save_adapter``, ``make_medsteer_lora``
 ``transformer_lora/`` + ``text_encoder_lora/`` layout; ``save_tiny_lora``: the same for the tiny
 PixArt pipeline), PEFT's own merge as the reference (``merged_state_dict``), PixArt-XL-2's published
 config, and the tiny SD pipeline as one original-layout (LDM) single-file checkpoint
-(``save_single_file``). Used by tests/test_checkpoints.py, tests/test_pipeline.py, tests/test_cli.py,
+(``save_single_file``). Used by tests/test_weights_*.py, tests/test_pipeline.py, tests/test_cli.py,
 tests/test_headless_unet.py (CI) and tests/comfyui/test_loaders.py (real ComfyUI).
 """
 

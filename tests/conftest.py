@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random-weight diffusers PixArt transformer and caption embeddings
-(built by ``tests/tiny_models.py``), and the pytest-xdist worker count."""
+"""Shared fixtures: a tiny random-weight diffusers PixArt transformer and caption embeddings, the
+weights tests' PixArt and T5 (all built by ``tests/tiny_models.py``), and the pytest-xdist worker count."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.tiny_models import make_embeds, make_transformer
+from tests.tiny_models import make_embeds, make_transformer, tiny_pixart, tiny_t5
 
 #: ``-n auto`` (the README's test command, pytest-xdist) starts one worker per core, at most this
 #: many: every worker boots its own ComfyUI and loads its own models, and the heavy modules are few.
@@ -47,3 +47,15 @@ def scheduler():
 def embeds():
     """Caption embeddings: with the concept, without it, and the unconditional one."""
     return {"with": make_embeds(6, 1), "without": make_embeds(6, 2), "uncond": make_embeds(6, 3)}
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    """The weights tests' PixArt: 72-wide heads, every tensor non-zero."""
+    return tiny_pixart()
+
+
+@pytest.fixture(scope="module")
+def t5():
+    """The weights tests' T5: T5-XXL's vocabulary, gated-GELU MLP."""
+    return tiny_t5()
