@@ -32,15 +32,9 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+from bench_common import Geometry, build_transformer, random_vector
 
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parent, HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from bench_engine import Geometry, build_transformer, random_vector  # noqa: E402
-
-import medsteer_core as ms  # noqa: E402
+import medsteer_core as ms
 
 VARIANTS = ("eager_plain", "eager_steered", "compiled_plain", "compiled_steered")
 

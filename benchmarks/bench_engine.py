@@ -35,31 +35,39 @@ Run from the repository root, e.g. ``python benchmarks/bench_engine.py all --bud
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import random
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from bench_common import (
+    TINY,
+    AuthorsStyleSteering,
+    Geometry,
+    build_transformer,
+    environment,
+    fmt_load,
+    log,
+    paired_ratio,
+    pass_through,
+    random_vector,
+    rss_bytes,
+    stat_rows,
+    summary,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import medsteer_core as ms  # noqa: E402
-from medsteer_core.driver import SamplingSpec, sample  # noqa: E402
-from medsteer_core.hooks import CallInfo  # noqa: E402
+import medsteer_core as ms
+from medsteer_core.driver import SamplingSpec, sample
+from medsteer_core.hooks import CallInfo
 
 VARIANTS = ("plain", "steered", "recorded", "capture", "authors_window", "authors_all")
 #: Which variant each ratio compares against ``plain`` and the target it must meet (issue 2).
@@ -67,183 +75,12 @@ TARGETS = {"steered": 1.03, "capture": 1.03}
 
 
 # ---------------------------------------------------------------------------------------- model
-@dataclass(frozen=True)
-class Geometry:
-    """Transformer shape. The default is PixArt-XL-2-512x512 (diffusers config)."""
-
-    num_layers: int = 28
-    num_attention_heads: int = 16
-    attention_head_dim: int = 72
-    caption_channels: int = 4096
-    sample_size: int = 64
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-
-TINY = Geometry(num_layers=4, num_attention_heads=2, attention_head_dim=8, caption_channels=32, sample_size=8)
-
-
-def build_transformer(geometry: Geometry, seed: int = 0):
-    """A random-weight ``PixArtTransformer2DModel`` in eval mode, float32, CPU."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        sample_size=geometry.sample_size,
-        num_layers=geometry.num_layers,
-        patch_size=2,
-        attention_head_dim=geometry.attention_head_dim,
-        num_attention_heads=geometry.num_attention_heads,
-        caption_channels=geometry.caption_channels,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=geometry.hidden_size,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    )
-    return model.eval()
-
-
-def random_vector(timesteps: torch.Tensor, depth: int, hidden: int, seed: int = 1) -> ms.PathologyVector:
-    """A pathology vector with random unit directions keyed at ``timesteps`` (speed does not
-    depend on the directions' values: every operation in the hooks is dense)."""
-    g = torch.Generator().manual_seed(seed)
-    k = timesteps.numel()
-    return ms.PathologyVector.from_sums(
-        timesteps.double(),
-        torch.randn(k, depth, hidden, generator=g, dtype=torch.float64),
-        torch.randn(k, depth, hidden, generator=g, dtype=torch.float64),
-        torch.ones(k, dtype=torch.int64),
-        torch.ones(k, dtype=torch.int64),
-        {"concept_with": "benchmark", "concept_without": "random"},
-    )
 
 
 # ------------------------------------------------------------------------- the baseline hook
-class AuthorsStyleSteering:
-    """Baseline for comparison, written from the behaviour described in method.md ("Facts about the
-    authors' public code"), not from their code.
-
-    The behaviour reproduced: forward hooks on the cross-attention of every block (all 28), the
-    step found by counting transformer calls (clamped to the last stored step), one host-side
-    vector per step and layer copied to the activations' device inside the hook on every call,
-    every activation pulled to the host on every call (its conditional half kept, as their
-    recording does), and the gated update applied to both halves of the CFG batch on the steered
-    blocks. ``preserve_norm`` is left off so the update is the same arithmetic as ours and the
-    comparison isolates the hooking pattern.
-
-    On a CPU-only machine host and device are the same, where ``.cpu()`` and ``.to(device)`` return
-    their input without copying, so the copies are forced (``copy=True``) to stand in for the
-    transfers; the device synchronisation they cause on a GPU is not measured here.
-    """
-
-    def __init__(self, transformer, step_vectors: list[torch.Tensor], strength: float, steered: range) -> None:
-        self.sites = ms.find_sites(transformer)
-        self.step_vectors = [v.detach().cpu() for v in step_vectors]  # host-side, [L, D] per step
-        self.strength = strength
-        self.steered = set(steered)
-        self.calls = 0
-        self.conditional_rows: list[int] = []
-        self.pulled: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    @contextmanager
-    def attached(self, conditional_rows: list[int]):
-        self.conditional_rows = conditional_rows
-        self._handles = [self.sites.transformer.register_forward_pre_hook(self._count)]
-        self._handles += [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.modules)]
-        try:
-            yield self
-        finally:
-            while self._handles:
-                self._handles.pop().remove()
-
-    def _count(self, module, args) -> None:
-        self.calls += 1
-
-    def _hook(self, index: int):
-        def hook(module, args, output):
-            h = output
-            step = min(max(self.calls - 1, 0), len(self.step_vectors) - 1)
-            v = self.step_vectors[step][index].to(device=h.device, dtype=h.dtype, copy=True)
-            host = h.detach().to("cpu", copy=True)
-            self.pulled[index] = host[self.conditional_rows]
-            if index not in self.steered:
-                return None
-            gate = (h * v).sum(dim=-1, keepdim=True).clamp_min(0)
-            return h - self.strength * gate * v
-
-        return hook
-
-
-@contextmanager
-def pass_through(modules):
-    """Make each module's call return its first argument, hooks included (an instance attribute
-    shadows the class's ``forward``), so timing a call times only its hooks."""
-    for module in modules:
-        module.forward = _first_argument
-    try:
-        yield
-    finally:
-        for module in modules:
-            del module.forward
-
-
-def _first_argument(hidden_states, *args, **kwargs):
-    return hidden_states
 
 
 # ---------------------------------------------------------------------------------- statistics
-def summary(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    median = statistics.median(values)
-    return {
-        "n": len(values),
-        "median": median,
-        "q1": q[0],
-        "q3": q[2],
-        "iqr": q[2] - q[0],
-        "iqr_pct": 100.0 * (q[2] - q[0]) / median if median else float("nan"),
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-def paired_ratio(numerator: list[float], denominator: list[float], resamples: int = 2000) -> dict:
-    """Median over rounds of ``numerator[r] / denominator[r]`` with a bootstrap 95% interval."""
-    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
-    rng = random.Random(0)
-    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return {
-        "median": statistics.median(ratios),
-        "ci95": [boots[int(0.025 * resamples)], boots[int(0.975 * resamples) - 1]],
-    }
-
-
-def environment(threads: int) -> dict:
-    import diffusers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "medsteer": ms.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ------------------------------------------------------------------------------- step timing
@@ -400,12 +237,6 @@ def bench_steps(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------- memory
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class _PeakRss:
@@ -413,13 +244,13 @@ class _PeakRss:
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
-        self.peak = _rss_bytes()
+        self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = _rss_bytes()
+            rss = rss_bytes()
             if rss is not None and (self.peak is None or rss > self.peak):
                 self.peak = rss
             time.sleep(self.interval)
@@ -453,7 +284,7 @@ def bench_memory_once(args) -> dict:
     # baseline is taken and the growth below belongs to the capture.
     sample(model, scheduler, embeds["with"], chunks[0], spec, negative_embeds=embeds["neg"])
     gc.collect()
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     tracemalloc.start()
     estimator = ms.VectorEstimator.for_model(model)
     rss_trace: list[int | None] = []
@@ -473,13 +304,13 @@ def bench_memory_once(args) -> dict:
                     label=label,
                 )
             # Growth after each chunk of seeds: flat if nothing accumulates per seed.
-            rss_trace.append(_rss_bytes())
+            rss_trace.append(rss_bytes())
             nbytes_trace.append(estimator.nbytes)
     seconds = time.perf_counter() - start
     gc.collect()
     traced_current, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_after = _rss_bytes()
+    rss_after = rss_bytes()
     vector = estimator.result()
     keys = len(vector.timesteps)
     return {
@@ -524,8 +355,6 @@ def bench_memory(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- report
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def markdown(steps: dict | None, memory: list[dict] | None, command: str) -> str:
@@ -606,25 +435,6 @@ def markdown(steps: dict | None, memory: list[dict] | None, command: str) -> str
             sizes = sorted(set(m.get("estimator_nbytes_after_each_chunk", [])))
             lines.append(f"- {m['seeds']} seeds: RSS growth [{growth}]; nbytes values seen {sizes}")
     return "\n".join(lines) + "\n"
-
-
-def stat_rows(stats: dict, scale: float) -> list[str]:
-    rows = []
-    for variant, s in stats.items():
-        ratio = "1" if variant == "plain" else f"{s['ratio_of_medians']:.3f}"
-        paired = (
-            ""
-            if variant == "plain"
-            else f"{s['paired_ratio']['median']:.3f} [{s['paired_ratio']['ci95'][0]:.3f}, {s['paired_ratio']['ci95'][1]:.3f}]"
-        )
-        rows.append(
-            f"| {variant} | {s['median'] * 1e3:.0f} | {s['iqr'] * 1e3:.0f} ({s['iqr_pct']:.1f}%) | {ratio} | {paired} |"
-        )
-    return rows
-
-
-def fmt_load(load) -> str:
-    return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
 
 
 def fmt_bytes(n) -> str:

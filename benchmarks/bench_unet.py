@@ -9,7 +9,7 @@ removed around the call as ``medsteer_core.driver.sample`` attaches them around 
 - ``steered``   ``attach_steering`` on the UNet's default window (every site: 16 on SD1.5, 70 on
   SDXL), strength 2.5, a random vector with the model's ragged widths (320/640/1280)
 - ``recorded``  the same plus a ``GateRecord`` (one sampling run per step)
-- ``authors``   ``bench_engine.AuthorsStyleSteering`` on the same window: the vector copied to the
+- ``authors``   ``bench_common.AuthorsStyleSteering`` on the same window: the vector copied to the
   device and every activation pulled to the host at every site and call
 
 interleaved round by round in one process (a rotated order, after an untimed warm-up round that
@@ -17,7 +17,7 @@ also checks the hooks: steering changes the output, recording does not, every si
 recorded, no hook is left behind), until ``--budget`` seconds have passed; then each variant's
 hooks alone (attached, run at every site on an activation of that site's shape with the attention
 replaced by a pass-through, removed). Each configuration runs in a fresh subprocess, so its peak
-resident set is its own. Method and statistics are ``bench_engine.py``'s (imported from it).
+resident set is its own. Method and statistics are ``bench_engine.py``'s (shared through ``bench_common.py``).
 
 On a GPU every timed call is bracketed by ``torch.cuda.synchronize``; the process CPU time recorded
 beside the wall time then measures the host's launch work only.
@@ -40,18 +40,14 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_common as common
+import bench_unet_report as report
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_engine as be  # noqa: E402
-import bench_unet_report as report  # noqa: E402
-
-import medsteer_core as ms  # noqa: E402
-from medsteer_core.hooks import CallInfo, attach_steering  # noqa: E402
-from medsteer_core.plan import default_window  # noqa: E402
-from medsteer_core.provenance import site_widths  # noqa: E402
+import medsteer_core as ms
+from medsteer_core.hooks import CallInfo, attach_steering
+from medsteer_core.plan import default_window
+from medsteer_core.provenance import site_widths
 
 VARIANTS = ("plain", "steered", "recorded", "authors")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -246,7 +242,7 @@ class StepBench:
         self.plan = ms.SteeringPlan(
             vector, strength=args.strength, layer_start=self.window[0], layer_end=self.window[1]
         )
-        self.authors = be.AuthorsStyleSteering(unet, [], args.strength, range(*self.window))
+        self.authors = common.AuthorsStyleSteering(unet, [], args.strength, range(*self.window))
         # The baseline keys one [L, D] host vector per step; a UNet's sites are narrower than D,
         # so each step holds one row per site at that site's width (the copy per call unchanged).
         self.authors.step_vectors = [
@@ -361,7 +357,7 @@ def run_round(bench: StepBench, r: int, timings: dict | None) -> None:
             timings["full_cpu"][variant].append(cpu_seconds)
     if timings is None:
         bench.check(outputs)
-    with be.pass_through(bench.sites.modules):
+    with common.pass_through(bench.sites.modules):
         for _ in range(bench.args.hook_repeats):
             for variant in order:
                 seconds = bench.hooks_only(variant, step)
@@ -372,7 +368,7 @@ def run_round(bench: StepBench, r: int, timings: dict | None) -> None:
 def bench_configuration(model: str, size: int, args) -> dict:
     """Build, warm up (and check), time rounds until the budget is spent; one configuration."""
     torch.set_num_threads(args.threads)
-    env = be.environment(torch.get_num_threads())
+    env = common.environment(torch.get_num_threads())
     env["allocator"] = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
     from diffusers import UNet2DConditionModel  # noqa: F401  (the import is not part of the build time)
 
@@ -382,10 +378,10 @@ def bench_configuration(model: str, size: int, args) -> dict:
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     env["device"], env["dtype"] = args.device, args.dtype
     build_s = time.perf_counter() - start
-    rss_model = be._rss_bytes()
+    rss_model = common.rss_bytes()
     bench = StepBench(unet, model, size, args)
     label = f"{model} {size}x{size}"
-    be.log(f"{label}: built in {build_s:.1f} s, {bench.sites.depth} sites, window {bench.window}")
+    common.log(f"{label}: built in {build_s:.1f} s, {bench.sites.depth} sites, window {bench.window}")
     for r in range(args.warmup):
         run_round(bench, r, None)
     timings = {part: {v: [] for v in args.variants} for part in ("full", "full_cpu", "hooks_only")}
@@ -395,7 +391,7 @@ def bench_configuration(model: str, size: int, args) -> dict:
         rounds += 1
         elapsed = time.perf_counter() - start
         plain = statistics.median(timings["full"]["plain"])
-        be.log(f"{label}: round {rounds}, {elapsed:.0f} s elapsed, plain step median {plain:.2f} s")
+        common.log(f"{label}: round {rounds}, {elapsed:.0f} s elapsed, plain step median {plain:.2f} s")
         if elapsed >= args.budget and rounds >= args.min_rounds:
             break
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -447,7 +443,7 @@ def run_all(args) -> list[dict]:
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # progress goes to stderr
             lines = done.stdout.strip().splitlines()
             if done.returncode != 0 or not lines:
-                be.log(f"{model} {size}x{size}: FAILED (exit status {done.returncode})")
+                common.log(f"{model} {size}x{size}: FAILED (exit status {done.returncode})")
                 results.append({"model": model, "size": size, "error": f"exit status {done.returncode}"})
                 continue
             results.append(json.loads(lines[-1]))
@@ -535,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_unet.py " + " ".join(sys.argv[1:] if argv is None else argv)
     architectures = [check_architecture(model, args.tiny, args.sizes) for model in args.models]
     for a in architectures:
-        be.log(
+        common.log(
             f"{a['model']}: {a['parameters']:,} parameters, {a['sites']} sites ({a['family']}), window {a['window']}"
         )
     if args.dry_run:
@@ -559,9 +555,11 @@ def main(argv: list[str] | None = None) -> int:
             if ratio > TARGET:
                 problems.append(f"{r['model']} {r['size']}: steered/plain = {ratio:.3f} > {TARGET}")
     for problem in problems:
-        be.log(f"PROBLEM: {problem}")
+        common.log(f"PROBLEM: {problem}")
     if args.tiny and not problems:
-        be.log("self-check passed: sites, parameters, hooks acting and removed, report, on both layouts and every size")
+        common.log(
+            "self-check passed: sites, parameters, hooks acting and removed, report, on both layouts and every size"
+        )
     return 1 if problems else 0
 
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_engine as be  # noqa: E402
+import bench_common as common
 
 TEXT_TOKENS = 77  # CLIP's context length, as in bench_unet
 #: The header of a configuration's step-time tables (wall time, and CPU time where recorded).
@@ -25,10 +21,10 @@ def statistics_of(timings: dict) -> dict:
         plain = per_variant["plain"]
         stats[part] = {}
         for variant, values in per_variant.items():
-            entry = be.summary(values)
+            entry = common.summary(values)
             if variant != "plain":
                 entry["ratio_of_medians"] = entry["median"] / statistics.median(plain)
-                entry["paired_ratio"] = be.paired_ratio(values, plain)
+                entry["paired_ratio"] = common.paired_ratio(values, plain)
                 entry["overhead_ms"] = 1e3 * (entry["median"] - statistics.median(plain))
             stats[part][variant] = entry
     full_plain = statistics.median(timings["full"]["plain"])
@@ -105,19 +101,19 @@ def configuration_section(r: dict) -> list[str]:
         f"{r['sites']} sites ({r['family']}), window {r['window']}, token grids {r['grids']}; built in "
         f"{r['build_s']:.0f} s, RSS {r['rss_model_bytes'] / 2**30:.1f} GiB after the build, peak "
         f"{r['peak_rss_bytes'] / 2**30:.1f} GiB; {r['rounds']} timed rounds ({r['timed_s']:.0f} s) after "
-        f"{r['warmup_rounds']} warm-up round(s); load average {be.fmt_load(env['loadavg_start'])} at start, "
-        f"{be.fmt_load(env['loadavg_end'])} at end; malloc: {env.get('allocator', 'system')}, "
+        f"{r['warmup_rounds']} warm-up round(s); load average {common.fmt_load(env['loadavg_start'])} at start, "
+        f"{common.fmt_load(env['loadavg_end'])} at end; malloc: {env.get('allocator', 'system')}, "
         f"{r.get('minor_page_faults', 0):,} minor page faults in the process.",
         "",
         *STEP_TABLE,
-        *be.stat_rows(r["stats"]["full"], 1),
+        *common.stat_rows(r["stats"]["full"], 1),
         *(
             [
                 "",
                 "The same steps in process CPU time (the work, without waiting to be scheduled):",
                 "",
                 *STEP_TABLE,
-                *be.stat_rows(r["stats"]["full_cpu"], 1),
+                *common.stat_rows(r["stats"]["full_cpu"], 1),
             ]
             if "full_cpu" in r["stats"]
             else []

@@ -16,18 +16,13 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
+import bench_common as common
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_engine as be  # noqa: E402
-
-import medsteer_core as ms  # noqa: E402
-from medsteer_core.hooks import CallInfo  # noqa: E402
+import medsteer_core as ms
+from medsteer_core.hooks import CallInfo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,20 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    geometry = be.TINY if args.tiny else be.Geometry()
-    model = be.build_transformer(geometry)
+    geometry = common.TINY if args.tiny else common.Geometry()
+    model = common.build_transformer(geometry)
     sites = ms.find_sites(model)
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler()
     scheduler.set_timesteps(20)
     schedule = scheduler.timesteps
-    vector = be.random_vector(schedule.double(), sites.depth, sites.hidden_size)
+    vector = common.random_vector(schedule.double(), sites.depth, sites.hidden_size)
     window = (8, 16) if sites.depth >= 16 else (1, 2)
     plan = ms.SteeringPlan(vector, strength=2.5, layer_start=window[0], layer_end=window[1])
     estimator = ms.VectorEstimator.for_model(model)
     step_vectors = [vector.at(float(t)) for t in schedule]
-    authors = be.AuthorsStyleSteering(model, step_vectors, 2.5, range(*window))
+    authors = common.AuthorsStyleSteering(model, step_vectors, 2.5, range(*window))
     h = torch.randn(2, 256, sites.hidden_size)
     t_rows = schedule[5].reshape(1).expand(2)
     call = CallInfo(t_rows, (False, True), (16, 16))
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - start
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, activation {list(h.shape)}")
-    with be.pass_through(sites.modules):
+    with common.pass_through(sites.modules):
         for variant in ("plain", "steered", "recorded", "capture", "authors_window"):
             for _ in range(3):
                 once(variant)
