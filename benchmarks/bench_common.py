@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import medsteer_core as ms  # noqa: E402
+from medsteer_core.provenance import Provenance  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ model
 
@@ -82,7 +83,7 @@ def random_vector(timesteps: torch.Tensor, depth: int, hidden: int, seed: int = 
         torch.randn(k, depth, hidden, generator=g, dtype=torch.float64),
         torch.ones(k, dtype=torch.int64),
         torch.ones(k, dtype=torch.int64),
-        {"concept_with": "benchmark", "concept_without": "random"},
+        Provenance(concept_with="benchmark", concept_without="random"),
     )
 
 

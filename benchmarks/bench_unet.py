@@ -47,7 +47,7 @@ import torch
 import medsteer_core as ms
 from medsteer_core.hooks import CallInfo, attach_steering
 from medsteer_core.plan import default_window
-from medsteer_core.provenance import site_widths
+from medsteer_core.provenance import Provenance, site_widths
 
 VARIANTS = ("plain", "steered", "recorded", "authors")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -197,8 +197,8 @@ def ragged_vector(timesteps: torch.Tensor, sites, seed: int = 1) -> ms.Pathology
     k = timesteps.numel()
     sums = [torch.randn(k, *inside.shape, generator=g, dtype=torch.float64) * inside for _ in range(2)]
     ones = torch.ones(k, dtype=torch.int64)
-    metadata = {"concept_with": "benchmark", "concept_without": "random", "model_family": sites.family}
-    return ms.PathologyVector.from_sums(timesteps.double(), *sums, ones, ones, metadata, widths=widths)
+    provenance = Provenance(concept_with="benchmark", concept_without="random", model_family=sites.family)
+    return ms.PathologyVector.from_sums(timesteps.double(), *sums, ones, ones, provenance, widths=widths)
 
 
 def step_inputs(unet, arch: Architecture, size: int, generator: torch.Generator | None = None):

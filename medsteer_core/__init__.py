@@ -28,7 +28,8 @@ from .gates import GateRecord
 from .hooks import capture, steering
 from .plan import SteeringPlan
 from .ssps import ssps
-from .vector import PathologyVector, load_vector, save_vector
+from .vector import PathologyVector
+from .vector_file import load_vector, save_vector
 
 __all__ = [  # grouped by task, not sorted
     "__version__",

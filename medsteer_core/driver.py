@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .backbones import find_sites
+from .backbones import Sites, find_sites
 from .gates import GateRecord
 from .hooks import attach_capture, attach_steering
 from .plan import SteeringPlan
@@ -34,24 +34,29 @@ class SamplingSpec:
         steps: number of denoising steps.
         cfg: classifier-free guidance scale (1 = no unconditional pass).
         height / width: latent size in latent pixels.
-        channels: latent channels (4 for PixArt's VAE).
+        channels: latent channels; ``None``: the model's own (``Sites.latent_channels``: 4 for the
+            SD / PixArt autoencoders, 3 for pixel-space MedSteer-mini).
     """
 
     steps: int = 20
     cfg: float = 4.5
     height: int = 64
     width: int = 64
-    channels: int = 4
+    channels: int | None = None
 
 
-def initial_latents(seeds: Sequence[int], spec: SamplingSpec, dtype=torch.float32, device="cpu") -> torch.Tensor:
+def initial_latents(
+    seeds: Sequence[int], spec: SamplingSpec, dtype=torch.float32, device="cpu", channels: int | None = None
+) -> torch.Tensor:
     """``[len(seeds), C, H, W]`` starting noise, one CPU generator per seed.
 
     Each image depends only on its own seed, so batching seeds differently gives the same noise.
+    ``C`` is ``spec.channels``, else ``channels`` (``sample`` passes ``Sites.latent_channels``), else 4.
     """
+    channels = spec.channels or channels or 4
     noise = [
         torch.randn(
-            (spec.channels, spec.height, spec.width),
+            (channels, spec.height, spec.width),
             generator=torch.Generator("cpu").manual_seed(int(s)),
             dtype=torch.float32,
         )
@@ -108,18 +113,18 @@ def sample(
     Returns:
         ``[B, C, H, W]`` final latents (float32, CPU).
     """
-    find_sites(transformer)  # a clear error for a model no backbone knows, steered or not
+    sites = find_sites(transformer)  # a clear error for a model no backbone knows, steered or not
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
     batch = len(seeds)
     if latents is None:
-        latents = initial_latents(seeds, spec, torch.float32, device)
+        latents = initial_latents(seeds, spec, torch.float32, device, channels=sites.latent_channels)
     latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
     guided = spec.cfg != 1
     if guided and negative_embeds is None:
         raise ValueError("cfg != 1 needs negative_embeds (the unconditional caption embeddings)")
     pairs = ((prompt_embeds, negative_embeds), (prompt_mask, negative_mask), (added, negative_added))
-    conditioning = _conditioning(transformer, spec, batch, guided, device, dtype, *pairs)
+    conditioning = _conditioning(sites, spec, batch, guided, device, dtype, *pairs)
 
     scheduler.set_timesteps(spec.steps, device=device)
     # Hooks for this sampling run only: attached (and validated) once, removed in any case. Each
@@ -152,7 +157,7 @@ class _Conditioning(NamedTuple):
 
 
 def _conditioning(
-    transformer: nn.Module,
+    sites: Sites,
     spec: SamplingSpec,
     batch: int,
     guided: bool,
@@ -194,13 +199,12 @@ def _conditioning(
             name: torch.cat([expand(uncond_added[name]), expand(value)]) if guided else expand(value)
             for name, value in cond_added.items()
         }
-    elif getattr(transformer, "use_additional_conditions", False):  # PixArt-alpha's size conditions
-        extra = {
-            "resolution": torch.tensor([[spec.height * 8, spec.width * 8]], device=device, dtype=dtype).repeat(rows, 1),
-            "aspect_ratio": torch.tensor([[spec.height / spec.width]], device=device, dtype=dtype).repeat(rows, 1),
-        }
-    else:
-        extra = {"resolution": None, "aspect_ratio": None}
+    else:  # the backbone's own (PixArt-alpha's resolution and aspect-ratio conditions), in pixels
+        scale = sites.pixel_scale
+        values = sites.resolution_condition(spec.height * scale, spec.width * scale, rows)
+        extra = {"resolution": None, "aspect_ratio": None} if not values else {}
+        for name, value in values.items():
+            extra[name] = torch.tensor([list(value)], device=device, dtype=dtype).repeat(rows, 1)
     return _Conditioning(context, mask, extra, rows, guided)
 
 

@@ -8,14 +8,14 @@ does not grow with the number of seeds. Sums stay on the model's device during s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .backbones import Sites, find_sites
 from .errors import MedSteerError
-from .provenance import site_widths
+from .provenance import Provenance, site_widths
 from .vector import PathologyVector
 
 __all__ = ["LABELS", "VectorEstimator"]
@@ -189,11 +189,12 @@ class VectorEstimator:
         """Largest number of images seen at any timestep for ``label``."""
         return max(self._counts[label].values(), default=0)
 
-    def result(self, metadata: Mapping[str, str] | None = None) -> PathologyVector:
+    def result(self, provenance: Provenance | None = None) -> PathologyVector:
         """Build the pathology vector from everything captured so far.
 
         Args:
-            metadata: provenance strings to store (concepts, prompts, seeds, sampler, ...).
+            provenance: where the activations came from (concepts, prompts, seeds, sampler, ...);
+                its ``site_widths`` are replaced by the estimator's.
 
         Raises:
             MedSteerError: one of the classes was never captured.
@@ -214,16 +215,14 @@ class VectorEstimator:
 
         sum_with, count_with = stacked("with")
         sum_without, count_without = stacked("without")
-        meta = {"hidden_size": str(self.hidden_size), "depth": str(self.depth)}
-        meta.update(metadata or {})
-        meta.pop("site_widths", None)  # the estimator's widths are the vector's
+        provenance = (provenance or Provenance()).replace(site_widths=())  # the estimator's widths are the vector's
         return PathologyVector.from_sums(
             torch.tensor(keys, dtype=torch.float64),
             sum_with,
             sum_without,
             count_with,
             count_without,
-            meta,
+            provenance,
             widths=self.widths,
         )
 

@@ -36,6 +36,7 @@ __all__ = [
     "GateRecord",
     "HeatmapSelection",
     "check_index_list",
+    "finest_grid",
     "index_entries",
     "parse_layers",
     "parse_steps",
@@ -219,7 +220,7 @@ class GateRecord:
         layers = tuple(sorted({e.site for call in calls for e in call}))
         batch = calls[0][0].gate.shape[0]
         grids = {e.site: e.token_grid() for call in calls for e in call}
-        grid = max(grids.values(), key=lambda g: (g[0] * g[1], g))
+        grid = finest_grid(grids.values())
         out = torch.zeros(len(calls), len(layers), batch, grid[0], grid[1])
         timesteps = torch.zeros(len(calls))
         for s, call in enumerate(calls):
@@ -235,6 +236,12 @@ class GateRecord:
                     )
                 out[s, layers.index(entry.site)] = gate_map[:, 0]
         return GateMaps(timesteps, layers, out, tuple(grids[site] for site in layers))
+
+
+def finest_grid(grids) -> tuple[int, int]:
+    """The finest of some token grids (most tokens; ties by rows): the grid gate maps are drawn on,
+    coarser sites (a UNet's lower levels) upsampled to it."""
+    return max((tuple(int(n) for n in g) for g in grids), key=lambda g: (g[0] * g[1], g))
 
 
 # --------------------------------------------------------------------------------- selection

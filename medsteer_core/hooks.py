@@ -307,7 +307,7 @@ def attach_steering(
     if not plans:
         raise ValueError("steering needs at least one SteeringPlan")
     for plan in plans:
-        plan.validate(sites)
+        plan.ensure_valid(sites)  # validated when made (make_plan); checked again only on another model
     # Copy the vectors to the model's device and dtype now, not in the first steered call: a
     # compiled model that traced an empty copy cache would compile a second steered graph.
     parameter = next(sites.transformer.parameters(), None)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .vector import FORMAT_NAME, PathologyVector, load_vector
+from .vector import PathologyVector
+from .vector_file import FORMAT_NAME, FORMAT_VERSION, file_metadata, load_vector
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -161,8 +162,8 @@ def inspect_vector(
     return {
         "file": str(file) if file is not None else None,
         "sha256": sha256_file(file) if file is not None else None,
-        "metadata": dict(vector.metadata),
-        "format_version": vector.metadata.get("format_version", ""),
+        "metadata": file_metadata(vector),
+        "format_version": vector.file_format_version or FORMAT_VERSION,
         "provenance": _provenance_report(vector),
         "gain": vector.gain,
         "shapes": {"timesteps": k, "layers": depth, "hidden_size": width, "widths": list(vector.widths)},
@@ -272,8 +273,10 @@ def format_inspection(report: dict) -> str:
     meta = report["metadata"]
     shapes = report["shapes"]
     lines = [f"vector: {report['file']}" + (f"  (sha256 {report['sha256'][:16]}...)" if report["sha256"] else "")]
+    concepts = report.get("provenance") or {}
     lines.append(
-        f"concept: {meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r}   gain {report['gain']:g}"
+        f"concept: {concepts.get('concept_with', '')!r} vs {concepts.get('concept_without', '')!r}   "
+        f"gain {report['gain']:g}"
     )
     lines.append(
         f"shape: {shapes['timesteps']} timesteps x {shapes['layers']} layers x {shapes['hidden_size']}; "

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,6 @@ __all__ = [
     "SteeringPlan",
     "chain_plans",
     "check_family",
-    "default_window",
     "family_group",
     "make_plan",
     "timestep_window",
@@ -67,7 +67,7 @@ def check_family(vector: PathologyVector, sites: Sites) -> None:
     Raises:
         VectorMismatchError: naming both families and the fix.
     """
-    built_for = str(vector.metadata.get("model_family", "")).strip()
+    built_for = vector.provenance.model_family.strip()
     family = str(sites.family).strip()
     if built_for.lower() in UNKNOWN_FAMILIES or family.lower() in UNKNOWN_FAMILIES:
         return
@@ -123,7 +123,8 @@ class SteeringPlan:
         return float(self.strength) * float(self.vector.gain)
 
     def validate(self, sites: Sites) -> None:
-        """Raise a clear error unless this plan can run on ``sites``."""
+        """Raise a clear error unless this plan can run on ``sites`` (``make_plan`` calls it when the
+        plan is made; the hooks then only check that the model is still the one it was checked on)."""
         if not isinstance(self.vector, PathologyVector):
             raise TypeError(f"SteeringPlan.vector must be a PathologyVector, got {type(self.vector).__name__}")
         check_family(self.vector, sites)
@@ -146,41 +147,17 @@ class SteeringPlan:
             raise ValueError(
                 f"empty timestep window: timestep_min {self.timestep_min} > timestep_max {self.timestep_max}"
             )
+        object.__setattr__(self, "_validated_for", (weakref.ref(sites.transformer), tuple(sites.widths)))
+
+    def ensure_valid(self, sites: Sites) -> None:
+        """``validate`` unless this plan was already validated on these sites (the hooks call this at
+        every model call, so a plan made by ``make_plan`` is not checked again per call)."""
+        checked = getattr(self, "_validated_for", None)
+        if checked is None or checked[0]() is not sites.transformer or checked[1] != tuple(sites.widths):
+            self.validate(sites)
 
     def covers(self, site: int) -> bool:
         return self.layer_start <= site < self.layer_end
-
-
-#: The paper's window on the 28-block PixArt-XL-2: blocks 8-16 (end exclusive), the middle third.
-PAPER_WINDOW = (8, 16, 28)
-
-
-def default_window(sites: Sites) -> tuple[int, int]:
-    """The layer window to start from on a model: ``(layer_start, layer_end)``, end exclusive.
-
-    - PixArt (and any backbone without its own preset): the paper's blocks 8-16 where the model
-      has them (PixArt-XL-2 has 28), else every site (MedSteer-mini has 6) - the rule the CLI and
-      the nodes have always used.
-    - Stable Diffusion UNets (the backbone's ``default_window``): the coarsest cross-attention
-      level of the down path, the middle block and the output blocks back up to that level -
-      SD1.x/2.x ``"input 7 - output 5"`` (6 of 16 sites), SDXL ``"input 7.0 - output 2.9"`` (60 of 70).
-
-    Why these UNet sites: CASteer, the method MedSteer ports, steers the cross-attention of SD
-    1.4/2.1/XL and finds concept directions carry the concept at every layer; MedSteer's own
-    constraint is the counterfactual's background, which the paper keeps by steering the middle
-    of PixArt only. In a UNet the low-resolution levels hold the layout and semantics (object
-    presence, category: where Prompt-to-Prompt reads its 16x16 maps on SD) while the full- and
-    half-resolution levels (SD1's ``input 1-5``, ``output 6-11``) mostly render texture and detail,
-    so steering only the semantic levels removes a concept while the fine levels keep redrawing
-    the same background. Layer scans (``medsteer demo`` / ``mini.scan``) measure the alternatives.
-    """
-    own = getattr(sites.backbone, "default_window", None)
-    if callable(own):
-        start, end = (int(v) for v in own(sites.transformer))
-    else:
-        start, end = PAPER_WINDOW[:2] if sites.depth >= PAPER_WINDOW[1] else (0, sites.depth)
-    sites.check_window(start, end)
-    return start, end
 
 
 def timestep_window(
@@ -232,6 +209,8 @@ def make_plan(
     rows: str = "cond and uncond",
     preserve_norm: bool = False,
     interpolation: str = "nearest",
+    timestep_min: float | None = None,
+    timestep_max: float | None = None,
 ) -> SteeringPlan:
     """A ``SteeringPlan`` from node inputs, validated against the model it will steer.
 
@@ -244,6 +223,8 @@ def make_plan(
         percent_to_timestep: needed unless the window is the whole run (0 to 1).
         rows: a key of ``ROW_OPTIONS`` (or its value, ``"all"`` / ``"cond"``).
         preserve_norm / interpolation: as in ``SteeringPlan``.
+        timestep_min / timestep_max: the window as model timesteps instead of percents (the CLI's
+            ``--timestep-min/max``); each overrides its percent.
 
     Raises:
         TypeError: ``vector`` is not a ``PathologyVector``.
@@ -272,7 +253,9 @@ def make_plan(
         def percent_to_timestep(p: float) -> float:  # never called for the whole run
             return 1000.0 * (1.0 - p)
 
-    timestep_min, timestep_max = timestep_window(start_percent, end_percent, percent_to_timestep)
+    low, high = timestep_window(start_percent, end_percent, percent_to_timestep)
+    timestep_min = low if timestep_min is None else float(timestep_min)
+    timestep_max = high if timestep_max is None else float(timestep_max)
     plan = SteeringPlan(
         vector=vector,
         strength=float(strength),

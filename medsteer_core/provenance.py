@@ -26,9 +26,10 @@ from .errors import VectorFileError, VectorMismatchError
 
 __all__ = [
     "CALIBRATED_FIELDS",
+    "ORIGINS",
     "STRUCTURAL_KEYS",
     "Provenance",
-    "build_metadata",
+    "build_provenance",
     "calibrated_setting",
     "metadata_list",
     "site_widths",
@@ -43,6 +44,7 @@ _MAX_NUMBER_CHARS = 40
 _TEXT_FIELDS = (
     "concept_with",
     "concept_without",
+    "origin",
     "negative_prompt",
     "sampler",
     "scheduler",
@@ -55,9 +57,22 @@ _LIST_FIELDS = {"prompts_with": str, "prompts_without": str, "seeds": int, "site
 _NUMBER_FIELDS = {"steps": int, "cfg": float, "width": int, "height": int}
 #: Written next to ``seeds`` for people reading the metadata; derived, so the reader drops it.
 _DERIVED_KEYS = ("num_seeds",)
+#: JSON fields: ``composed_of`` lists the parts of a vector made by ``v1 + v2``.
+_JSON_FIELDS = ("composed_of",)
 _OWNED_KEYS = frozenset(
-    (*_TEXT_FIELDS, *_LIST_FIELDS, *_NUMBER_FIELDS, *CALIBRATED_FIELDS, *STRUCTURAL_KEYS, *_DERIVED_KEYS)
+    (
+        *_TEXT_FIELDS,
+        *_LIST_FIELDS,
+        *_NUMBER_FIELDS,
+        *CALIBRATED_FIELDS,
+        *STRUCTURAL_KEYS,
+        *_DERIVED_KEYS,
+        *_JSON_FIELDS,
+    )
 )
+#: How a vector came to be: estimated from seeds (``VectorEstimator``), given as directions
+#: (``from_directions``), or made by arithmetic (``v1 + v2``). Only the first two carry real sums.
+ORIGINS = ("estimated", "external", "composed")
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,9 @@ class Provenance:
 
     Attributes:
         concept_with / concept_without: the concept text of each class.
+        origin: ``"estimated"`` (from seeds), ``"external"`` (``from_directions``) or
+            ``"composed"`` (``v1 + v2``); ``""`` until a vector is made with it (then
+            ``"estimated"``, or ``"external"`` for ``from_directions``).
         prompts_with / prompts_without: every prompt sampled for each class.
         negative_prompt: the unconditional prompt.
         seeds: the seeds whose images the sums hold (a merge refuses seeds both vectors hold).
@@ -81,6 +99,7 @@ class Provenance:
             setting (``medsteer demo`` writes one), or ``None``.
         host: what built it (``"diffusers"``, ``"ComfyUI BuildPathologyVector"``).
         library_version: the medsteer version that wrote it.
+        composed_of: for ``v1 + v2``: each part's concepts, gain and origin.
         extra: every other metadata key, kept verbatim (``origin``, ``calibration``, ``model``, ...).
 
     Example:
@@ -93,6 +112,7 @@ class Provenance:
 
     concept_with: str = ""
     concept_without: str = ""
+    origin: str = ""
     prompts_with: tuple[str, ...] = ()
     prompts_without: tuple[str, ...] = ()
     negative_prompt: str = ""
@@ -111,6 +131,7 @@ class Provenance:
     calibrated_strength: float | None = None
     host: str = ""
     library_version: str = ""
+    composed_of: tuple[Mapping[str, object], ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +148,11 @@ class Provenance:
         if clash:
             raise ValueError(f"Provenance.extra must not hold {clash}: set the typed fields instead")
         object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
+        if self.origin and self.origin not in ORIGINS:
+            raise ValueError(f"Provenance.origin must be one of {ORIGINS}, got {self.origin!r}")
+        if isinstance(self.composed_of, Mapping) or not isinstance(self.composed_of, Sequence):
+            raise TypeError(f"Provenance.composed_of must be a list of dicts, got {self.composed_of!r:.80}")
+        object.__setattr__(self, "composed_of", tuple(dict(part) for part in self.composed_of))
 
     # ------------------------------------------------------------------ the one reader
     @classmethod
@@ -141,6 +167,9 @@ class Provenance:
         lists = {name: tuple(metadata_list(md, name, item)) for name, item in _LIST_FIELDS.items()}
         numbers = {name: _number(md, name, kind) for name, kind in _NUMBER_FIELDS.items()}
         calibrated = calibrated_setting(md)
+        origin = md.get("origin", "")
+        if origin not in ("", *ORIGINS):
+            raise VectorFileError(f"metadata origin={origin[:40]!r} is not one of {ORIGINS}: fix or remove it")
         return cls(
             **{name: md.get(name, "") for name in _TEXT_FIELDS},
             **lists,
@@ -148,6 +177,7 @@ class Provenance:
             calibrated_layer_start=calibrated.get("layer_start"),
             calibrated_layer_end=calibrated.get("layer_end"),
             calibrated_strength=calibrated.get("strength"),
+            composed_of=_composed_of(md),
             extra={k: v for k, v in md.items() if k not in _OWNED_KEYS},
         )
 
@@ -172,6 +202,8 @@ class Provenance:
             value = getattr(self, name)
             if value is not None:
                 out[name] = repr(float(value)) if kind is float else str(int(value))
+        if self.composed_of:
+            out["composed_of"] = json.dumps(list(self.composed_of))
         out.update(self.extra)
         return out
 
@@ -187,6 +219,21 @@ class Provenance:
             "strength": self.calibrated_strength,
         }
         return {k: v for k, v in values.items() if v is not None}
+
+
+def _composed_of(metadata: Mapping[str, str]) -> tuple[dict, ...]:
+    raw = metadata.get("composed_of", "").strip()
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(part, dict) for part in value):
+        raise VectorFileError(
+            f"metadata composed_of={raw[:80]!r} is not a JSON list of objects: fix or remove the field"
+        )
+    return tuple(value)
 
 
 def _number(metadata: Mapping[str, str], key: str, kind: type) -> int | float | None:
@@ -349,7 +396,7 @@ def weights_fingerprint(sites) -> str:
 
 
 # ---------------------------------------------------------------------- builds
-def build_metadata(
+def build_provenance(
     *,
     prompts_with: Sequence[str | None],
     prompts_without: Sequence[str | None],
@@ -365,8 +412,8 @@ def build_metadata(
     host: str,
     sites=None,
     fingerprint: bool = True,
-) -> dict[str, str]:
-    """The provenance strings a built vector carries (``Provenance.to_metadata``, the one writer).
+) -> Provenance:
+    """The provenance of a vector built by sampling prompts (``origin`` ``"estimated"``).
 
     The ComfyUI and headless builds write through it. Unknown prompt texts are stored as empty
     strings. With ``sites`` (a ``Sites``), the site widths and (unless ``fingerprint`` is False)
@@ -392,4 +439,4 @@ def build_metadata(
         host=str(host),
         site_widths=site_widths(sites) if sites is not None else (),
         weights_fingerprint=weights_fingerprint(sites) if sites is not None and fingerprint else "",
-    ).to_metadata()
+    )

@@ -5,52 +5,30 @@ difference of the mean cross-attention output with and without the concept, at l
 timestep ``timesteps[k]`` (0-999 scale). Rows are keyed by the model's timestep, not by the step
 index, so one vector serves any sampler, scheduler and step count, in diffusers and in ComfyUI.
 
-Files are safetensors with string metadata (never pickle); see ``save_vector`` / ``load_vector``
-(in ``vector_file``, re-exported here) and the typed provenance in ``provenance``.
+Where a vector came from is its typed ``provenance`` (``provenance.Provenance``); strings exist only
+in the file (``vector_file.save_vector`` / ``load_vector``, safetensors, never pickle). This module
+does not import ``vector_file``: the file format depends on the vector, not the other way round.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from . import vector_ops
+from . import vector_algebra
 from .errors import VectorMismatchError
-from .provenance import (
-    STRUCTURAL_KEYS,
-    Provenance,
-    calibrated_setting,
-    metadata_list,
-    weights_fingerprint,
-)
-from .vector_ops import external_rows, short_widths
+from .provenance import Provenance, weights_fingerprint
+from .vector_checks import external_rows, short_widths
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "INTERPOLATIONS",
-    "READABLE_VERSIONS",
-    "PathologyVector",
-    "calibrated_setting",
-    "load_vector",
-    "metadata_list",
-    "save_vector",
-    "vector_from_bytes",
-]
+__all__ = ["INTERPOLATIONS", "TENSOR_SPEC", "PathologyVector"]
 
-FORMAT_NAME = "medsteer.pathology_vector"
-#: Written by ``save_vector``. Version 2 (issue 9) adds per-site widths (``site_widths``, rows zero
-#: beyond each site's width) and the typed provenance of ``provenance.Provenance``.
-FORMAT_VERSION = "2"
-#: Versions ``load_vector`` reads: 1 (medsteer 0.1.0, one width for every site) and 2.
-READABLE_VERSIONS = ("1", "2")
 INTERPOLATIONS = ("nearest", "linear")
 
-# Tensors every file carries: name -> (rank, dtype).
-_TENSOR_SPEC = {
+#: The tensors of a vector (and of its file): name -> (rank, dtype).
+TENSOR_SPEC = {
     "directions": (3, torch.float32),
     "timesteps": (1, torch.float32),
     "sum_with": (3, torch.float32),
@@ -74,15 +52,20 @@ class PathologyVector:
         sum_without: ``[K, L, D]`` the same without the concept.
         count_with: ``[K]`` int64 number of images summed per row, with the concept.
         count_without: ``[K]`` int64 the same without the concept.
-        metadata: provenance strings (concepts, prompts, seeds, sampler, model geometry, ...);
-            ``provenance`` reads them as a typed ``Provenance``.
+        provenance: where the vector came from (concepts, prompts, seeds, sampler, model family,
+            calibrated setting, ...); its ``site_widths`` are always this vector's ``widths``.
         gain: multiplies the strength of every plan that uses this vector (``vector * k``).
-        widths: width of each site (default: ``D`` for every site; or the ``site_widths`` metadata).
+        widths: width of each site (default: the provenance's ``site_widths``, else ``D`` for
+            every site).
+        file_format_version: the format version of the file it was loaded from (``"1"``, ``"2"``),
+            ``""`` for a vector made in memory.
 
     Example:
         >>> v = load_vector("dye.safetensors")          # doctest: +SKIP
         >>> v.at(500.0).shape                           # doctest: +SKIP
         torch.Size([28, 1152])
+        >>> v.provenance.model_family                   # doctest: +SKIP
+        'pixart'
     """
 
     directions: torch.Tensor
@@ -91,36 +74,34 @@ class PathologyVector:
     sum_without: torch.Tensor
     count_with: torch.Tensor
     count_without: torch.Tensor
-    metadata: dict[str, str] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
     gain: float = 1.0
     widths: tuple[int, ...] | None = None
+    file_format_version: str = ""
 
     def __post_init__(self) -> None:
-        metadata = {str(k): str(v) for k, v in self.metadata.items()}
-        self.widths = self._resolve_widths(self.widths, metadata)
-        # The metadata is always what the one writer makes of it (old list forms become JSON).
-        provenance = Provenance.from_metadata(metadata).replace(site_widths=self.widths)
-        self.metadata = {k: metadata[k] for k in STRUCTURAL_KEYS if k in metadata} | provenance.to_metadata()
-        self.metadata.setdefault("format", FORMAT_NAME)
-        self.metadata.setdefault("format_version", FORMAT_VERSION)
-        self.metadata.setdefault("hidden_size", str(self.hidden_size))
-        self.metadata.setdefault("depth", str(self.depth))
-        self.metadata.setdefault("concept_with", "")
-        self.metadata.setdefault("concept_without", "")
-        self.metadata.setdefault("origin", "estimated")
+        if not isinstance(self.provenance, Provenance):
+            raise TypeError(
+                f"PathologyVector.provenance must be a Provenance, got {type(self.provenance).__name__}: "
+                "build one with medsteer_core.provenance.Provenance(...)"
+            )
+        self.widths = self._resolve_widths(self.widths, self.provenance.site_widths)
         from . import __version__
 
-        self.metadata.setdefault("library_version", __version__)
+        self.provenance = self.provenance.replace(
+            site_widths=self.widths,
+            origin=self.provenance.origin or "estimated",
+            library_version=self.provenance.library_version or __version__,
+        )
         self._device_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _resolve_widths(self, widths, metadata: Mapping[str, str]) -> tuple[int, ...]:
+    def _resolve_widths(self, widths, stored: tuple[int, ...]) -> tuple[int, ...]:
         layers, width = self.depth, self.hidden_size
-        stored = tuple(metadata_list(metadata, "site_widths", int))
         if widths is None:
             widths = stored or (width,) * layers
         widths = tuple(int(w) for w in widths)
         if stored and stored != widths:
-            raise ValueError(f"widths {list(widths)} disagree with the metadata site_widths {list(stored)}")
+            raise ValueError(f"widths {list(widths)} disagree with the provenance's site_widths {list(stored)}")
         if len(widths) != layers or not all(1 <= w <= width for w in widths) or max(widths) != width:
             raise ValueError(
                 f"widths {list(widths)[:40]} do not fit directions of shape {tuple(self.directions.shape)}: "
@@ -133,22 +114,12 @@ class PathologyVector:
         """True when the sites have different widths."""
         return len(set(self.widths)) > 1
 
-    @property
-    def provenance(self) -> Provenance:
-        """The typed provenance read from ``metadata`` (``site_widths`` are this vector's widths).
-
-        Raises:
-            VectorFileError: a provenance field of the metadata cannot be read.
-        """
-        return Provenance.from_metadata(self.metadata).replace(site_widths=self.widths)
-
     def with_provenance(self, provenance: Provenance) -> PathologyVector:
         """The same vector (tensors shared, gain kept) with another provenance.
 
         Example:
             >>> calibrated = vector.with_provenance(vector.provenance.replace(calibrated_strength=2.5))  # doctest: +SKIP
         """
-        structural = {k: self.metadata[k] for k in STRUCTURAL_KEYS if k in self.metadata}
         return PathologyVector(
             self.directions,
             self.timesteps,
@@ -156,9 +127,10 @@ class PathologyVector:
             self.sum_without,
             self.count_with,
             self.count_without,
-            structural | provenance.replace(site_widths=()).to_metadata(),
+            provenance.replace(site_widths=()),
             gain=self.gain,
             widths=self.widths,
+            file_format_version=self.file_format_version,
         )
 
     def check_weights(self, sites) -> None:
@@ -188,7 +160,7 @@ class PathologyVector:
         sum_without: torch.Tensor,
         count_with: torch.Tensor,
         count_without: torch.Tensor,
-        metadata: Mapping[str, str] | None = None,
+        provenance: Provenance | None = None,
         widths: tuple[int, ...] | None = None,
     ) -> PathologyVector:
         """Build a vector from per-class sums of token means (what ``VectorEstimator`` collects).
@@ -198,7 +170,7 @@ class PathologyVector:
             sum_with / sum_without: ``[K, L, D]`` sums of per-image token means (zero beyond each
                 site's width).
             count_with / count_without: ``[K]`` number of images in each sum.
-            metadata: provenance strings.
+            provenance: where the sums came from.
             widths: width of each site (default: ``D`` for every site).
 
         Returns:
@@ -210,7 +182,7 @@ class PathologyVector:
         sum_without = sum_without.double()[order]
         count_with = count_with.long()[order]
         count_without = count_without.long()[order]
-        directions = vector_ops.directions_from_sums(sum_with, sum_without, count_with, count_without)
+        directions = directions_from_sums(sum_with, sum_without, count_with, count_without)
         return cls(
             directions=directions.float(),
             timesteps=timesteps.float(),
@@ -218,7 +190,7 @@ class PathologyVector:
             sum_without=sum_without.float(),
             count_with=count_with,
             count_without=count_without,
-            metadata=dict(metadata or {}),
+            provenance=provenance if provenance is not None else Provenance(),
             widths=widths,
         )
 
@@ -228,7 +200,6 @@ class PathologyVector:
         directions,
         timesteps: Sequence[float] | torch.Tensor | None = None,
         widths: Sequence[int] | None = None,
-        metadata: Mapping[str, str] | None = None,
         provenance: Provenance | None = None,
     ) -> PathologyVector:
         """Build a vector from directions computed elsewhere, checked as a loaded file is.
@@ -246,7 +217,7 @@ class PathologyVector:
             timesteps: ``K`` model timesteps (0-1000), one per row, distinct, in any order (step
                 order is decreasing); rows are sorted by timestep. ``None`` with a mapping.
             widths: width of each site (default: ``D`` for every site).
-            metadata / provenance: where the directions came from (one or the other).
+            provenance: where the directions came from.
 
         Returns:
             A vector with ``origin`` ``"external"`` unless the provenance says otherwise.
@@ -260,18 +231,13 @@ class PathologyVector:
             >>> rows = [torch.nn.functional.normalize(torch.randn(28, 1152), dim=-1) for _ in range(20)]
             >>> v = PathologyVector.from_directions(rows, scheduler_timesteps)   # doctest: +SKIP
         """
-        if metadata is not None and provenance is not None:
-            raise ValueError("give metadata or provenance, not both")
         keys, rows = external_rows(directions, timesteps)
-        if provenance is None:
-            provenance = Provenance.from_metadata(metadata or {})
+        provenance = provenance if provenance is not None else Provenance()
         widths = tuple(int(w) for w in widths) if widths is not None else provenance.site_widths or None
         if widths is not None and len(widths) == rows.shape[1] and all(0 <= w <= rows.shape[2] for w in widths):
             beyond = torch.arange(rows.shape[2])[None, :] >= torch.tensor(widths)[:, None]
             if bool(rows[:, beyond].any()):
                 raise ValueError(f"directions are not zero beyond the width of each site {short_widths(widths)}")
-        extra = dict(provenance.extra)
-        extra.setdefault("origin", "external")
         ones = torch.ones(keys.shape[0], dtype=torch.int64)
         rows = rows.float()
         return cls(
@@ -281,7 +247,7 @@ class PathologyVector:
             sum_without=torch.zeros_like(rows),
             count_with=ones,
             count_without=ones.clone(),
-            metadata=provenance.replace(extra=extra, site_widths=()).to_metadata(),
+            provenance=provenance.replace(origin=provenance.origin or "external", site_widths=()),
             widths=widths,
         )
 
@@ -303,11 +269,13 @@ class PathologyVector:
 
     @property
     def concept_with(self) -> str:
-        return self.metadata.get("concept_with", "")
+        """The concept of the "with" class (``provenance.concept_with``)."""
+        return self.provenance.concept_with
 
     @property
     def concept_without(self) -> str:
-        return self.metadata.get("concept_without", "")
+        """The concept of the "without" class (``provenance.concept_without``)."""
+        return self.provenance.concept_without
 
     def check_compatible(
         self, depth_or_widths: int | Sequence[int], hidden_size: int | None = None, what: str = "the model"
@@ -410,7 +378,7 @@ class PathologyVector:
             self._device_cache[key] = cached
         return cached
 
-    # ------------------------------------------------------------------ combination (vector_ops)
+    # ------------------------------------------------------------------ combination (vector_algebra)
     def merge(self, other: PathologyVector) -> PathologyVector:
         """Pool the seeds of two vectors built on the same model with the same concepts.
 
@@ -422,11 +390,11 @@ class PathologyVector:
                 fingerprint; overlapping seeds, or a vector that records no seeds (the overlap
                 cannot be ruled out); a vector made by arithmetic (which has no sums).
         """
-        return vector_ops.merge(self, other)
+        return vector_algebra.merge(self, other)
 
     def __neg__(self) -> PathologyVector:
         """The reverse edit: the same vector built the other way round (with and without swapped)."""
-        return vector_ops.negate(self)
+        return vector_algebra.negate(self)
 
     def __mul__(self, k: float) -> PathologyVector:
         """Scale the edit: steering with ``vector * k`` at strength ``s`` equals ``vector`` at ``s * k``.
@@ -436,7 +404,7 @@ class PathologyVector:
         """
         if not isinstance(k, (int, float)) or isinstance(k, bool) or not math.isfinite(k):
             return NotImplemented
-        return vector_ops.scale(self, k)
+        return vector_algebra.scale(self, k)
 
     __rmul__ = __mul__
 
@@ -449,7 +417,7 @@ class PathologyVector:
         """
         if not isinstance(other, PathologyVector):
             return NotImplemented
-        return vector_ops.compose(self, other)
+        return vector_algebra.compose(self, other)
 
     def __sub__(self, other: PathologyVector) -> PathologyVector:
         if not isinstance(other, PathologyVector):
@@ -462,8 +430,8 @@ class PathologyVector:
         return (
             self.gain == other.gain
             and self.widths == other.widths
-            and self.metadata == other.metadata
-            and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSOR_SPEC)
+            and self.provenance == other.provenance
+            and all(torch.equal(getattr(self, n), getattr(other, n)) for n in TENSOR_SPEC)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -485,5 +453,17 @@ class PathologyVector:
         return (mean_with - mean_without).norm(dim=-1).float()
 
 
-# The file format lives in vector_file.py; its functions are part of this module's interface.
-from .vector_file import load_vector, save_vector, vector_from_bytes  # noqa: E402
+# ---------------------------------------------------------------------- construction helpers
+
+
+def directions_from_sums(
+    sum_with: torch.Tensor, sum_without: torch.Tensor, count_with: torch.Tensor, count_without: torch.Tensor
+) -> torch.Tensor:
+    defined = (count_with > 0) & (count_without > 0)
+    mean_with = sum_with / count_with.clamp_min(1).to(sum_with.dtype)[:, None, None]
+    mean_without = sum_without / count_without.clamp_min(1).to(sum_without.dtype)[:, None, None]
+    diff = mean_with - mean_without
+    norm = diff.norm(dim=-1, keepdim=True)
+    directions = diff / norm.clamp_min(1e-30)
+    keep = defined[:, None, None] & (norm > 0)
+    return torch.where(keep, directions, torch.zeros_like(directions))

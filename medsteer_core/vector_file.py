@@ -3,33 +3,49 @@
 Version 2 (written by ``save_vector``) stores per-site widths as the ``site_widths`` metadata (the
 ``[K, L, D]`` tensors are zero beyond each site's width) and the provenance through the one writer,
 ``Provenance.to_metadata``. Version 1 files (medsteer 0.1.0: one width for every site) still load,
-their provenance parsed by ``Provenance.from_metadata``; any other version is refused.
+their provenance parsed once by ``Provenance.from_metadata``; any other version is refused.
+
+This module and ``provenance`` are the only code that touches metadata strings: a loaded vector
+carries its typed ``Provenance``, and ``file_metadata`` gives the strings a file holds (for
+``medsteer inspect``'s raw listing and digests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import stat
 import struct
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .errors import VectorFileError
-from .provenance import Provenance, calibrated_setting, metadata_list
-from .vector import (
-    _TENSOR_SPEC,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    READABLE_VERSIONS,
-    PathologyVector,
-)
-from .vector_ops import UNIT_TOLERANCE, short_widths
+from .provenance import Provenance
+from .vector import TENSOR_SPEC, PathologyVector
+from .vector_checks import UNIT_TOLERANCE, short_widths
 
-__all__ = ["load_vector", "save_vector", "vector_from_bytes"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "check_vector_header",
+    "file_metadata",
+    "load_vector",
+    "save_vector",
+    "vector_digest",
+    "vector_from_bytes",
+]
+
+FORMAT_NAME = "medsteer.pathology_vector"
+#: Written by ``save_vector``. Version 2 (issue 9) adds per-site widths (``site_widths``, rows zero
+#: beyond each site's width) and the typed provenance of ``provenance.Provenance``.
+FORMAT_VERSION = "2"
+#: Versions ``load_vector`` reads: 1 (medsteer 0.1.0, one width for every site) and 2.
+READABLE_VERSIONS = ("1", "2")
+_TENSOR_SPEC = TENSOR_SPEC
 
 _REQUIRED_METADATA = (
     "format",
@@ -66,12 +82,7 @@ def save_vector(vector: PathologyVector, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    metadata = vector.provenance.to_metadata()
-    metadata["format"] = FORMAT_NAME
-    metadata["format_version"] = FORMAT_VERSION
-    metadata["hidden_size"] = str(vector.hidden_size)
-    metadata["depth"] = str(vector.depth)
-    metadata["gain"] = repr(float(vector.gain))
+    metadata = file_metadata(vector, saving=True)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, (_, dtype) in _TENSOR_SPEC.items():
@@ -89,6 +100,34 @@ def save_vector(vector: PathologyVector, path: str | os.PathLike) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def file_metadata(vector: PathologyVector, saving: bool = False) -> dict[str, str]:
+    """The metadata strings of ``vector``'s file: its provenance (``Provenance.to_metadata``) plus
+    the layout keys (format, version, hidden size, depth; ``gain`` when ``saving``).
+
+    The format version is the one the vector was loaded from (``saving``: the one written now).
+    """
+    metadata = vector.provenance.to_metadata()
+    metadata["format"] = FORMAT_NAME
+    metadata["format_version"] = FORMAT_VERSION if saving else (vector.file_format_version or FORMAT_VERSION)
+    metadata["hidden_size"] = str(vector.hidden_size)
+    metadata["depth"] = str(vector.depth)
+    if saving:
+        metadata["gain"] = repr(float(vector.gain))
+    return metadata
+
+
+def vector_digest(vector: PathologyVector) -> str:
+    """sha256 of what steers: the directions, the timestep keys and the file metadata (hex).
+
+    For a vector that has no file (a manifest records the file's own sha256 otherwise).
+    """
+    hasher = hashlib.sha256()
+    for tensor in (vector.directions, vector.timesteps):
+        hasher.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    hasher.update(json.dumps(file_metadata(vector), sort_keys=True).encode())
+    return hasher.hexdigest()
 
 
 def _sorted_header(data: bytes) -> bytes:
@@ -127,6 +166,36 @@ def load_vector(path: str | os.PathLike) -> PathologyVector:
     except OSError as exc:
         raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
     return vector_from_bytes(data, source=source)
+
+
+def check_vector_header(path: str | os.PathLike) -> None:
+    """Check that ``path`` is a regular file with a pathology vector's safetensors header, reading
+    the header only (not the tensors): what a queue-time check can afford.
+
+    ``load_vector`` still validates everything when the file is used.
+
+    Raises:
+        VectorFileError: as ``load_vector`` for a missing file, a non-regular file, a pickle, a
+            corrupt header, another format or version, or missing fields.
+    """
+    source = str(path)
+    try:
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_regular(source, _file_kind(before.st_mode))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise _not_regular(source, _file_kind(opened.st_mode))
+            head = handle.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            body = handle.read(n) if 0 < n <= min(_MAX_HEADER_BYTES, opened.st_size - 8) else b""
+    except FileNotFoundError:
+        raise VectorFileError(f"no pathology vector file at {source!r}: check the path") from None
+    except OSError as exc:
+        raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
+    _read_header(head + body, source)
 
 
 def _not_regular(source: str, kind: str) -> VectorFileError:
@@ -361,14 +430,12 @@ def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not a number") from None
     if not math.isfinite(gain):
         raise _fail(source, f"metadata gain={metadata.get('gain')!r} is not finite")
-    _check_calibrated(metadata, layers, source)
-    widths = _checked_widths(tensors, metadata, source)
     try:
-        Provenance.from_metadata(metadata)
+        provenance = Provenance.from_metadata(metadata)  # parsed once, here
     except VectorFileError as exc:
         raise VectorFileError(f"{source}: {exc}") from None
-    metadata = dict(metadata)
-    metadata.pop("gain", None)
+    _check_calibrated(provenance, layers, source)
+    widths = _checked_widths(tensors, provenance.site_widths, metadata["format_version"], source)
     return PathologyVector(
         directions=d.clone(),
         timesteps=ts.clone(),
@@ -376,21 +443,20 @@ def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         sum_without=tensors["sum_without"].clone(),
         count_with=tensors["count_with"].clone(),
         count_without=tensors["count_without"].clone(),
-        metadata=metadata,
+        provenance=provenance.replace(site_widths=()),
         gain=gain,
         widths=widths,
+        file_format_version=metadata["format_version"],
     )
 
 
-def _checked_widths(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> tuple[int, ...]:
+def _checked_widths(
+    tensors: dict[str, torch.Tensor], widths: tuple[int, ...], version: str, source: str
+) -> tuple[int, ...]:
     """The per-site widths of a file (version 1: the tensors' width for every site), checked
     against the tensors: one per site, the widest equal to ``D``, zeros beyond each width."""
     _, layers, width = tensors["directions"].shape
-    try:
-        widths = tuple(metadata_list(metadata, "site_widths", int))
-    except VectorFileError as exc:
-        raise VectorFileError(f"{source}: {exc}") from None
-    if not widths and metadata.get("format_version") != "1":
+    if not widths and version != "1":
         raise _fail(
             source, f"metadata site_widths is empty; format version 2 lists the width of each of the {layers} sites"
         )
@@ -409,11 +475,8 @@ def _checked_widths(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str
     return widths
 
 
-def _check_calibrated(metadata: Mapping[str, str], depth: int, source: str) -> None:
-    try:
-        setting = calibrated_setting(metadata)
-    except VectorFileError as exc:
-        raise VectorFileError(f"{source}: {exc}") from None
+def _check_calibrated(provenance: Provenance, depth: int, source: str) -> None:
+    setting = provenance.calibrated_setting()
     start, end = setting.get("layer_start", 0), setting.get("layer_end", depth)
     if not 0 <= start < end <= depth:
         raise _fail(

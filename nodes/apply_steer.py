@@ -43,8 +43,9 @@ from comfy_api.latest import io
 from ..medsteer_core.backbones import Sites, find_sites
 from ..medsteer_core.gates import GateRecord
 from ..medsteer_core.hooks import steering
-from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, default_window, make_plan, timestep_window
-from ..medsteer_core.vector import INTERPOLATIONS
+from ..medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
+from ..medsteer_core.settings import resolve_setting
+from ..medsteer_core.vector import INTERPOLATIONS, PathologyVector
 from .common import CATEGORY, UNET_SITES_HELP, PathologyVectorSocket, call_info, model_sites, split_call
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -309,16 +310,22 @@ class ApplySSPSSteer(io.ComfyNode):
         layers: str = "",
     ) -> io.NodeOutput:
         sites = model_sites(model)
-        if str(layers or "").strip().lower() == "preset":
-            layer_start, layer_end = default_window(sites)
-        elif str(layers or "").strip():
-            layer_start, layer_end = sites.resolve_layers(layers)
+        # The widgets always hold values: the resolver takes them as explicit, or the layers text.
+        named = str(layers or "").strip()
+        setting = resolve_setting(
+            sites,
+            pathology_vector if isinstance(pathology_vector, PathologyVector) else None,
+            strength=strength,
+            layer_start=None if named else layer_start,
+            layer_end=None if named else layer_end,
+            window=named or None,
+        )
         plan = make_plan(
             sites,
             pathology_vector,
-            strength=strength,
-            layer_start=layer_start,
-            layer_end=layer_end,
+            strength=setting.strength,
+            layer_start=setting.layer_start,
+            layer_end=setting.layer_end,
             start_percent=start_percent,
             end_percent=end_percent,
             percent_to_timestep=percent_to_timestep(model),

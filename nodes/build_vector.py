@@ -18,12 +18,11 @@ from comfy_api.latest import io
 
 from ..medsteer_core import VectorEstimator, capture
 from ..medsteer_core.comfy_widgets import prompt_text, seed_batches
-from ..medsteer_core.provenance import build_metadata
+from ..medsteer_core.provenance import Provenance, build_provenance
 from .common import (
     CATEGORY,
     PathologyVectorSocket,
     call_info,
-    model_family,
     model_sites,
     split_call,
 )
@@ -175,10 +174,9 @@ class BuildPathologyVector(io.ComfyNode):
                 "with_concept and without_concept are the same conditioning, so the vector would be zero: "
                 "connect two prompts that differ only in the concept"
             )
-        metadata = _metadata(
+        provenance = _provenance(
             getattr(cls.hidden, "prompt", None),
             getattr(cls.hidden, "unique_id", None),
-            model,
             sites,
             [s for group in batches for s in group],
             (height * scale, width * scale),
@@ -220,7 +218,7 @@ class BuildPathologyVector(io.ComfyNode):
                 done += steps
                 progress.update_absolute(done)
 
-        vector = estimator.result(metadata)
+        vector = estimator.result(provenance)
         return io.NodeOutput(
             vector,
             {"samples": torch.cat(outputs["with"])},
@@ -228,11 +226,11 @@ class BuildPathologyVector(io.ComfyNode):
         )
 
 
-def _metadata(prompt, node_id, model, sites, seeds, size, sampling) -> dict[str, str]:
+def _provenance(prompt, node_id, sites, seeds, size, sampling) -> Provenance:
     """The vector's provenance: the prompts as the graph gives them, seeds, sampling, image ``size``."""
     steps, cfg, sampler_name, scheduler = sampling
     height, width = size
-    return build_metadata(
+    return build_provenance(
         prompts_with=[prompt_text(prompt, node_id, "with_concept")],
         prompts_without=[prompt_text(prompt, node_id, "without_concept")],
         negative_prompt=prompt_text(prompt, node_id, "uncond"),
@@ -243,7 +241,7 @@ def _metadata(prompt, node_id, model, sites, seeds, size, sampling) -> dict[str,
         scheduler=scheduler,
         height=height,
         width=width,
-        model_family=model_family(model, sites),
+        model_family=sites.family,
         host="ComfyUI BuildPathologyVector",
         sites=sites,
         # ComfyUI patches LoRA weights into the module only while that model is loaded, so the

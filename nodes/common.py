@@ -15,7 +15,7 @@ import os
 from comfy_api.latest import io
 
 from ..medsteer_core import UnsupportedModelError
-from ..medsteer_core.backbones import Sites, find_sites, registered_backbones
+from ..medsteer_core.backbones import Sites, find_sites, registered_backbones, tag_family
 from ..medsteer_core.hooks import CallInfo
 
 #: The one custom socket type of the pack: a ``medsteer_core.PathologyVector``.
@@ -85,23 +85,16 @@ def model_sites(model) -> Sites:
             f"the cross-attention of: {supported_families()}. Load one of them, for example an SD1.5 / "
             "SD2.1 / SDXL checkpoint with Load Checkpoint, or PixArt-XL-2-512x512 with the MedSteer PixArt loader"
         ) from None
+    config = getattr(base, "model_config", None)
+    image_model = (getattr(config, "unet_config", None) or {}).get("image_model")
+    if image_model:  # ComfyUI's name of the variant (pixart_alpha); the backbone turns it into the family
+        tag_family(sites.transformer, str(image_model))
     if sites.host != "comfyui":
         raise UnsupportedModelError(
             f"expected ComfyUI's own model classes inside the MODEL, found {sites.backbone.name}: load the "
             "model with a ComfyUI loader"
         )
     return sites
-
-
-def model_family(model, sites: Sites | None = None) -> str:
-    """The family written into vectors, the same names the CLI writes (so vectors built in either
-    host merge): ``pixart-alpha`` / ``pixart-sigma`` / ``medsteer-mini`` from ComfyUI's
-    ``image_model``; for the UNets their backbone's family (``sd1``, ``sd2``, ``sdxl``, ...)."""
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    image_model = (getattr(config, "unet_config", None) or {}).get("image_model")
-    if image_model:
-        return str(image_model).replace("_", "-")
-    return (sites or model_sites(model)).family
 
 
 def call_info(base_model, x, sigma, transformer_options) -> CallInfo:

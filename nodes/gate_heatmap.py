@@ -16,8 +16,9 @@ from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.comfy_widgets import HEATMAP_PRESETS, heatmap_selection, resolve_edit
-from ..medsteer_core.gate_drawing import COLORMAPS, gate_grid, overlay, selection_mask
-from ..medsteer_core.gates import HeatmapSelection, parse_layers, select_maps
+from ..medsteer_core.gate_drawing import COLORMAPS, overlay, selection_mask
+from ..medsteer_core.gate_figure import GateFigure, figure3_selection, gate_figure
+from ..medsteer_core.gates import HeatmapSelection, finest_grid
 from .apply_steer import steering_of
 from .common import CATEGORY, UNET_SITES_HELP, model_sites
 
@@ -54,8 +55,9 @@ class GateHeatmap(io.ComfyNode):
                     "preset",
                     options=list(HEATMAP_PRESETS),
                     default=next(iter(HEATMAP_PRESETS)),
-                    tooltip="The paper's Fig. 3 (layer 8 at steps 8, 12, 14, 19 of a 20-step run), or "
-                    "custom to use steps and layers below.",
+                    tooltip="The paper's Fig. 3 (layer 8 at steps 8, 12, 14, 19 of a 20-step run; scaled to "
+                    "other step counts, and the first steered layer where 8 is not steered), or custom to use "
+                    "steps and layers below.",
                 ),
                 io.String.Input(
                     "steps",
@@ -142,9 +144,7 @@ class GateHeatmap(io.ComfyNode):
             raise MedSteerError(
                 "this MODEL is not steered: connect the output of ApplySSPSSteer (the model the sampler used)"
             )
-        selection = heatmap_selection(preset, steps, layers if by_index(layers) else "mean")
-        if HEATMAP_PRESETS[preset] is None and not by_index(layers):  # custom, with site names
-            selection = HeatmapSelection(selection.steps, str(layers))
+        heatmap_selection(preset, steps, layers if by_index(layers) else "mean")  # the syntax, as at queue time
         plan = resolve_edit(edit, len(wrapper.plans))
         samples = latent["samples"]
         record = wrapper.record_for(samples)
@@ -157,8 +157,7 @@ class GateHeatmap(io.ComfyNode):
         gates = record.maps(plan=plan)
         batch, height, width = int(samples.shape[0]), int(samples.shape[-2]), int(samples.shape[-1])
         sites = model_sites(model)
-        # Gate maps come on the finest grid of the recorded sites (coarser levels are upsampled).
-        grid = max((sites.token_grid(i, (height, width)) for i in gates.layers), key=lambda g: (g[0] * g[1], g))
+        grid = finest_grid(sites.token_grid(i, (height, width)) for i in gates.layers)
         recorded = (int(gates.maps.shape[2]), *gates.maps.shape[-2:])
         if recorded != (batch, *grid):
             raise MedSteerError(
@@ -173,49 +172,32 @@ class GateHeatmap(io.ComfyNode):
             )
         scale = sites.pixel_scale
         mask_size = tuple(image.shape[1:3]) if image is not None else (height * scale, width * scale)
-
-        chosen = selection.layers if by_index(selection.layers) else named_layers(sites, selection.layers)
         pictures, masks = [], []
         for b in range(batch):
-            maps, step_labels, layer_labels = select_maps(gates, selection.steps, chosen, image=b)
-            layer_labels = site_labels(sites, gates.layers, chosen, layer_labels)
+            figure = draw(gates, sites, preset, steps, layers, b, colormap)
             if image is None:
-                pictures.append(gate_grid(maps, step_labels, layer_labels, colormap=colormap))
+                pictures.append(figure.grid)
             else:
                 picture = image[b if image.shape[0] == batch else 0].float().cpu()
-                for s in range(maps.shape[0]):
-                    for layer in range(maps.shape[1]):
-                        pictures.append(overlay(picture, maps[s, layer], opacity, colormap))
-            masks.append(selection_mask(maps, mask_size))
+                for s in range(figure.maps.shape[0]):
+                    for layer in range(figure.maps.shape[1]):
+                        pictures.append(overlay(picture, figure.maps[s, layer], opacity, colormap))
+            masks.append(selection_mask(figure.maps, mask_size))
         return io.NodeOutput(torch.stack(pictures), torch.stack(masks))
+
+
+def draw(gates, sites, preset: str, steps: str, layers: str, image: int, colormap: str) -> GateFigure:
+    """The node's figure of one image: the preset's selection (``gate_figure.figure3_selection``,
+    the same as ``medsteer heatmap``'s default) or the widgets', drawn by ``gate_figure``."""
+    selection = HEATMAP_PRESETS[preset]
+    if selection is None:
+        selection = HeatmapSelection(str(steps), str(layers))
+    else:  # the paper's Fig. 3, scaled to this run's steps and steered layers
+        selection = figure3_selection(int(gates.maps.shape[0]), gates.layers)
+    return gate_figure(gates, sites, selection.steps, selection.layers, image, colormap=colormap)
 
 
 def by_index(text) -> bool:
     """Whether a layers text uses indices or the words ('mean', '8,12', '8-16'), not site names."""
     raw = str(text).strip().lower()
     return raw in ("mean", "all", "") or re.fullmatch(r"[0-9\s,;-]*", raw) is not None
-
-
-def named_layers(sites, text: str) -> list[int]:
-    """The site indices a comma-separated list of names covers ('middle', 'input 7 - output 2'), in order.
-
-    Raises:
-        ValueError: a part names no site of this model (the message lists the valid names).
-    """
-    indices: list[int] = []
-    for part in str(text).replace(";", ",").split(","):
-        if part.strip():
-            start, end = sites.resolve_layers(part)
-            indices.extend(i for i in range(start, end) if i not in indices)
-    return indices
-
-
-def site_labels(sites, recorded, chosen, labels: list[str]) -> list[str]:
-    """Column labels by site name where the model names its sites (UNets: 'input 7.3'), else ``labels``."""
-    names = sites.names
-    if all(name == f"block {i}" for i, name in enumerate(names)):
-        return labels
-    picked = parse_layers(chosen, recorded)
-    if picked == "mean":
-        return [f"{names[recorded[0]]} to {names[recorded[-1]]} mean"]
-    return [names[i] for i in picked]

@@ -91,8 +91,7 @@ def vector_label(vector, prompt: dict | None, node_id: str | None) -> str:
         name = source.get("inputs", {}).get("vector_name")
         if source.get("class_type") == "LoadPathologyVector" and isinstance(name, str):
             return f"{name} (models/medsteer)"
-    meta = vector.metadata
-    return f"{meta.get('concept_with', '')!r} vs {meta.get('concept_without', '')!r} (built in the graph, not read from a file)"
+    return f"{vector.concept_with!r} vs {vector.concept_without!r} (built in the graph, not read from a file)"
 
 
 def show_on_node(text: str, node_id: str | None) -> None:
@@ -111,9 +110,8 @@ def model_site_info(model, vector) -> dict:
     """A MODEL's sites for ``inspect_vector``: family, names, widths and token grids at the image size
     the vector was built at (512x512 px when its metadata does not say)."""
     sites = model_sites(model)
-    meta = vector.metadata
-    size = [int(meta.get(key) or 0) if str(meta.get(key) or "").isdigit() else 0 for key in ("height", "width")]
-    height, width = (n or 512 for n in size)
+    provenance = vector.provenance
+    height, width = (n if n and n > 0 else 512 for n in (provenance.height, provenance.width))
     scale = sites.pixel_scale
     latent = (max(1, height // scale), max(1, width // scale))
     return {"family": sites.family, "image_size": (height, width), "sites": site_table(sites, latent)}

@@ -37,7 +37,7 @@ from ..medsteer_core.backbones import register_backbone
 from ..medsteer_core.backbones.sd_unet import UNetComfyUI
 from ..medsteer_core.mini.backbone import TAG, UNET_FAMILY, tag_transformer
 
-#: ComfyUI's ``image_model`` name of the mini-UNet (``nodes.common.model_family`` reads it).
+#: ComfyUI's ``image_model`` name of the mini-UNet (``nodes.common.model_sites`` tags the model with it: ``tag_family``).
 IMAGE_MODEL = "medsteer_mini_unet"
 
 

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from ..medsteer_core import load_vector, save_vector
 from ..medsteer_core.comfy_widgets import check_save_name
+from ..medsteer_core.vector_file import check_vector_header
 from .common import CATEGORY, PathologyVectorSocket, model_name_problem
 
 FOLDER = "medsteer"
@@ -113,12 +114,14 @@ class LoadPathologyVector(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vector_name: str | None = None):
-        # A corrupt or foreign file is reported before the graph runs. Naming vector_name here turns
-        # off ComfyUI's "value not in list" check, so the existence check is ours.
+        # A missing, foreign or corrupt-headed file is reported before the graph runs, reading the
+        # header only (this runs on the server's event loop; execute reads and validates the whole
+        # file, once). Naming vector_name here turns off ComfyUI's "value not in list" check, so the
+        # existence check is ours.
         if vector_name is None:
             return True
         try:
-            load_vector(vector_path(vector_name))
+            check_vector_header(vector_path(vector_name))
         except (FileNotFoundError, ValueError) as error:
             return str(error)
         return True

@@ -4,6 +4,7 @@ from torch import nn
 
 from medsteer_core import UnsupportedModelError, find_sites
 from medsteer_core.backbones import Backbone, register_backbone, unregister_backbone
+from medsteer_core.provenance import Provenance
 from tests.tiny_models import make_transformer
 
 
@@ -170,7 +171,7 @@ def test_an_unknown_backbone_runs_capture_build_save_steer_and_gates_without_lib
                     _call(model, seed, t, concept=3.0)
                 with capture(model, estimator, "without"):
                     _call(model, seed, t, concept=0.0)
-    vector = estimator.result({"concept_with": "x", "concept_without": ""})
+    vector = estimator.result(Provenance(concept_with="x", concept_without=""))
     assert vector.depth == 2 and tuple(vector.widths) == (8, 16)
     assert torch.all(vector.directions[:, 0, 8:] == 0)  # the width-8 site's rows are padded with zeros
     assert torch.allclose(vector.directions[:, 1].norm(dim=-1), torch.ones(2))

@@ -199,10 +199,8 @@ def test_pixart_sites_are_named_blocks():
     ],
 )
 def test_default_window_is_the_coarse_levels_of_a_unet(family, window, first, last):
-    from medsteer_core.plan import default_window
-
     sites = find_sites(full_unet(family))
-    start, end = default_window(sites)
+    start, end = sites.default_window
     assert (start, end) == window and (sites.names[start], sites.names[end - 1]) == (first, last)
     assert sites.resolve_layers(f"{first} - {last}") == window
     coarse = sites.token_grid(start, (64, 64))
@@ -211,7 +209,5 @@ def test_default_window_is_the_coarse_levels_of_a_unet(family, window, first, la
 
 
 def test_default_window_of_pixart_is_the_papers_scaled_to_depth():
-    from medsteer_core.plan import default_window
-
-    assert default_window(find_sites(make_transformer(num_layers=28, heads=1, head_dim=8))) == (8, 16)
-    assert default_window(find_sites(make_transformer(num_layers=4))) == (0, 4)  # the paper's 8-16 does not fit: all
+    assert find_sites(make_transformer(num_layers=28, heads=1, head_dim=8)).default_window == (8, 16)
+    assert find_sites(make_transformer(num_layers=4)).default_window == (0, 4)  # the paper's 8-16 does not fit: all

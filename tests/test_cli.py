@@ -123,7 +123,7 @@ def test_help_explains_every_command_with_examples(capsys):
 def test_build_generate_heatmap_inspect(work, tmp_path, capsys):
     vector = load_vector(work["vector"])
     assert vector.count_with.tolist() == [4, 4, 4]  # 2 phrasings x 2 seeds per timestep
-    assert json.loads(vector.metadata["prompts_with"])[1] == "a colonoscopy image of dyed lifted polyps"
+    assert list(vector.provenance.prompts_with)[1] == "a colonoscopy image of dyed lifted polyps"
     assert all(p.is_file() for p in inspection.halves_paths(work["vector"]))
 
     records = manifest(work["reference"])
@@ -222,9 +222,9 @@ def test_merge_adds_seeds_and_refuses_overlap(work, tmp_path, capsys):
     merged = tmp_path / "merged.safetensors"
     assert main(build_args(work["model"], merged, "--seed", "2", "--merge", str(existing))) == 0
     built = mp.load_built(merged)
-    assert json.loads(built.vector.metadata["seeds"]) == [0, 1, 2, 3]
+    assert list(built.vector.provenance.seeds) == [0, 1, 2, 3]
     assert built.vector.count_with.tolist() == [8, 8, 8]
-    assert json.loads(built.halves[0].metadata["seeds"]) == [0, 2]
+    assert list(built.halves[0].provenance.seeds) == [0, 2]
     assert load_vector(existing) == load_vector(work["vector"])  # --out given: the original stays
     assert main(build_args(work["model"], tmp_path / "x.safetensors", "--merge", str(existing))) == 2
     assert "already holds seeds [0, 1]" in capsys.readouterr().err

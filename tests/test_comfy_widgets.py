@@ -21,7 +21,8 @@ from medsteer_core.comfy_widgets import (
     seed_batches,
 )
 from medsteer_core.gates import PAPER_FIGURE_3, GateMaps, check_index_list, select_maps
-from medsteer_core.provenance import build_metadata
+from medsteer_core.provenance import build_provenance
+from medsteer_core.vector_file import file_metadata
 from tests.test_plan import make_vector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +109,8 @@ def test_prompt_text_follows_links_to_the_text_encoder():
     assert prompt_text(loop, "1", "conditioning") is None
 
 
-def test_build_metadata_is_strings_and_survives_a_file_round_trip(tmp_path):
-    meta = build_metadata(
+def test_build_provenance_survives_a_file_round_trip_as_strings(tmp_path):
+    provenance = build_provenance(
         prompts_with=["dyed lifted polyps"],
         prompts_without=[None],
         negative_prompt=None,
@@ -123,6 +124,7 @@ def test_build_metadata_is_strings_and_survives_a_file_round_trip(tmp_path):
         model_family="pixart-alpha",
         host="ComfyUI BuildPathologyVector",
     )
+    meta = provenance.to_metadata()
     assert all(isinstance(v, str) for v in meta.values())
     assert json.loads(meta["seeds"]) == [4, 5, 6] and json.loads(meta["prompts_without"]) == [""]
     assert meta["concept_with"] == "dyed lifted polyps" and meta["cfg"] == "4.5"
@@ -134,10 +136,13 @@ def test_build_metadata_is_strings_and_survives_a_file_round_trip(tmp_path):
         vector.sum_without,
         vector.count_with,
         vector.count_without,
-        {**vector.metadata, **meta},
+        provenance,
     )
     loaded = load_vector(save_vector(vector, tmp_path / "v"))
-    assert all(loaded.metadata[k] == v for k, v in meta.items())
+    assert all(file_metadata(loaded)[k] == v for k, v in meta.items())
+    assert loaded.provenance == provenance.replace(
+        site_widths=loaded.widths, origin="estimated", library_version=loaded.provenance.library_version
+    )
 
 
 @pytest.mark.parametrize(

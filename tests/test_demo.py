@@ -110,7 +110,7 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path, back
     from medsteer_core.mini.calibrate import calibrate_and_ship, calibration_markdown
     from medsteer_core.mini.demo import setting_of
     from medsteer_core.mini.scan import SweepRow, calibrate, removal, shortlist
-    from medsteer_core.vector import load_vector
+    from medsteer_core.vector_file import load_vector
 
     summary = calibrate_and_ship(
         tmp_path, backbone=backbone, edits=("dye_removal",), vector_seeds=2, screen_seeds=2, confirm_seeds=3,
@@ -145,8 +145,8 @@ def test_calibration_screens_confirms_and_ships_the_rule_s_choice(tmp_path, back
         tmp_path / {"pixart": "dye_removal.safetensors", "unet": "unet_dye_removal.safetensors"}[backbone]
     )
     assert setting_of(vector) == (chosen.layer_start, chosen.layer_end, chosen.strength)
-    assert json.loads(vector.metadata["calibration"])["chosen"] == record["chosen"]
-    assert vector.metadata["model_family"] == family
+    assert json.loads(vector.provenance.extra["calibration"])["chosen"] == record["chosen"]
+    assert vector.provenance.model_family == family
     text = calibration_markdown(summary)
     assert text.count("| chosen |") == 1 and "| re-prompting |" in text
     assert (f"The choice meets the bar (removal >= {bar:g}," in text) == met

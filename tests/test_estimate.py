@@ -7,6 +7,7 @@ from diffusers import DPMSolverMultistepScheduler
 from medsteer_core import MedSteerError, VectorEstimator, capture, find_sites
 from medsteer_core.driver import SamplingSpec, sample
 from medsteer_core.hooks import CallInfo
+from medsteer_core.provenance import Provenance
 
 SPEC = SamplingSpec(steps=3, cfg=4.0, height=8, width=8)
 
@@ -259,7 +260,7 @@ def test_ragged_sites_capture_save_load_and_steer(tmp_path):
                 with capture(model, estimator, label, call_info=call):
                     model(x, context)
             outputs[label] = [model.a(x, context)[1].mean(0), model.c(_c_input(model, x, context), context)[1].mean(0)]
-    vector = estimator.result({"concept_with": "w", "concept_without": "o", "seeds": "[0]"})
+    vector = estimator.result(Provenance(concept_with="w", concept_without="o", seeds=[0]))
     assert vector.widths == (8, 8, 16)
     assert float(vector.sum_with[:, :2, 8:].abs().max()) == 0.0
     for site, width, index in ((0, 8, 0), (2, 16, 1)):

@@ -159,7 +159,7 @@ def test_cli_build_generate_heatmap_inspect_on_a_bare_unet(folders, tmp_path, ca
     build = ["build-vector", "-q", *model, "--with", WITH, "--without", WITHOUT, "--num-seeds", "2", "--steps", "3"]
     assert main([*build, "--out", str(vector)]) == 0
     built = load_vector(vector)
-    assert built.metadata["model_family"] == "sd-unet" and built.metadata["unet"] == str(folders["unet"])
+    assert built.provenance.model_family == "sd-unet" and built.provenance.extra["unet"] == str(folders["unet"])
     assert built.widths == (8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 8)  # ragged, as the tiny UNet's sites
 
     common = ["generate", "-q", *model, "--vector", str(vector), "--steps", "3", "--seed", "5", "--num-seeds", "1"]
@@ -213,7 +213,7 @@ def test_an_sd1_vector_on_sdxl_or_pixart_is_refused_naming_both(tmp_path):
     built = mh.build_vector(
         sd1, [WITH], [WITHOUT], [0], steps=1, cfg=1.0, height=8, width=8, halves=False, progress=False
     )
-    assert built.vector.metadata["model_family"] == "sd1"
+    assert built.vector.provenance.model_family == "sd1"
     with pytest.raises(VectorMismatchError, match="sd1.*sdxl"):
         mh.generate(sdxl, [mh.Steer(built.vector)], [WITH], [0], tmp_path / "out", steps=1, height=8, width=8)
     from tests.tiny_models import save_tiny_pixart

@@ -16,6 +16,7 @@ from medsteer_core import (
 from medsteer_core.driver import SamplingSpec, sample
 from medsteer_core.hooks import CallInfo
 from medsteer_core.plan import MAX_STRENGTH
+from medsteer_core.provenance import Provenance
 from tests.tiny_models import make_transformer
 
 SPEC = SamplingSpec(steps=4, cfg=4.0, height=8, width=8)
@@ -35,7 +36,7 @@ def vector(transformer, embeds):
             estimator=est,
             label=label,
         )
-    return est.result({"concept_with": "with", "concept_without": "without"})
+    return est.result(Provenance(concept_with="with", concept_without="without"))
 
 
 def run(transformer, embeds, plans=(), scheduler=None, seeds=(7,), spec=SPEC, record=None):

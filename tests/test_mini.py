@@ -11,7 +11,7 @@ from medsteer_core.mini.demo import EDITS, setting_of
 from medsteer_core.mini.metrics import score_pairs
 from medsteer_core.mini.scan import prompts_for
 from medsteer_core.plan import SteeringPlan
-from medsteer_core.vector import load_vector
+from medsteer_core.vector_file import load_vector
 from tests._mini import shipped_mini, shipped_oracle
 
 
@@ -231,10 +231,12 @@ def test_every_edit_ships_a_calibrated_vector_that_met_the_bar_on_calibration_se
     vector = load_vector(edit.shipped_path())
     start, end, strength = setting_of(vector)
     assert 0 <= start < end <= vector.depth and strength > 0
-    record = json.loads(vector.metadata["calibration"])
+    record = json.loads(vector.provenance.extra["calibration"])
     assert record["chosen"]["layer_start"] == start and record["chosen"]["strength"] == strength
     assert record["meets_issue_bar"] is True, record["chosen"]
-    assert vector.metadata["class_with"] == edit.source and vector.metadata["class_without"] == edit.target
+    assert (
+        vector.provenance.extra["class_with"] == edit.source and vector.provenance.extra["class_without"] == edit.target
+    )
 
 
 @pytest.mark.parametrize("edit", EDITS[1:], ids=lambda e: e.name)

@@ -17,7 +17,7 @@ from medsteer_core.mini.mini_unet import DEFAULT_UNET_PATH
 from medsteer_core.mini.scan import ISSUE_BAR, prompts_for
 from medsteer_core.plan import SteeringPlan
 from medsteer_core.provenance import site_widths
-from medsteer_core.vector import load_vector
+from medsteer_core.vector_file import load_vector
 from tests._mini import shipped_oracle
 
 UNET = DENOISERS["unet"]
@@ -77,13 +77,13 @@ def test_every_edit_ships_a_calibrated_unet_vector(edit):
     """Calibrated by the written rule (its record in the metadata), for this family and these
     weights, with the UNet's ragged widths."""
     vector = load_vector(edit.shipped_path(UNET.vector_dir, UNET.prefix))
-    assert vector.metadata["model_family"] == "medsteer-mini-unet"
+    assert vector.provenance.model_family == "medsteer-mini-unet"
     assert vector.widths == WIDTHS and vector.ragged
     vector.check_compatible(site_widths(find_sites(shipped_unet().transformer)))
     vector.check_weights(find_sites(shipped_unet().transformer))
     start, end, strength = setting_of(vector)
     assert 0 <= start < end <= 7 and strength > 0
-    record = json.loads(vector.metadata["calibration"])
+    record = json.loads(vector.provenance.extra["calibration"])
     chosen = record["chosen"]
     assert (chosen["layer_start"], chosen["layer_end"], chosen["strength"]) == (start, end, strength)
     # The shipped record (commit 715163c): the rule on a reduced grid, confirmed on 32 calibration seeds.
@@ -91,7 +91,9 @@ def test_every_edit_ships_a_calibrated_unet_vector(edit):
     assert record["bar"] == ISSUE_BAR[edit.name]
     met = removal_of(chosen, edit) >= record["bar"] and chosen["bg_psnr"] >= record["reprompting"]["bg_psnr"]
     assert record["meets_issue_bar"] is met
-    assert vector.metadata["class_with"] == edit.source and vector.metadata["class_without"] == edit.target
+    assert (
+        vector.provenance.extra["class_with"] == edit.source and vector.provenance.extra["class_without"] == edit.target
+    )
 
 
 def removal_of(row: dict, edit) -> float:

@@ -141,7 +141,7 @@ def test_engine_wings_and_nodes_keep_the_size_rule():
     files += (ROOT / "nodes").glob("*.py")
     names = {p.relative_to(ROOT).as_posix() for p in files}
     # The split modules are checked too (a rename would otherwise drop them from the rule silently).
-    for module in ("hooks.py", "site_forward.py", "vector.py", "vector_ops.py", "driver.py", "headless/cli.py"):
+    for module in ("hooks.py", "site_forward.py", "vector.py", "vector_algebra.py", "driver.py", "headless/cli.py"):
         assert f"medsteer_core/{module}" in names, module
     assert "nodes/build_vector.py" in names
     for path in files:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from medsteer_core import PathologyVector, VectorEstimator, capture, inspection
 from medsteer_core import headless as mp
 from medsteer_core.hooks import CallInfo
+from medsteer_core.provenance import Provenance
 from tests.checkpoint_factories import save_tiny_lora
 from tests.tiny_models import PIPELINE_LAYERS as LAYERS
 from tests.tiny_models import save_tiny_pixart
@@ -153,7 +154,7 @@ def test_lora_of_another_model_does_not_fit(folders, tmp_path):
 def test_build_vector_halves_pool_to_the_whole(model):
     built = mp.build_vector(model, [WITH], [WITHOUT], range(4), steps=2, batch_size=1, progress=False)
     vector, (a, b) = built.vector, built.halves
-    assert json.loads(a.metadata["seeds"]) == [0, 1] and json.loads(b.metadata["seeds"]) == [2, 3]
+    assert list(a.provenance.seeds) == [0, 1] and list(b.provenance.seeds) == [2, 3]
     assert vector.count_with.tolist() == [4, 4] and a.count_with.tolist() == [2, 2]
     pooled = a.merge(b)
     torch.testing.assert_close(pooled.directions, vector.directions, atol=1e-5, rtol=0)
@@ -161,7 +162,7 @@ def test_build_vector_halves_pool_to_the_whole(model):
     scheduler = model.scheduler()
     scheduler.set_timesteps(2)
     assert sorted(vector.timesteps.tolist()) == sorted(float(t) for t in scheduler.timesteps)
-    assert vector.metadata["model_family"] == "pixart-alpha" and vector.metadata["host"] == "diffusers"
+    assert vector.provenance.model_family == "pixart-alpha" and vector.provenance.host == "diffusers"
 
 
 def test_single_batch_has_no_halves_and_inspect_says_why(model):
@@ -207,7 +208,7 @@ def _random_vector(model, seed: int = 0):
         torch.randn(k, depth, width, generator=g),
         torch.full((k,), 2),
         torch.full((k,), 2),
-        {"concept_with": "dye", "concept_without": "no dye", "prompts_with": json.dumps([WITH])},
+        Provenance(concept_with="dye", concept_without="no dye", prompts_with=[WITH]),
     )
 
 
@@ -282,7 +283,9 @@ def test_readme_headless_pipeline_example_runs(folders, tmp_path, monkeypatch, c
 def test_steer_defaults_come_from_a_vectors_calibrated_metadata(model):
     vector = _random_vector(model)
     assert mp.Steer(vector).resolve()[0].strength == 2.5  # the paper's, when nothing is calibrated
-    vector.metadata.update(calibrated_strength="1.5", calibrated_layer_start="0", calibrated_layer_end="2")
+    vector = vector.with_provenance(
+        vector.provenance.replace(calibrated_strength=1.5, calibrated_layer_start=0, calibrated_layer_end=2)
+    )
     plan, entry = mp.Steer(vector).resolve()
     assert (plan.strength, plan.layer_start, plan.layer_end) == (1.5, 0, 2)
     assert mp.Steer(vector, strength=3.0).resolve()[0].strength == 3.0  # an explicit value wins
@@ -322,7 +325,7 @@ def _tiny_vector():
         torch.randn(3, 2, 8, generator=g, dtype=torch.float64),
         counts,
         counts.clone(),
-        {"concept_with": "x", "concept_without": "y"},
+        Provenance(concept_with="x", concept_without="y"),
     )
 
 
@@ -341,8 +344,9 @@ def test_check_new_seeds_reads_the_shipped_vectors_comma_seeds():
 
 
 def test_default_window_is_the_paper_s_where_it_fits_else_the_whole_model(model):
-    assert mp.default_window(28) == (8, 16) and mp.default_window(16) == (8, 16)
-    assert mp.default_window(6) == (0, 6) and mp.default_window(None) == (8, 16)
+    from medsteer_core.settings import paper_window
+
+    assert paper_window(28) == (8, 16) and paper_window(16) == (8, 16) and paper_window(6) == (0, 6)
     plan, _ = mp.Steer(_random_vector(model)).resolve(model.sites.depth)  # the tiny model has 4 layers
     assert (plan.layer_start, plan.layer_end) == (0, model.sites.depth)
     plan, _ = mp.Steer(_random_vector(model), layer_start=1).resolve(model.sites.depth)

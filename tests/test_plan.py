@@ -18,6 +18,7 @@ from medsteer_core import (
     steering,
 )
 from medsteer_core.plan import ROW_OPTIONS, chain_plans, make_plan, timestep_window
+from medsteer_core.provenance import Provenance
 from tests.tiny_models import make_transformer
 
 
@@ -30,7 +31,7 @@ def make_vector(depth=4, hidden=16, keys=5, seed=0) -> PathologyVector:
         torch.randn(keys, depth, hidden, generator=g, dtype=torch.float64),
         count,
         count.clone(),
-        {"concept_with": "dye"},
+        Provenance(concept_with="dye"),
     )
 
 
@@ -187,7 +188,7 @@ def test_generate_refuses_an_overflowing_strength_before_writing(tmp_path, stren
         torch.randn(shape, generator=g),
         torch.ones(2),
         torch.ones(2),
-        {"concept_with": "polyps", "concept_without": "normal"},
+        Provenance(concept_with="polyps", concept_without="normal"),
     )
     path = save_vector(vector, tmp_path / "v.safetensors")
     out = tmp_path / "pairs"

@@ -11,6 +11,7 @@ import torch
 
 from medsteer_core import PathologyVector, SteeringPlan, VectorMismatchError, find_sites, steering
 from medsteer_core.plan import check_family, family_group, make_plan
+from medsteer_core.provenance import Provenance
 from tests.tiny_models import full_unet, make_transformer, make_unet
 
 
@@ -20,8 +21,8 @@ def vector_for(sites, family: str) -> PathologyVector:
     rows = torch.zeros(2, sites.depth, sites.hidden_size)
     for i, width in enumerate(sites.widths):
         rows[:, i, :width] = torch.nn.functional.normalize(torch.randn(2, width, generator=g), dim=-1)
-    metadata = {"concept_with": "dye", "model_family": family} if family is not None else {"concept_with": "dye"}
-    return PathologyVector.from_directions(rows, [100.0, 900.0], widths=sites.widths, metadata=metadata)
+    provenance = Provenance(concept_with="dye", model_family=family or "")
+    return PathologyVector.from_directions(rows, [100.0, 900.0], widths=sites.widths, provenance=provenance)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from torch import nn
 import medsteer_core
 from medsteer_core import PathologyVector, VectorFileError, VectorMismatchError, load_vector, save_vector
 from medsteer_core.provenance import Provenance, weights_fingerprint
-from medsteer_core.vector import FORMAT_VERSION, vector_from_bytes
+from medsteer_core.vector_file import FORMAT_VERSION, file_metadata, vector_from_bytes
 from tests.test_vector import make_vector
 
 SHIPPED = sorted((Path(medsteer_core.__file__).parent / "mini" / "assets" / "vectors").glob("*.safetensors"))
@@ -26,7 +26,7 @@ def _raw_metadata(path) -> dict[str, str]:
 
 
 def _with_metadata(vector: PathologyVector, **changes: str) -> PathologyVector:
-    meta = {**vector.metadata, **changes}
+    meta = {**file_metadata(vector), **changes}
     return PathologyVector(
         vector.directions,
         vector.timesteps,
@@ -34,7 +34,7 @@ def _with_metadata(vector: PathologyVector, **changes: str) -> PathologyVector:
         vector.sum_without,
         vector.count_with,
         vector.count_without,
-        meta,
+        Provenance.from_metadata(meta).replace(site_widths=()),
         widths=vector.widths,
     )
 
@@ -47,7 +47,7 @@ def ragged_vector(widths=(8, 8, 16), k=3, seeds=(0, 1), seed=0) -> PathologyVect
     sum_with = torch.randn(k, len(widths), d, generator=g, dtype=torch.float64) * mask
     sum_without = torch.randn(k, len(widths), d, generator=g, dtype=torch.float64) * mask
     count = torch.full((k,), len(seeds))
-    meta = {"concept_with": "dyed", "concept_without": "plain", "seeds": json.dumps(list(seeds))}
+    meta = Provenance(concept_with="dyed", concept_without="plain", seeds=list(seeds))
     return PathologyVector.from_sums(
         torch.tensor([100.0 * (i + 1) for i in range(k)]), sum_with, sum_without, count, count, meta, widths=widths
     )
@@ -72,7 +72,7 @@ def test_shipped_v1_vectors_load_with_their_provenance_parsed(path):
         "strength": float(raw["calibrated_strength"]),
     }
     assert prov.extra["class_with"] == raw["class_with"] and prov.extra["calibration"] == raw["calibration"]
-    assert vector.metadata["format_version"] == "1"
+    assert vector.file_format_version == "1"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -109,7 +109,9 @@ def test_one_writer_and_one_reader_round_trip_every_field():
         calibrated_strength=2.5,
         host="diffusers",
         library_version="0.2.0",
-        extra={"origin": "estimated", "lora": "kvasir"},
+        origin="estimated",
+        composed_of=[{"concept_with": "a", "gain": 2.0}],
+        extra={"lora": "kvasir"},
     )
     meta = prov.to_metadata()
     assert all(isinstance(v, str) for v in meta.values())
@@ -121,7 +123,7 @@ def test_one_writer_and_one_reader_round_trip_every_field():
 
 def test_unknown_keys_are_kept_verbatim_and_typed_keys_cannot_hide_in_extra():
     prov = Provenance.from_metadata({"seeds": "7", "my_note": "[not json", "origin": "estimated"})
-    assert prov.seeds == (7,) and prov.extra == {"my_note": "[not json", "origin": "estimated"}
+    assert prov.seeds == (7,) and prov.extra == {"my_note": "[not json"} and prov.origin == "estimated"
     assert prov.to_metadata()["my_note"] == "[not json"
     with pytest.raises(ValueError, match=r"extra must not hold \['seeds'\]"):
         Provenance(extra={"seeds": "[1]"})
@@ -143,7 +145,7 @@ def test_a_bad_provenance_field_is_named_when_the_file_loads(tmp_path, key, valu
     data = st_save(
         {n: getattr(v, n).contiguous() for n in ("directions", "timesteps", "sum_with", "sum_without")}
         | {n: getattr(v, n).contiguous() for n in ("count_with", "count_without")},
-        metadata={**v.metadata, key: value},
+        metadata={**file_metadata(v), key: value},
     )
     with pytest.raises(VectorFileError, match=message):
         vector_from_bytes(data)
@@ -166,7 +168,7 @@ def test_v2_files_refuse_widths_that_do_not_fit_the_tensors():
     v = ragged_vector()
     tensors = {n: getattr(v, n).contiguous() for n in ("directions", "timesteps", "sum_with", "sum_without")}
     tensors |= {n: getattr(v, n).contiguous() for n in ("count_with", "count_without")}
-    meta = {**v.metadata, "format_version": "2"}
+    meta = {**file_metadata(v), "format_version": "2"}
     with pytest.raises(VectorFileError, match=r"site_widths \[8, 8\] do not fit the tensors \(3 sites"):
         vector_from_bytes(st_save(tensors, metadata={**meta, "site_widths": "[8, 8]"}))
     with pytest.raises(VectorFileError, match="site_widths .* the widest 16"):
@@ -186,13 +188,13 @@ def test_unknown_format_versions_are_refused(version):
     tensors = {n: getattr(v, n).contiguous() for n in ("directions", "timesteps", "sum_with", "sum_without")}
     tensors |= {n: getattr(v, n).contiguous() for n in ("count_with", "count_without")}
     with pytest.raises(VectorFileError, match=f"unknown format_version '{version}'.*reads versions '1', '2'"):
-        vector_from_bytes(st_save(tensors, metadata={**v.metadata, "format_version": version}))
+        vector_from_bytes(st_save(tensors, metadata={**file_metadata(v), "format_version": version}))
 
 
 def test_save_accepts_the_same_tensor_as_both_sums(tmp_path):
     v = make_vector()
     zeros = torch.zeros_like(v.sum_with)
-    shared = PathologyVector(v.directions, v.timesteps, zeros, zeros, v.count_with, v.count_with, v.metadata)
+    shared = PathologyVector(v.directions, v.timesteps, zeros, zeros, v.count_with, v.count_with, v.provenance)
     loaded = load_vector(save_vector(shared, tmp_path / "shared"))
     assert torch.equal(loaded.sum_with, zeros) and torch.equal(loaded.sum_without, zeros)
     assert torch.equal(loaded.count_without, v.count_with)
@@ -221,7 +223,7 @@ def test_merge_refuses_overlap_for_every_seed_form():
     with pytest.raises(VectorMismatchError, match=r"share seeds \[0, 1, 2\]"):
         legacy.merge(legacy)
     merged = legacy.merge(make_vector(seeds=(5, 6)))
-    assert merged.provenance.seeds == (0, 1, 2, 5, 6) and merged.metadata["num_seeds"] == "5"
+    assert merged.provenance.seeds == (0, 1, 2, 5, 6) and file_metadata(merged)["num_seeds"] == "5"
 
 
 def test_merge_refuses_a_vector_without_seeds():
@@ -317,12 +319,12 @@ def test_from_directions_maps_steps_to_timesteps_and_round_trips(tmp_path):
     assert v.timesteps.tolist() == [249.0, 499.0, 749.0, 999.0]
     for step, t in enumerate(step_timesteps):
         torch.testing.assert_close(v.at(t), rows[step].float())
-    assert v.metadata["origin"] == "external" and v.provenance.steps == 4
+    assert v.provenance.origin == "external" and v.provenance.steps == 4
     assert torch.equal(v.sum_with, v.directions) and v.count_with.tolist() == [1] * 4
     loaded = load_vector(save_vector(v, tmp_path / "external"))
     assert loaded == v
-    same = {"seeds": "[1]", "concept_with": "dyed", "concept_without": "plain"}
-    merged = v.merge(PathologyVector.from_directions(rows, step_timesteps, metadata=same))
+    same = Provenance(seeds=[1], concept_with="dyed", concept_without="plain")
+    merged = v.merge(PathologyVector.from_directions(rows, step_timesteps, provenance=same))
     assert merged.provenance.seeds == (0, 1)
     by_timestep = PathologyVector.from_directions(dict(zip(step_timesteps, rows, strict=True)))
     assert torch.equal(by_timestep.directions, v.directions)
@@ -370,9 +372,9 @@ def test_header_of_a_v2_file_is_sorted_and_stable(tmp_path):
 
 
 def test_builders_write_through_the_one_writer():
-    from medsteer_core.provenance import build_metadata
+    from medsteer_core.provenance import build_provenance
 
-    meta = build_metadata(
+    prov = build_provenance(
         prompts_with=["dyed"],
         prompts_without=[None],
         negative_prompt=None,
@@ -386,8 +388,9 @@ def test_builders_write_through_the_one_writer():
         model_family="pixart-alpha",
         host="ComfyUI BuildPathologyVector",
     )
-    assert meta == Provenance.from_metadata(meta).to_metadata()
-    assert Provenance.from_metadata(meta).prompts_without == ("",)
+    meta = prov.to_metadata()
+    assert meta == Provenance.from_metadata(meta).to_metadata() and Provenance.from_metadata(meta) == prov
+    assert prov.prompts_without == ("",)
 
 
 @pytest.mark.parametrize("path", SHIPPED[:1], ids=lambda p: p.stem)
@@ -411,8 +414,8 @@ def test_medsteer_inspect_shows_the_format_version_and_the_provenance(path, tmp_
     assert "weights fingerprint 0123456789abcdef" in out
 
 
-def test_build_metadata_records_the_sites_widths_and_weights():
-    from medsteer_core.provenance import build_metadata
+def test_build_provenance_records_the_sites_widths_and_weights():
+    from medsteer_core.provenance import build_provenance
 
     torch.manual_seed(0)
     sites = _Sites([_Site(8), _Site(16)])
@@ -431,7 +434,7 @@ def test_build_metadata_records_the_sites_widths_and_weights():
         model_family="custom",
         host="test",
     )
-    prov = Provenance.from_metadata(build_metadata(**common, sites=sites))
+    prov = build_provenance(**common, sites=sites)
     assert prov.site_widths == (8, 16) and prov.weights_fingerprint == weights_fingerprint(sites) != ""
-    unhashed = Provenance.from_metadata(build_metadata(**common, sites=sites, fingerprint=False))
+    unhashed = build_provenance(**common, sites=sites, fingerprint=False)
     assert unhashed.site_widths == (8, 16) and unhashed.weights_fingerprint == ""

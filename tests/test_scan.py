@@ -15,7 +15,7 @@ def test_layer_profile_is_relative_difference():
     sum_with = torch.randn(k, layers, d, generator=g, dtype=torch.float64) * 2
     sum_without = torch.randn(k, layers, d, generator=g, dtype=torch.float64) * 2
     counts = torch.full((k,), 2, dtype=torch.int64)
-    vector = PathologyVector.from_sums(torch.tensor([100.0, 500.0, 900.0]), sum_with, sum_without, counts, counts, {})
+    vector = PathologyVector.from_sums(torch.tensor([100.0, 500.0, 900.0]), sum_with, sum_without, counts, counts)
     mean_with, mean_without = sum_with / 2, sum_without / 2
     expected = ((mean_with - mean_without).norm(dim=-1) / ((mean_with + mean_without) / 2).norm(dim=-1)).mean(0)
     assert torch.allclose(torch.tensor(layer_profile(vector), dtype=torch.float64), expected, rtol=1e-5)
@@ -74,13 +74,12 @@ def test_prompts_cycle_templates_with_one_concept():
 
 def test_build_vector_writes_prompts_and_seeds_as_json():
     """Issue 11: the shipped vectors stored a Python repr and a comma list, which JSON readers missed."""
-    import json
 
     from medsteer_core.mini import load_mini
     from medsteer_core.mini.scan import build_vector
 
     vector = build_vector(load_mini(), "dyed", "polyp", [3, 5])
-    assert json.loads(vector.metadata["seeds"]) == [3, 5]
-    assert json.loads(vector.metadata["prompts_with"]) == sorted(set(prompts_for("dyed", [3, 5])))
-    assert json.loads(vector.metadata["prompts_without"]) == sorted(set(prompts_for("polyp", [3, 5])))
-    assert vector.metadata["model_family"] == "medsteer-mini"  # from the mini's registered backbone
+    assert list(vector.provenance.seeds) == [3, 5]
+    assert list(vector.provenance.prompts_with) == sorted(set(prompts_for("dyed", [3, 5])))
+    assert list(vector.provenance.prompts_without) == sorted(set(prompts_for("polyp", [3, 5])))
+    assert vector.provenance.model_family == "medsteer-mini"  # from the mini's registered backbone

@@ -11,6 +11,7 @@ import torch
 
 from medsteer_core import GateRecord, SteeringPlan, VectorEstimator, capture, find_sites, load_vector, save_vector
 from medsteer_core import steering as steering_context
+from medsteer_core.provenance import Provenance
 from tests.tiny_models import CONTEXT, make_unet, unet_kwargs
 
 
@@ -41,7 +42,7 @@ def _vector(unet, keys=(300.0, 600.0, 900.0)):
             for t in keys:
                 latents, _, context = _inputs(batch=2, seed=seed)
                 _call(unet, latents, torch.full((4,), t), context)
-    return estimator.result({"concept_with": "dye", "concept_without": "", "model_family": "sd-unet"})
+    return estimator.result(Provenance(concept_with="dye", concept_without="", model_family="sd-unet"))
 
 
 @pytest.fixture(scope="module")

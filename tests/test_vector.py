@@ -11,7 +11,8 @@ from safetensors.torch import save as st_save
 
 import medsteer_core
 from medsteer_core import PathologyVector, VectorFileError, VectorMismatchError, load_vector, save_vector
-from medsteer_core.vector import FORMAT_NAME, metadata_list, vector_from_bytes
+from medsteer_core.provenance import Provenance, metadata_list
+from medsteer_core.vector_file import FORMAT_NAME, file_metadata, vector_from_bytes
 
 
 def make_vector(k=3, layers=4, d=6, seed=0, seeds=(0, 1, 2), timesteps=None) -> PathologyVector:
@@ -20,7 +21,7 @@ def make_vector(k=3, layers=4, d=6, seed=0, seeds=(0, 1, 2), timesteps=None) -> 
     sum_with = torch.randn(k, layers, d, generator=g, dtype=torch.float64)
     sum_without = torch.randn(k, layers, d, generator=g, dtype=torch.float64)
     count = torch.full((k,), len(seeds), dtype=torch.int64)
-    meta = {"concept_with": "dyed lifted polyps", "concept_without": "polyps", "seeds": json.dumps(list(seeds))}
+    meta = Provenance(concept_with="dyed lifted polyps", concept_without="polyps", seeds=list(seeds))
     return PathologyVector.from_sums(ts, sum_with, sum_without, count, count.clone(), meta)
 
 
@@ -88,7 +89,7 @@ def test_sum_is_renormalised_per_row_and_unmergeable():
     expected = expected / expected.norm(dim=-1, keepdim=True)
     assert torch.allclose(s.directions.double(), expected, atol=1e-6)
     assert torch.allclose(s.directions.norm(dim=-1), torch.ones(3, 4))
-    assert s.metadata["origin"] == "composed"
+    assert s.provenance.origin == "composed"
     with pytest.raises(VectorMismatchError, match="arithmetic"):
         s.merge(a)
     d = a - b
@@ -117,7 +118,7 @@ def test_merge_equals_union_of_seeds():
 
     def build(idx):
         n = torch.full((2,), len(idx), dtype=torch.int64)
-        meta = {"concept_with": "a", "concept_without": "b", "seeds": json.dumps(idx)}
+        meta = Provenance(concept_with="a", concept_without="b", seeds=idx)
         return PathologyVector.from_sums(ts, means_with[idx].sum(0), means_without[idx].sum(0), n, n.clone(), meta)
 
     merged = build([0, 1]).merge(build([2, 3, 4]))
@@ -125,7 +126,7 @@ def test_merge_equals_union_of_seeds():
     assert torch.allclose(merged.directions, union.directions, atol=1e-6)
     assert torch.allclose(merged.sum_with, union.sum_with, atol=1e-6)
     assert torch.equal(merged.count_with, union.count_with)
-    assert json.loads(merged.metadata["seeds"]) == [0, 1, 2, 3, 4]
+    assert list(merged.provenance.seeds) == [0, 1, 2, 3, 4]
 
 
 def test_merge_refuses_overlapping_seeds_and_other_concepts():
@@ -133,7 +134,7 @@ def test_merge_refuses_overlapping_seeds_and_other_concepts():
     with pytest.raises(VectorMismatchError, match=r"share seeds \[1\]"):
         a.merge(make_vector(seeds=(1, 2)))
     other = make_vector(seeds=(5,))
-    other.metadata["concept_with"] = "ulcer"
+    other = other.with_provenance(other.provenance.replace(concept_with="ulcer"))
     with pytest.raises(VectorMismatchError, match="concept_with"):
         a.merge(other)
 
@@ -178,7 +179,7 @@ def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
 
 
 def _meta(v):
-    m = dict(v.metadata)
+    m = file_metadata(v)
     m.update(format=FORMAT_NAME, format_version="1", hidden_size=str(v.hidden_size), depth=str(v.depth))
     return m
 
@@ -255,9 +256,9 @@ SHIPPED = sorted((Path(medsteer_core.__file__).parent / "mini" / "assets" / "vec
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_vectors_prompts_and_seeds_read_and_merge_refuses_their_overlap(path):
     vector = load_vector(path)
-    prompts = metadata_list(vector.metadata, "prompts_with")
+    prompts = list(vector.provenance.prompts_with)
     assert len(prompts) > 1 and all(vector.concept_with in p for p in prompts)
-    seeds = metadata_list(vector.metadata, "seeds", int)
+    seeds = list(vector.provenance.seeds)
     assert seeds == list(range(len(seeds))) and len(seeds) == int(vector.count_with.max())
     with pytest.raises(VectorMismatchError, match=r"share seeds \[0, 1, 2"):
         vector.merge(vector)
@@ -451,7 +452,7 @@ def test_calibrated_settings_are_checked_on_load(tmp_path, field, raw, message):
 
 
 def test_calibrated_setting_reads_the_numbers():
-    from medsteer_core.vector import calibrated_setting
+    from medsteer_core.provenance import calibrated_setting
 
     meta = {"calibrated_layer_start": "0", "calibrated_layer_end": "2", "calibrated_strength": "1.5"}
     assert calibrated_setting(meta) == {"layer_start": 0, "layer_end": 2, "strength": 1.5}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from medsteer_core import PathologyVector, VectorFileError, load_vector
-from medsteer_core.vector import vector_from_bytes
+from medsteer_core.vector_file import file_metadata, vector_from_bytes
 from tests.test_vector import make_vector
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,7 +24,7 @@ GOOD = st_save(
         n: getattr(make_vector(), n).contiguous()
         for n in ("directions", "timesteps", "sum_with", "sum_without", "count_with", "count_without")
     },
-    metadata={**make_vector().metadata, "hidden_size": "6", "depth": "4"},
+    metadata={**file_metadata(make_vector()), "hidden_size": "6", "depth": "4"},
 )
 
 
@@ -92,7 +92,7 @@ def test_wrong_dtypes(dtype):
     for name in ("directions", "count_with"):
         bad = dict(tensors)
         bad[name] = bad[name].to(dtype)
-        data = st_save(bad, metadata={**make_vector().metadata, "hidden_size": "6", "depth": "4"})
+        data = st_save(bad, metadata={**file_metadata(make_vector()), "hidden_size": "6", "depth": "4"})
         with pytest.raises(VectorFileError, match=f"'{name}' has dtype"):
             vector_from_bytes(data)
 
@@ -194,7 +194,7 @@ def _ragged_file(site_widths: str, version: str) -> bytes:
     v = ragged_vector()
     tensors = {n: getattr(v, n).contiguous() for n in ("directions", "timesteps", "sum_with", "sum_without")}
     tensors |= {n: getattr(v, n).contiguous() for n in ("count_with", "count_without")}
-    return st_save(tensors, metadata={**v.metadata, "site_widths": site_widths, "format_version": version})
+    return st_save(tensors, metadata={**file_metadata(v), "site_widths": site_widths, "format_version": version})
 
 
 @FUZZ

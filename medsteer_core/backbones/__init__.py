@@ -9,6 +9,7 @@ matcher=lambda m: [its cross-attention modules])`` or ``model.medsteer_backbone 
 from __future__ import annotations
 
 from .base import (
+    PAPER_WINDOW,
     Backbone,
     ModuleListBackbone,
     Sites,
@@ -16,12 +17,14 @@ from .base import (
     register_backbone,
     registered_backbones,
     resolve_layers,
+    tag_family,
     unregister_backbone,
 )
 from .pixart import PixArtComfyUI, PixArtDiffusers, check_latent_size
 from .sd_unet import UNetComfyUI, UNetDiffusers, UNetSite, unet_family
 
 __all__ = [
+    "PAPER_WINDOW",
     "Backbone",
     "ModuleListBackbone",
     "PixArtComfyUI",
@@ -35,6 +38,7 @@ __all__ = [
     "register_backbone",
     "registered_backbones",
     "resolve_layers",
+    "tag_family",
     "unet_family",
     "unregister_backbone",
 ]

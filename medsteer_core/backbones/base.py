@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import MedSteerError, UnsupportedModelError
 
 __all__ = [
+    "PAPER_WINDOW",
     "Backbone",
     "ModuleListBackbone",
     "Sites",
@@ -31,15 +32,30 @@ __all__ = [
     "last_linear_width",
     "registered_backbones",
     "resolve_layers",
+    "tag_family",
     "unregister_backbone",
 ]
 
 #: The attribute a model can carry to say which ``Backbone`` steers it (the override of ``find_sites``).
 OVERRIDE_ATTRIBUTE = "medsteer_backbone"
+#: The attribute a loader sets on a transformer to name its family's variant (``tag_family``).
+FAMILY_ATTRIBUTE = "medsteer_family"
+#: The paper's steering window on the 28-block PixArt-XL-2: blocks 8-16 (end exclusive).
+PAPER_WINDOW = (8, 16)
 
 
 class Backbone:
     """One model family in one host. Subclass it and ``register_backbone`` an instance.
+
+    The protocol a new backbone implements (ARCHITECTURE.md, "To add a backbone"):
+
+    - must: ``transformer`` (recognise the model), ``site_modules`` (the sites in execution
+      order), ``token_grid`` (each site's grid for a latent size), ``read_call`` (a call's
+      latents, timesteps and options);
+    - may override: ``site_width``, ``site_name``, ``family_of`` (the family string written into
+      vectors, the same in every host), ``default_window`` (the preset window),
+      ``check_latent`` (the latent-size rule), ``latent_channels``, ``pixel_scale``,
+      ``resolution_condition`` (extra conditioning a sampling loop passes).
 
     Attributes:
         name: shown in errors and ``medsteer inspect`` ("PixArt (diffusers)").
@@ -93,6 +109,22 @@ class Backbone:
     def pixel_scale(self, transformer: nn.Module) -> int:
         """Image pixels per latent pixel (8 for the SD autoencoders, 1 in pixel space)."""
         return 8
+
+    def family_of(self, transformer: nn.Module) -> str:
+        """The family string of this model, written into every vector built on it and the same in
+        every host (default: the variant a loader tagged with ``tag_family``, such as
+        ``"pixart-alpha"``, else ``family``; the UNets tell SD1 from SDXL by their geometry)."""
+        return getattr(transformer, FAMILY_ATTRIBUTE, None) or self.family
+
+    def default_window(self, transformer: nn.Module, depth: int) -> tuple[int, int]:
+        """The preset steering window ``(start, end)``, end exclusive, of a model with ``depth``
+        sites (default: the paper's blocks 8-16 where the model has them, else every site)."""
+        return PAPER_WINDOW if depth >= PAPER_WINDOW[1] else (0, int(depth))
+
+    def resolution_condition(self, transformer: nn.Module, height: int, width: int, batch: int):
+        """Extra keyword arguments a diffusers sampling loop passes with each call for an image of
+        ``height`` x ``width`` pixels (PixArt-alpha's ``added_cond_kwargs``), or ``{}``."""
+        return {}
 
 
 class ModuleListBackbone(Backbone):
@@ -151,10 +183,26 @@ class Sites:
 
     @property
     def family(self) -> str:
-        """The model's family: the backbone's ``family_of(transformer)`` where it has one (UNets:
-        ``"sd1"``, ``"sdxl"``, ...), else its ``family``."""
-        family_of = getattr(self.backbone, "family_of", None)
-        return str(family_of(self.transformer)) if callable(family_of) else self.backbone.family
+        """The model's family (``Backbone.family_of``: ``"pixart"``, ``"sd1"``, ``"sdxl"``, ...): the one
+        place that chooses the family string written into vectors, for both hosts."""
+        return str(self.backbone.family_of(self.transformer))
+
+    @property
+    def default_window(self) -> tuple[int, int]:
+        """The backbone's preset window ``(start, end)``, end exclusive, checked against the model.
+
+        PixArt (and any backbone without its own preset): the paper's blocks 8-16 where the model
+        has them, else every site (MedSteer-mini has 6). Stable Diffusion UNets: the coarsest
+        cross-attention level of the down path, the middle block and the output blocks back up to
+        that level (``backbones/sd_unet.py`` says why).
+        """
+        start, end = (int(v) for v in self.backbone.default_window(self.transformer, self.depth))
+        self.check_window(start, end)
+        return start, end
+
+    def resolution_condition(self, height: int, width: int, batch: int) -> dict:
+        """What a diffusers sampling loop passes with each call for ``height`` x ``width`` images."""
+        return dict(self.backbone.resolution_condition(self.transformer, int(height), int(width), int(batch)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -177,10 +225,12 @@ class Sites:
 
     @property
     def pixel_scale(self) -> int:
+        """Image pixels per latent pixel (8 for the SD autoencoders, 1 in pixel space)."""
         return int(self.backbone.pixel_scale(self.transformer))
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the latent the model denoises."""
         return int(self.backbone.latent_channels(self.transformer))
 
     def token_grid(self, index: int, latent_size: tuple[int, int]) -> tuple[int, int]:
@@ -203,6 +253,18 @@ class Sites:
                 f"{self.depth} layers: use 0 <= layer_start < layer_end <= {self.depth} "
                 "(layer_end is exclusive; the paper's window is 8-16 on the 28-layer PixArt-XL-2)"
             )
+
+
+def tag_family(transformer: nn.Module, family: str) -> nn.Module:
+    """Record which variant of its family ``transformer`` is, as its loader knows it (the diffusers
+    pipeline class, ComfyUI's ``image_model``): ``"pixart_alpha"`` -> ``"pixart-alpha"``.
+
+    ``Backbone.family_of`` reads it, so both hosts write the same family string into vectors.
+    """
+    name = str(family).strip().lower().replace("_", "-")
+    if name:
+        setattr(transformer, FAMILY_ATTRIBUTE, name)
+    return transformer
 
 
 def _normal_name(text: str) -> str:

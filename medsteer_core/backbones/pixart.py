@@ -68,6 +68,12 @@ class PixArtDiffusers(Backbone):
         # A 3-channel PixArt works on pixels (MedSteer-mini); 4 channels are the SD autoencoder's.
         return 1 if self.latent_channels(transformer) == 3 else 8
 
+    def resolution_condition(self, transformer, height, width, batch):
+        # PixArt-alpha (sample_size 128) conditions every call on the image size and aspect ratio.
+        if not getattr(transformer, "use_additional_conditions", False):
+            return {}
+        return {"resolution": (height, width), "aspect_ratio": (height / width,)}
+
 
 def check_latent_size(height: int, width: int, patch_size: int = 2) -> None:
     """Refuse latents that ComfyUI's PixArt cannot sample.

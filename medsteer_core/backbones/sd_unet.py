@@ -192,11 +192,20 @@ class _UNetBackbone(Backbone):
             rows, columns = _downsampled(rows, module, 0), _downsampled(columns, module, 1)
         return rows, columns
 
-    def default_window(self, transformer: nn.Module) -> tuple[int, int]:
+    def default_window(self, transformer: nn.Module, depth: int) -> tuple[int, int]:
         """The UNet preset: every site at the coarsest resolution level that the down path
         cross-attends at, and below it: that level's input blocks, the middle block and the output
         blocks back up to that level (SD1.x/2.x: ``"input 7 - output 5"``, 6 of 16 sites; SDXL:
-        ``"input 7.0 - output 2.9"``, 60 of 70). See ``plan.default_window`` for why.
+        ``"input 7.0 - output 2.9"``, 60 of 70).
+
+        Why these sites: CASteer, the method MedSteer ports, steers the cross-attention of SD
+        1.4/2.1/XL and finds concept directions carry the concept at every layer; MedSteer's own
+        constraint is the counterfactual's background, which the paper keeps by steering the middle
+        of PixArt only. In a UNet the low-resolution levels hold the layout and semantics (object
+        presence, category: where Prompt-to-Prompt reads its 16x16 maps on SD) while the full- and
+        half-resolution levels (SD1's ``input 1-5``, ``output 6-11``) mostly render texture and detail,
+        so steering only the semantic levels removes a concept while the fine levels keep redrawing
+        the same background. Layer scans (``medsteer demo`` / ``mini.scan``) measure the alternatives.
         """
         sites = self.sites_of(transformer)
         inputs = [s.level for s in sites if s.block == "input"]

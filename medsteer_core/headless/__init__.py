@@ -12,7 +12,7 @@ wing; it imports the engine, ``medsteer_core.weights`` (checkpoint and LoRA chec
 Modules, by concern: ``models`` (``load_model``, ``HeadlessModel``), ``sd_models`` (SD 1.x / 2.x and
 SDXL pipelines: their prompts and added conditions), ``sources`` (local pipeline folders and hub
 ids), ``sd_sources`` (a bare UNet over a base pipeline, single-file SD checkpoints), ``lora`` (the authors' LoRA, merged), ``distributed`` (``Shard``, devices),
-``build`` (``build_vector``, halves, merging, ``default_window``), ``steer`` (``Steer``),
+``vector_build`` (``build_vector``, halves, merging), ``steer_options`` (``Steer``),
 ``dataset`` (``generate``), ``manifest`` (its records, resuming), ``outputs`` (atomic writes,
 folder lock), ``figures`` (``gate_heatmap``, the paper's Fig. 3), ``cli`` / ``cli_parser``.
 Vector reports (``inspect_vector``, ``format_inspection``) are the engine's
@@ -39,12 +39,11 @@ from .figures import Heatmap, gate_heatmap
 from .manifest import MANIFEST
 from .models import DTYPES, SCHEDULERS, HeadlessModel, ModelLoadError, load_model
 from .outputs import OutputFolderError, check_output_file, lock_output_folder
-from .steer_options import Steer, paper_heatmap_steps
+from .steer_options import Steer
 from .vector_build import (
     BuiltVector,
     build_vector,
     check_new_seeds,
-    default_window,
     load_built,
     merge_built,
     save_built,
@@ -66,13 +65,11 @@ __all__ = [
     "check_device",
     "check_new_seeds",
     "check_output_file",
-    "default_window",
     "gate_heatmap",
     "generate",
     "load_built",
     "load_model",
     "lock_output_folder",
     "merge_built",
-    "paper_heatmap_steps",
     "save_built",
 ]

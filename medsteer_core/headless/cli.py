@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import MedSteerError, VectorFileError
+from ..errors import MedSteerError
 from .cli_parser import build_parser
 
 log = logging.getLogger("medsteer")
@@ -208,13 +208,9 @@ def _generate_locked(args, steers, prompts, seeds, shard) -> int:
 
 
 def _vector_prompts(path: str) -> list[str]:
-    from ..vector import load_vector, metadata_list
+    from ..vector_file import load_vector
 
-    vector = load_vector(path)
-    try:
-        prompts = [p for p in metadata_list(vector.metadata, "prompts_with") if p.strip()]
-    except VectorFileError as exc:
-        raise ValueError(f"no --prompt given and {path!r} has unreadable prompts ({exc}): pass --prompt") from None
+    prompts = [p for p in load_vector(path).provenance.prompts_with if p.strip()]
     if not prompts:
         raise ValueError(f"no --prompt given and {path!r} records no prompts_with: pass --prompt")
     log.info("no --prompt given: using the vector's prompts with the concept: %s", prompts)
@@ -265,7 +261,7 @@ def _cmd_heatmap(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from ..inspection import format_sites, inspect_vector, site_table
-    from ..vector import load_vector
+    from ..vector_file import load_vector
 
     if args.vector is None and args.model is None:
         raise ValueError("inspect needs a vector file, or --model to list a model's sites (or both)")

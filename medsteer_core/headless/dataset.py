@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..gate_figure import figure3_selection, layer_indices
 from ..gates import GateRecord, parse_steps
 from ..plan import SteeringPlan
 from .distributed import Shard
@@ -28,7 +29,7 @@ from .manifest import (
 )
 from .models import HeadlessModel
 from .outputs import OutputFolderError, _os_reason, _write_atomic, lock_output_folder
-from .steer_options import Steer, _default_heatmap_layers, layer_selection, paper_heatmap_steps
+from .steer_options import Steer
 from .vector_build import _batches, _progress_bar
 
 
@@ -72,8 +73,6 @@ def _resolve_plans(model, steers: Sequence[Steer], heatmap_plan: int) -> tuple[l
         raise ValueError("generate needs at least one vector to steer with")
     resolved = [steer.resolve(sites=model.sites) for steer in steers]
     plans = [plan for plan, _ in resolved]
-    for plan in plans:
-        plan.validate(model.sites)
     if not 0 <= heatmap_plan < len(plans):
         raise ValueError(f"heatmap_plan {heatmap_plan} is out of range: {len(plans)} vector(s) given")
     return resolved, plans
@@ -81,9 +80,10 @@ def _resolve_plans(model, steers: Sequence[Steer], heatmap_plan: int) -> tuple[l
 
 def _heatmap_choice(steps: str | None, layers: str | None, plan: SteeringPlan, run_steps: int, sites) -> dict:
     """The heatmaps' step and layer selection (defaults: the paper's Fig. 3; site names resolved), checked."""
-    steps = steps or paper_heatmap_steps(run_steps)
+    preset = figure3_selection(run_steps, range(plan.layer_start, plan.layer_end))
+    steps = steps or preset.steps
     parse_steps(steps, run_steps)
-    return {"steps": steps, "layers": layer_selection(sites, layers or _default_heatmap_layers(plan))}
+    return {"steps": steps, "layers": layer_indices(sites, layers or preset.layers)}
 
 
 def generate(

@@ -6,26 +6,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import MedSteerError
-from ..gate_drawing import gate_grid, selection_mask
-from ..gates import GateMaps, GateRecord, parse_steps, select_maps
+from ..gate_drawing import selection_mask
+from ..gate_figure import figure3_selection, gate_figure, layer_indices
+from ..gates import GateMaps, GateRecord, parse_steps
 from .models import HeadlessModel
-from .steer_options import Steer, _default_heatmap_layers, layer_labels, layer_selection, paper_heatmap_steps
+from .steer_options import Steer
 
 
-def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, sites=None, **style):
-    """The gate grid of one image of a batch as a PIL image (rows: steps, columns: layers, as
-    GateHeatmap draws it; with ``sites``, the columns are labelled with the UNets' site names), and
-    the selected ``[steps, layers, h, w]`` maps."""
+def _gate_picture(gates: GateMaps, image: int, steps: str, layers: str, sites, **style):
+    """The gate figure of one image of a batch (``gate_figure``: the GateHeatmap node's figure) as
+    a PIL image, and the selected ``[steps, layers, h, w]`` maps."""
     from PIL import Image
 
-    maps, step_labels, labels = select_maps(gates, steps, layers, image)
-    named = layer_labels(sites, layers, gates.layers) if sites is not None else None
-    grid = gate_grid(maps, step_labels, named or labels, **style)
-    return Image.fromarray((grid.numpy() * 255).round().astype("uint8")), maps
+    figure = gate_figure(gates, sites, steps, layers, image, **style)
+    return Image.fromarray((figure.grid.numpy() * 255).round().astype("uint8")), figure.maps
 
 
-def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture, sites=None):
-    """The gate grid and the 0-255 mask (``heatmap.selection_mask``: the selected gates averaged
+def _pair_heatmap(gates: GateMaps, image: int, steps: str, layers: str, colormap: str, picture, sites):
+    """The gate grid and the 0-255 mask (``gate_drawing.selection_mask``: the selected gates averaged
     over steps and layers, at image size) of one image."""
     from PIL import Image
 
@@ -84,9 +82,10 @@ def gate_heatmap(
         raise MedSteerError(f"cell must be a whole number of pixels >= 1, got {cell!r} (the default is 128)")
     cfg = model.default_cfg if cfg is None else cfg
     spec = model.spec(steps, cfg, height, width)
-    at_steps = at_steps or paper_heatmap_steps(spec.steps)
+    preset = figure3_selection(spec.steps, range(plans[plan].layer_start, plans[plan].layer_end))
+    at_steps = at_steps or preset.steps
     parse_steps(at_steps, spec.steps)  # a step the run does not have: refused before sampling
-    layers = layer_selection(model.sites, layers or _default_heatmap_layers(plans[plan]))
+    layers = layer_indices(model.sites, layers or preset.layers)
     record = GateRecord()
     common = {"negative_prompt": negative_prompt, "scheduler": scheduler}
     steered = model.sample(prompt, [seed], spec, plans=plans, record=record, **common)

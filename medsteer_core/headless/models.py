@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones import find_sites
+from ..backbones import find_sites, tag_family
 from ..driver import SamplingSpec, sample
 from ..errors import MedSteerError
 from ..estimate import VectorEstimator
@@ -81,8 +81,10 @@ class HeadlessModel:
         self, transformer: nn.Module, family: str | None, source: str, dtype: torch.dtype, device: torch.device
     ):
         self.transformer = transformer
+        if family:  # the loader knows the variant (pixart-alpha / -sigma); None: the backbone's own
+            tag_family(transformer, family)
         self.sites = find_sites(transformer)
-        self.family = family or self.sites.family  # None: the backbone's own (the UNets)
+        self.family = self.sites.family
         self.source = source
         self.dtype = dtype
         self.device = device
@@ -92,8 +94,15 @@ class HeadlessModel:
         self._prompts: dict[tuple[str, str, bool], tuple] = {}
 
     # ---------------------------------------------------------------- what subclasses provide
-    latent_channels = 4
-    latent_scale = 8  # image pixels per latent pixel
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the model denoises (``Sites.latent_channels``)."""
+        return self.sites.latent_channels
+
+    @property
+    def latent_scale(self) -> int:
+        """Image pixels per latent pixel (``Sites.pixel_scale``)."""
+        return self.sites.pixel_scale
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -232,8 +241,6 @@ class DiffusersModel(HeadlessModel):
     def __init__(self, pipe, denoiser: nn.Module, family: str | None, source: str, dtype, device: torch.device):
         super().__init__(denoiser, family, source, dtype, device)
         self.pipe = pipe
-        self.latent_scale = int(getattr(pipe, "vae_scale_factor", 8))
-        self.latent_channels = int(denoiser.config.in_channels)
 
     def _base_scheduler(self):
         return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
@@ -267,8 +274,6 @@ class _MiniPixArt(HeadlessModel):
     UNet (MedSteer-mini-UNet), whose family the mini's backbone tells (``medsteer-mini`` /
     ``medsteer-mini-unet``)."""
 
-    latent_channels = 3
-    latent_scale = 1
     default_cfg = 4.0
 
     def __init__(self, mini, source: str, dtype: torch.dtype, device: torch.device):

@@ -1,5 +1,5 @@
 """``build-vector``: estimate a pathology vector (and its seed halves) on a headless model; merging
-builds; the default layer window.
+builds.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from .. import __version__
 from ..errors import VectorMismatchError
 from ..estimate import VectorEstimator
 from ..inspection import halves_paths, load_halves
-from ..provenance import Provenance, build_metadata
-from ..vector import PathologyVector, load_vector, save_vector
+from ..provenance import Provenance, build_provenance
+from ..vector import PathologyVector
+from ..vector_file import load_vector, save_vector
 from .distributed import Shard
 from .models import HeadlessModel
 
@@ -99,22 +100,20 @@ def _provenance(model, prompts, negative_prompt, seeds, spec, scheduler, concept
     base = model.provenance()
     scheduler_class = type(model.scheduler(scheduler)).__name__
 
-    provenance = Provenance.from_metadata(
-        build_metadata(
-            prompts_with=prompts["with"],
-            prompts_without=prompts["without"],
-            negative_prompt=negative_prompt,
-            seeds=seeds,
-            steps=spec.steps,
-            cfg=spec.cfg,
-            sampler_name=scheduler,
-            scheduler=scheduler_class,
-            height=spec.height * model.latent_scale,
-            width=spec.width * model.latent_scale,
-            model_family=model.family,
-            host="diffusers",
-            sites=model.sites,  # site widths and weights fingerprint, hashed once for all halves
-        )
+    provenance = build_provenance(
+        prompts_with=prompts["with"],
+        prompts_without=prompts["without"],
+        negative_prompt=negative_prompt,
+        seeds=seeds,
+        steps=spec.steps,
+        cfg=spec.cfg,
+        sampler_name=scheduler,
+        scheduler=scheduler_class,
+        height=spec.height * model.latent_scale,
+        width=spec.width * model.latent_scale,
+        model_family=model.family,
+        host="diffusers",
+        sites=model.sites,  # site widths and weights fingerprint, hashed once for all halves
     ).replace(
         concept_with=concept_with or prompts["with"][0],
         concept_without=concept_without or prompts["without"][0],
@@ -192,15 +191,15 @@ def build_vector(
         model, prompts, negative_prompt, flat, spec, scheduler, concept_with, concept_without, batch_size
     )
 
-    def metadata(seed_list: list[int]) -> dict[str, str]:
-        return provenance.replace(seeds=seed_list).to_metadata()
+    def seeded(seed_list: list[int]) -> Provenance:
+        return provenance.replace(seeds=seed_list)
 
-    vector = total.result(metadata(flat))
+    vector = total.result(seeded(flat))
     halves_out = None
     if parts is not None:
         first = [s for batch in batches[:split] for s in batch]
         second = [s for batch in batches[split:] for s in batch]
-        halves_out = (parts[0].result(metadata(first)), parts[1].result(metadata(second)))
+        halves_out = (parts[0].result(seeded(first)), parts[1].result(seeded(second)))
     return BuiltVector(vector, halves_out)
 
 
@@ -241,7 +240,7 @@ def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:
     """Pool the seeds of two builds (``PathologyVector.merge``); halves merge pairwise when both
     builds have them, else the result has none."""
     for key in ("steps", "cfg", "scheduler", "height", "width"):
-        a, b = existing.vector.metadata.get(key), new.vector.metadata.get(key)
+        a, b = getattr(existing.vector.provenance, key), getattr(new.vector.provenance, key)
         if a is not None and b is not None and a != b:
             log.warning("merging vectors built with different %s (%s and %s)", key, a, b)
     vector = existing.vector.merge(new.vector)
@@ -249,26 +248,3 @@ def merge_built(existing: BuiltVector, new: BuiltVector) -> BuiltVector:
     if existing.halves is not None and new.halves is not None:
         halves = (existing.halves[0].merge(new.halves[0]), existing.halves[1].merge(new.halves[1]))
     return BuiltVector(vector, halves)
-
-
-# ================================================================================ generate
-#: The paper's steering window: blocks 8-15 (end exclusive) of the 28-layer PixArt-XL-2.
-PAPER_WINDOW = (8, 16)
-
-
-def default_window(depth: int | None) -> tuple[int, int]:
-    """The layer window ``(start, end)`` when neither the caller nor the vector's calibration gives
-    one and the model is not at hand (with a model, ``medsteer_core.plan.default_window(sites)``
-    decides, UNet presets included).
-
-    The paper's 8-16 where the model has those layers (PixArt-XL-2 has 28), else every layer of the
-    model: MedSteer-mini has 6, so its default is 0-6 (issue 11: 8-16 made ``build-vector`` then
-    ``generate`` on the defaults fail). ``None``: the depth is unknown, the paper's window.
-
-    Example:
-        >>> default_window(28), default_window(6), default_window(None)
-        ((8, 16), (0, 6), (8, 16))
-    """
-    if depth is None or depth >= PAPER_WINDOW[1]:
-        return PAPER_WINDOW
-    return 0, int(depth)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..backbones import find_sites
-from ..vector import save_vector
+from ..vector_file import save_vector
 from . import synthetic
 from .demo import DENOISERS, EDITS, VECTOR_SEEDS, Edit, _Progress
 from .metrics import score_pairs

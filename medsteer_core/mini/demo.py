@@ -35,7 +35,9 @@ from ..backbones import find_sites
 from ..gate_drawing import overlay
 from ..gates import GateRecord
 from ..plan import SteeringPlan
-from ..vector import PathologyVector, load_vector, save_vector
+from ..settings import resolve_setting
+from ..vector import PathologyVector
+from ..vector_file import load_vector, save_vector
 from . import synthetic
 from .metrics import rendering_rates, score_pairs
 from .mini_unet import DEFAULT_UNET_PATH
@@ -120,10 +122,10 @@ FALLBACK_SETTING = (0, 1, 1.0)
 
 def setting_of(vector: PathologyVector | None) -> tuple[int, int, float]:
     """``(layer_start, layer_end, strength)`` calibrated for a vector (from its metadata)."""
-    setting = vector.provenance.calibrated_setting() if vector is not None else {}
-    if "strength" not in setting:
+    if vector is None or "strength" not in vector.provenance.calibrated_setting():
         return FALLBACK_SETTING
-    return int(setting["layer_start"]), int(setting["layer_end"]), float(setting["strength"])
+    setting = resolve_setting(None, vector)  # the calibrated setting, through the one resolver
+    return setting.layer_start, setting.layer_end, setting.strength
 
 
 def _file_digest(path: Path) -> str:

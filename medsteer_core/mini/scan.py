@@ -112,7 +112,7 @@ def build_vector(
         weights_fingerprint=weights_fingerprint(sites),
         extra={"class_with": with_class, "class_without": without_class},
     )
-    return estimator.result(provenance.to_metadata())
+    return estimator.result(provenance)
 
 
 @dataclass(frozen=True)

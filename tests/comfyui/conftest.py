@@ -78,7 +78,9 @@ class Comfy:
             torch.randn(keys, depth, hidden_size, generator=g, dtype=torch.float64),
             count,
             count.clone(),
-            {"concept_with": f"concept {seed}", "concept_without": "", "model_family": "pixart-alpha"},
+            self.core.provenance.Provenance(
+                concept_with=f"concept {seed}", concept_without="", model_family="pixart-alpha"
+            ),
         )
         self.core.save_vector(vector, self.vector_dir / name)
         return name if name.endswith(".safetensors") else f"{name}.safetensors"

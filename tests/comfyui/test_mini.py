@@ -77,7 +77,7 @@ def test_loader_model_is_steerable_and_pixel_space(comfy_env, loaded):
     sites = comfy_env.pack.nodes.common.model_sites(model)
     assert (sites.depth, sites.widths, sites.token_grid(5, (32, 48))) == (6, (128,) * 6, (8, 12))
     assert (sites.pixel_scale, sites.latent_channels) == (1, 3)
-    assert comfy_env.pack.nodes.common.model_family(model) == "medsteer-mini"
+    assert comfy_env.pack.nodes.common.model_sites(model).family == "medsteer-mini"
     assert model.model.model_type.name == "V_PREDICTION"
     image = torch.rand(1, 32, 32, 3)
     latent = vae.encode(image)

@@ -119,7 +119,7 @@ def test_sites_family_and_pixel_space_match_the_library_model(comfy_env, random_
     assert tuple(sites.token_grid(i, (32, 32)) for i in range(len(NAMES))) == GRIDS
     assert sites.token_grid(0, (32, 48)) == (16, 24) and sites.token_grid(4, (31, 33)) == (8, 9)
     assert (sites.pixel_scale, sites.latent_channels) == (1, 3)
-    assert sites.family == common.model_family(model) == "medsteer-mini-unet"
+    assert sites.family == common.model_sites(model).family == "medsteer-mini-unet"
     assert model.model.model_type.name == "V_PREDICTION"
     theirs = find_sites(library.transformer)
     assert (theirs.host, theirs.family, theirs.names, theirs.widths) == ("diffusers", sites.family, NAMES, WIDTHS)
@@ -131,7 +131,7 @@ def test_sites_family_and_pixel_space_match_the_library_model(comfy_env, random_
 def test_the_pixart_mini_keeps_its_own_family(comfy_env):
     model, _, _ = comfy_env.pack.nodes.mini.load_denoiser("MedSteer-mini (PixArt)")
     sites = comfy_env.pack.nodes.common.model_sites(model)
-    assert sites.family == comfy_env.pack.nodes.common.model_family(model) == "medsteer-mini"
+    assert sites.family == comfy_env.pack.nodes.common.model_sites(model).family == "medsteer-mini"
     assert sites.names[0] == "block 0"
 
 
@@ -191,7 +191,7 @@ def test_a_vector_built_in_comfyui_steers_the_unet_and_records_its_family(comfy_
     result = comfy_env.run(g)
     assert result.success, result.error
     vector = result.output(build)
-    assert vector.metadata["model_family"] == "medsteer-mini-unet"
+    assert vector.provenance.model_family == "medsteer-mini-unet"
     assert vector.widths == WIDTHS
     assert not torch.equal(result.output(steered.id)["samples"], result.output(plain.id)["samples"])
 
@@ -227,7 +227,7 @@ def test_shipped_unet_vectors_are_listed_and_resolve_to_the_unet_files(comfy_env
         # A name shared with a PixArt-mini vector would resolve to the first folder: the PixArt's.
         assert Path(folder_paths.get_full_path("medsteer", name)) == folder / name
         vector = comfy_env.core.load_vector(folder / name)
-        assert vector.metadata["model_family"] == "medsteer-mini-unet" and vector.widths == WIDTHS
+        assert vector.provenance.model_family == "medsteer-mini-unet" and vector.widths == WIDTHS
     assert Path(folder_paths.get_folder_paths("medsteer")[0]) == comfy_env.vector_dir
 
 
@@ -293,9 +293,9 @@ def test_comfyui_route_agrees_with_the_library_route(comfy_env, quickstart_score
     vector = load_vector(mini.UNET_VECTOR_DIR / DYE_VECTOR)
     plan = SteeringPlan(
         vector,
-        strength=float(vector.metadata["calibrated_strength"]),
-        layer_start=int(vector.metadata["calibrated_layer_start"]),
-        layer_end=int(vector.metadata["calibrated_layer_end"]),
+        strength=float(vector.provenance.calibrated_strength),
+        layer_start=int(vector.provenance.calibrated_layer_start),
+        layer_end=int(vector.provenance.calibrated_layer_end),
     )
     source = [DYE_PROMPT] * len(COMFY_SEEDS)
     originals = model.generate(source, COMFY_SEEDS)

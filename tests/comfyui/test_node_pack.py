@@ -75,7 +75,7 @@ def test_build_save_load_steer_two_samplers_heatmap(comfy_env):
     result = comfy_env.run(g)
     assert result.success, result.error
     built = result.output(build.id)
-    meta = built.metadata
+    meta = comfy_env.core.vector_file.file_metadata(built)
     assert json.loads(meta["prompts_with"]) == ["An endoscopic image of dyed lifted polyps"]
     assert json.loads(meta["prompts_without"]) == ["An endoscopic image of polyps"]
     assert json.loads(meta["seeds"]) == [100, 101, 102]
@@ -127,4 +127,6 @@ def test_build_save_load_steer_two_samplers_heatmap(comfy_env):
     assert other.success, other.error
     assert not torch.equal(other.output(nodes["steered"].id)["samples"], other.output(nodes["unsteered"].id)["samples"])
     loaded = vector_of(comfy_env, "pipeline/dye_00001_.safetensors")
-    assert torch.equal(loaded.directions, built.directions) and loaded.metadata["prompts_with"] == meta["prompts_with"]
+    assert torch.equal(loaded.directions, built.directions) and list(loaded.provenance.prompts_with) == json.loads(
+        meta["prompts_with"]
+    )

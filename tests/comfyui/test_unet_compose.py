@@ -135,7 +135,7 @@ def test_a_single_file_sd15_checkpoint_loads_and_steers(comfy_env, pack):
     assert result.success, result.error
     loaded = result.output(checkpoint.id)
     common = comfy_env.pack.nodes.common
-    assert common.model_family(loaded) == "sd1"
+    assert common.model_sites(loaded).family == "sd1"
     assert common.model_sites(loaded).names == ("input 1", "middle 0", "output 0", "output 1")
     out = {k: result.output(n.id)["samples"] for k, n in (("steered", steered), ("zero", zero), ("plain", plain))}
     assert torch.equal(out["zero"], out["plain"]) and not torch.equal(out["steered"], out["plain"])

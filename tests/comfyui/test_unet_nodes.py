@@ -65,16 +65,16 @@ def test_every_comfyui_unet_is_a_site_model_with_its_family(comfy_env, pack):
     for family in ("sd1", "sd2", "sdxl"):
         model = pack.tiny_unet(family, size="wide", device="meta")
         sites = common.model_sites(model)
-        assert (sites.family, common.model_family(model)) == (family, family)
+        assert (sites.family, common.model_sites(model).family) == (family, family)
         assert sites.names == ("input 1", "middle 0", "output 0", "output 1")
     tiny = pack.tiny_unet("sd2-v")
     sites = common.model_sites(tiny)
     assert (sites.names, sites.widths) == (TINY_SD_NAMES, TINY_SD_WIDTHS)
-    assert common.model_family(tiny) == "sd-unet"  # not a released geometry
+    assert common.model_sites(tiny).family == "sd-unet"  # not a released geometry
     xl = common.model_sites(pack.tiny_unet("sdxl"))
     assert xl.names[:3] == ("input 3", "input 5.0", "input 5.1") and xl.depth == 11
     test_pack = comfy_env.booted.packs[str(TEST_PACK)]
-    assert common.model_family(test_pack.random_pixart(0, 48, 4, 2, 16)) == "pixart-alpha"
+    assert common.model_sites(test_pack.random_pixart(0, 48, 4, 2, 16)).family == "pixart-alpha"
 
 
 def test_an_unsupported_model_names_every_supported_family(comfy_env, pack):
@@ -324,7 +324,7 @@ def test_build_save_load_apply_round_trip_keeps_ragged_widths(comfy_env, pack, f
     assert result.success, result.error
     built = result.output(build.id)
     widths = sites_of(comfy_env.core, result.output(model.id)).widths
-    assert built.widths == widths and len(set(widths)) == 2 and built.metadata["model_family"] == "sd-unet"
+    assert built.widths == widths and len(set(widths)) == 2 and built.provenance.model_family == "sd-unet"
 
     g = Graph()
     model = unet(g, family)
@@ -369,10 +369,10 @@ def test_gate_heatmap_on_a_non_square_latent_upsamples_each_sites_grid(comfy_env
     picture, mask = result.output(by_name.id, 0), result.output(by_name.id, 1)
     assert picture.dim() == 4 and picture.shape[0] == 1 and mask.shape == (1, 64, 96)
     assert result.output(overlays.id, 0).shape == (2, 64, 96, 3)  # two steps x the layer mean
-    heatmap = comfy_env.pack.nodes.gate_heatmap
+    figure = comfy_env.core.gate_figure
     sites = sites_of(comfy_env.core, result.output(model.id))
-    assert heatmap.named_layers(sites, "middle, output 1") == [2, 4]
-    assert heatmap.site_labels(sites, gates.layers, [2, 4], ["layer 2", "layer 4"]) == ["middle 0", "output 1"]
+    assert figure.layer_indices(sites, "middle, output 1") == "2,4"
+    assert figure.column_labels(sites, gates.layers, "2,4") == ["layer 2: middle 0", "layer 4: output 1"]
 
 
 # ------------------------------------------------------------------------------- errors, inspect
@@ -380,7 +380,7 @@ def test_a_vector_of_another_family_is_refused_naming_both(comfy_env, pack):
     core = comfy_env.core
     sd1 = pack.tiny_unet("sd1", size="wide", device="meta")
     vector = random_vector(core, sites_of(core, sd1), seed=8)
-    assert vector.metadata["model_family"] == "sd1"
+    assert vector.provenance.model_family == "sd1"
     sdxl = pack.tiny_unet("sdxl", size="wide", device="meta")  # the same four 320-wide sites
     with pytest.raises(Exception, match="sd1") as error:
         apply_steer(sdxl, vector)
@@ -446,11 +446,10 @@ def test_tooltips_name_the_sites_of_the_released_unets(comfy_env):
         for text in (tooltip, heatmap):
             assert f"'{names[0]}'" in text and f"'{names[-1]}'" in text, names
     assert "'middle 0'" in tooltip and "'middle 0.0'" in tooltip
-    preset = comfy_env.core.plan.default_window
     for config, window in ((sd15, "'input 7 - output 5'"), (sdxl, "'input 7.0 - output 2.9'")):
         with torch.device("meta"):
             sites = comfy_env.core.find_sites(
                 UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
             )
-        start, end = preset(sites)
+        start, end = sites.default_window
         assert window == f"'{sites.names[start]} - {sites.names[end - 1]}'" and window in tooltip

@@ -526,6 +526,6 @@ def test_sd_template_loads_a_checkpoint_and_steers_the_unet_preset_by_name(comfy
     with torch.device("meta"):
         unet = UNetModel(**sd15, device="meta", operations=comfy.ops.disable_weight_init)
     sites = comfy_env.core.find_sites(unet)
-    window = comfy_env.core.plan.default_window(sites)
+    window = sites.default_window
     assert sites.family == "sd1" and sites.resolve_layers(steer["layers"]) == window == (4, 10)
     assert (steer["layer_start"], steer["layer_end"]) == window

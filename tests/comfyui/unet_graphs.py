@@ -93,13 +93,11 @@ def random_vector(core, sites, seed: int = 0, keys: int = 8, family: str | None 
         for s in sums:
             s[:, index, w:] = 0
     count = torch.full((keys,), 3, dtype=torch.int64)
-    metadata = {
-        "concept_with": f"concept {seed}",
-        "concept_without": "",
-        "model_family": family or sites.family,
-    }
+    provenance = core.provenance.Provenance(
+        concept_with=f"concept {seed}", concept_without="", model_family=family or sites.family
+    )
     timesteps = torch.linspace(0, 999, keys).round()
-    return core.PathologyVector.from_sums(timesteps, *sums, count, count.clone(), metadata, widths=sites.widths)
+    return core.PathologyVector.from_sums(timesteps, *sums, count, count.clone(), provenance, widths=sites.widths)
 
 
 def write_vector(comfy_env, pack, name: str, family: str = "sd1", seed: int = 0, size: str = "tiny") -> str:
