@@ -46,7 +46,6 @@ import torch
 
 import medsteer_core as ms
 from medsteer_core.hooks import CallInfo, attach_steering
-from medsteer_core.plan import default_window
 from medsteer_core.provenance import Provenance, site_widths
 
 VARIANTS = ("plain", "steered", "recorded", "authors")
@@ -173,7 +172,7 @@ def check_architecture(model: str, tiny: bool, sizes: list[int]) -> dict:
         "family": sites.family,
         "widths": list(site_widths(sites)),
         "names": [sites.names[0], sites.names[-1]],
-        "window": list(default_window(sites)),
+        "window": list(sites.default_window),
     }
     problems = []
     if info["sites"] != arch.sites:
@@ -237,7 +236,7 @@ class StepBench:
         scheduler = DPMSolverMultistepScheduler()
         scheduler.set_timesteps(args.steps)
         self.schedule = scheduler.timesteps
-        self.window = default_window(sites)
+        self.window = sites.default_window
         vector = ragged_vector(self.schedule.double(), sites)
         self.plan = ms.SteeringPlan(
             vector, strength=args.strength, layer_start=self.window[0], layer_end=self.window[1]
