@@ -342,12 +342,8 @@ def calibrated_setting(metadata: Mapping[str, str]) -> dict[str, int | float]:
 
 # ---------------------------------------------------------------------- model facts
 def site_widths(sites) -> tuple[int, ...]:
-    """The width of each cross-attention site of ``sites`` (a ``Sites``), in execution order.
-
-    Models whose ``Sites`` predate per-site widths have one width for every site.
-    """
-    widths = getattr(sites, "widths", None)
-    return tuple(int(w) for w in widths) if widths else (int(sites.hidden_size),) * int(sites.depth)
+    """The width of each cross-attention site of ``sites`` (``Sites.widths``), in execution order."""
+    return tuple(int(w) for w in sites.widths)
 
 
 def _output_projection(module: torch.nn.Module) -> torch.nn.Module:

@@ -41,7 +41,7 @@ __all__ = [
 
 #: Calibration seeds: disjoint from the vector seeds (0..), the demo's (900000..) and the tests'.
 CALIBRATION_SEED_BASE = 800_000
-#: The strengths a calibration tries (the mini needs more than the paper's 2.5: see README).
+#: The strengths a calibration tries (the mini needs more than the paper's 2.5: see docs/results.md).
 CALIBRATION_STRENGTHS = (1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 #: ``meets_issue_bar`` asks each edit for ``scan.ISSUE_BAR`` (issue 10's bar) on the UNet; the
 #: PixArt's shipped records were judged by issue 5's bar, 0.8 for every edit.

@@ -22,7 +22,7 @@ string metadata), so nothing is unpickled. Train it again with::
 
     python -m medsteer_core.mini train --out mini.safetensors --minutes 60
 
-(see ``medsteer_core.mini.train`` for the settings and the README for the measured time).
+(see ``medsteer_core.mini.train`` for the settings and docs/results.md for the measured time).
 """
 
 from __future__ import annotations
