@@ -36,7 +36,9 @@ def _rel(path: Path) -> str:
 def test_only_provenance_and_vector_file_touch_vector_metadata_keys():
     keys = "|".join(sorted(re.escape(k) for k in provenance._OWNED_KEYS))
     access = re.compile(rf"\b(metadata|meta|md)\s*(\[|\.get\(|\.setdefault\(|\.pop\()\s*[\"']({keys})[\"']")
-    string_api = re.compile(r"\b(to_metadata|from_metadata|metadata_list|build_metadata)\(|(?<!\.)\bcalibrated_setting\(\w")
+    string_api = re.compile(
+        r"\b(to_metadata|from_metadata|metadata_list|build_metadata)\(|(?<!\.)\bcalibrated_setting\(\w"
+    )
     found = []
     for path in CODE:
         if _rel(path) in METADATA_OWNERS:
@@ -94,7 +96,9 @@ def test_no_import_cycles_in_the_engine_or_the_nodes():
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
                 cycle = stack[stack.index(nxt) :] + [nxt]
-                if not all(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(cycle, cycle[1:])):
+                if not all(
+                    a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(cycle, cycle[1:], strict=False)
+                ):
                     cycles.append(" -> ".join(cycle))
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
