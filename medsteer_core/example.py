@@ -19,6 +19,7 @@ from . import GateRecord, SteeringPlan, VectorEstimator, save_vector
 from .driver import SamplingSpec, sample
 from .gate_drawing import gate_grid
 from .gates import select_maps
+from .provenance import Provenance
 
 
 def _tiny_pixart():
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             estimator=estimator,
             label=label,
         )
-    vector = estimator.result(
-        {"concept_with": "concept A", "concept_without": "concept B", "seeds": "[0, 1, 2, 3, 4, 5, 6, 7]"}
-    )
+    vector = estimator.result(Provenance(concept_with="concept A", concept_without="concept B", seeds=range(8)))
     save_vector(vector, out / "vector.safetensors")
 
     plan = SteeringPlan(vector, strength=2.5, layer_start=2, layer_end=4)
