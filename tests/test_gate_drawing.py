@@ -142,11 +142,14 @@ def test_the_headless_host_draws_steps_as_rows_and_the_shared_mask():
     import numpy as np
     from PIL import Image
 
+    from medsteer_core import find_sites
     from medsteer_core.headless.figures import _pair_heatmap
+    from tests.tiny_models import make_transformer
 
     gates = _gates(steps=5, layers=(8, 9))
     picture = Image.new("RGB", (16, 16))
-    grid, mask = _pair_heatmap(gates, 0, "0,2,4", "8,9", "viridis", picture)
+    sites = find_sites(make_transformer(num_layers=10))  # a PixArt: columns labelled "layer 8", ...
+    grid, mask = _pair_heatmap(gates, 0, "0,2,4", "8,9", "viridis", picture, sites)
     maps, rows, cols = select_maps(gates, "0,2,4", "8,9")
     expected = gate_grid(maps, rows, cols, colormap="viridis")  # what GateHeatmap draws
     assert grid.size == (expected.shape[1], expected.shape[0]) and grid.height > grid.width  # 3 rows, 2 columns

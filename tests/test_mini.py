@@ -191,7 +191,7 @@ def score_shipped_edit(edit, seeds):
     edit's shipped, calibrated setting and of re-prompting the same seeds."""
     mini, oracle = shipped_mini(), shipped_oracle()
     vector = load_vector(edit.shipped_path())
-    assert "calibrated_strength" in vector.metadata
+    assert vector.provenance.calibrated_strength is not None
     start, end, strength = setting_of(vector)
     plan = SteeringPlan(vector, strength=strength, layer_start=start, layer_end=end)
     source = prompts_for(edit.source, seeds)

@@ -242,6 +242,12 @@ class DiffusersModel(HeadlessModel):
         super().__init__(denoiser, family, source, dtype, device)
         self.pipe = pipe
 
+    @property
+    def latent_scale(self) -> int:
+        """Image pixels per latent pixel: the pipeline's VAE factor (a VAE with fewer blocks than SD's
+        has a smaller one), else ``Sites.pixel_scale``."""
+        return int(getattr(self.pipe, "vae_scale_factor", self.sites.pixel_scale))
+
     def _base_scheduler(self):
         return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
 
