@@ -201,10 +201,11 @@ def _conditioning(
         }
     else:  # the backbone's own (PixArt-alpha's resolution and aspect-ratio conditions), in pixels
         scale = sites.pixel_scale
-        values = sites.resolution_condition(spec.height * scale, spec.width * scale, rows)
-        extra = {"resolution": None, "aspect_ratio": None} if not values else {}
-        for name, value in values.items():
-            extra[name] = torch.tensor([list(value)], device=device, dtype=dtype).repeat(rows, 1)
+        values = sites.resolution_condition(spec.height * scale, spec.width * scale)
+        extra = {
+            name: torch.tensor([list(value)], device=device, dtype=dtype).repeat(rows, 1)
+            for name, value in values.items()
+        } or {"resolution": None, "aspect_ratio": None}
     return _Conditioning(context, mask, extra, rows, guided)
 
 

@@ -29,7 +29,15 @@ from .backbones import Sites
 from .gate_drawing import gate_grid
 from .gates import PAPER_FIGURE_3, GateMaps, HeatmapSelection, parse_layers, select_maps
 
-__all__ = ["GateFigure", "column_labels", "figure3_selection", "gate_figure", "layer_indices", "names_sites"]
+__all__ = [
+    "GateFigure",
+    "column_labels",
+    "figure3_selection",
+    "gate_figure",
+    "has_site_names",
+    "layer_indices",
+    "names_sites",
+]
 
 
 def figure3_selection(num_steps: int, steered_layers: Sequence[int]) -> HeatmapSelection:
@@ -48,6 +56,13 @@ def figure3_selection(num_steps: int, steered_layers: Sequence[int]) -> HeatmapS
     return HeatmapSelection(steps, str(layer if (layer in layers or not layers) else layers[0]))
 
 
+def has_site_names(text: str) -> bool:
+    """Whether a layer selection names sites (``"middle 0"``) rather than indices or the words
+    ``mean`` / ``all`` / ``last``."""
+    raw = str(text).strip()
+    return any(c.isalpha() for c in raw) and raw.lower() not in ("mean", "all", "last")
+
+
 def layer_indices(sites: Sites, text: str) -> str:
     """A layer selection with site names resolved to indices (``Sites.resolve_layers``):
     ``"middle 0,output 3"`` -> ``"6,10"`` on SD1.x, ``"input 7 - output 2"`` -> ``"4-9"``. Index
@@ -57,7 +72,7 @@ def layer_indices(sites: Sites, text: str) -> str:
         ValueError: a part names no site of this model (the message lists the valid names).
     """
     raw = str(text).strip()
-    if not any(c.isalpha() for c in raw) or raw.lower() in ("mean", "all", "last"):
+    if not has_site_names(raw):
         return raw
     entries = []
     for part in raw.replace(";", ",").split(","):

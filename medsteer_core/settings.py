@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .backbones import PAPER_WINDOW, Sites
+from .backbones import PAPER_WINDOW, Sites, paper_window
 from .vector import PathologyVector
 
 __all__ = ["PAPER_STRENGTH", "PAPER_WINDOW", "SOURCES", "SteeringSetting", "paper_window", "resolve_setting"]
@@ -49,11 +49,6 @@ class SteeringSetting:
     @property
     def window(self) -> tuple[int, int]:
         return self.layer_start, self.layer_end
-
-
-def paper_window(depth: int) -> tuple[int, int]:
-    """The paper's window where a model of ``depth`` blocks has it (8-16), else every block."""
-    return PAPER_WINDOW if depth >= PAPER_WINDOW[1] else (0, int(depth))
 
 
 def resolve_setting(

@@ -45,7 +45,6 @@ FORMAT_NAME = "medsteer.pathology_vector"
 FORMAT_VERSION = "2"
 #: Versions ``load_vector`` reads: 1 (medsteer 0.1.0, one width for every site) and 2.
 READABLE_VERSIONS = ("1", "2")
-_TENSOR_SPEC = TENSOR_SPEC
 
 _REQUIRED_METADATA = (
     "format",
@@ -85,7 +84,7 @@ def save_vector(vector: PathologyVector, path: str | os.PathLike) -> Path:
     metadata = file_metadata(vector, saving=True)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, (_, dtype) in _TENSOR_SPEC.items():
+    for name, (_, dtype) in TENSOR_SPEC.items():
         tensor = getattr(vector, name).detach().to(dtype).contiguous().cpu()
         storage = tensor.untyped_storage().data_ptr()
         if storage in storages and tensor.numel():
@@ -157,15 +156,7 @@ def load_vector(path: str | os.PathLike) -> PathologyVector:
             value, or non-unit rows. The message says which and what to do.
     """
     source = str(path)
-    try:
-        data = _read_regular_file(Path(path), source)
-    except FileNotFoundError:
-        raise VectorFileError(f"no pathology vector file at {source!r}: check the path") from None
-    except IsADirectoryError:
-        raise _not_regular(source, "a folder") from None
-    except OSError as exc:
-        raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
-    return vector_from_bytes(data, source=source)
+    return vector_from_bytes(_read_file(path, source), source=source)
 
 
 def check_vector_header(path: str | os.PathLike) -> None:
@@ -179,23 +170,19 @@ def check_vector_header(path: str | os.PathLike) -> None:
             corrupt header, another format or version, or missing fields.
     """
     source = str(path)
+    _read_header(_read_file(path, source, header_only=True), source)
+
+
+def _read_file(path: str | os.PathLike, source: str, header_only: bool = False) -> bytes:
+    """``_read_regular_file`` with the OS errors said as ``VectorFileError``s."""
     try:
-        before = os.stat(path)
-        if not stat.S_ISREG(before.st_mode):
-            raise _not_regular(source, _file_kind(before.st_mode))
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with os.fdopen(fd, "rb") as handle:
-            opened = os.fstat(handle.fileno())
-            if not stat.S_ISREG(opened.st_mode):
-                raise _not_regular(source, _file_kind(opened.st_mode))
-            head = handle.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            body = handle.read(n) if 0 < n <= min(_MAX_HEADER_BYTES, opened.st_size - 8) else b""
+        return _read_regular_file(Path(path), source, header_only)
     except FileNotFoundError:
         raise VectorFileError(f"no pathology vector file at {source!r}: check the path") from None
+    except IsADirectoryError:
+        raise _not_regular(source, "a folder") from None
     except OSError as exc:
         raise VectorFileError(f"cannot read {source!r}: {exc.strerror or exc}") from None
-    _read_header(head + body, source)
 
 
 def _not_regular(source: str, kind: str) -> VectorFileError:
@@ -218,8 +205,9 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _read_regular_file(path: Path, source: str) -> bytes:
-    """The bytes of a regular file, no more than its safetensors header accounts for.
+def _read_regular_file(path: Path, source: str, header_only: bool = False) -> bytes:
+    """The bytes of a regular file, no more than its safetensors header accounts for (``header_only``:
+    the 8 length bytes and the header, not the tensors).
 
     ``os.stat`` first (it never blocks, unlike opening a FIFO), then open without blocking and check
     with ``fstat`` that the opened file is the same regular file (no swap in between).
@@ -246,6 +234,8 @@ def _read_regular_file(path: Path, source: str) -> bytes:
                 f"a header may be at most {_MAX_HEADER_BYTES} bytes)",
             )
         header_bytes = handle.read(n)
+        if header_only:
+            return head + header_bytes
         expected = _declared_size(header_bytes, source)
         if expected is None:  # not parseable: vector_from_bytes says why
             return head + header_bytes
@@ -373,7 +363,7 @@ def _read_header(data: bytes, source: str) -> tuple[dict, dict[str, str]]:
     missing_meta = [k for k in required if k not in metadata]
     if missing_meta:
         raise _fail(source, f"missing metadata field(s) {missing_meta}")
-    missing = [k for k in _TENSOR_SPEC if k not in header]
+    missing = [k for k in TENSOR_SPEC if k not in header]
     if missing:
         raise _fail(source, f"missing tensor(s) {missing}")
     return header, metadata
@@ -390,7 +380,7 @@ def _read_tensors(data: bytes, header: dict, source: str) -> dict[str, torch.Ten
 
 
 def _validated(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> PathologyVector:
-    for name, (rank, dtype) in _TENSOR_SPEC.items():
+    for name, (rank, dtype) in TENSOR_SPEC.items():
         t = tensors[name]
         if t.dtype != dtype:
             raise _fail(source, f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")

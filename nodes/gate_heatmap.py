@@ -9,15 +9,13 @@ one steered model).
 
 from __future__ import annotations
 
-import re
-
 import torch
 from comfy_api.latest import io
 
 from ..medsteer_core import MedSteerError
 from ..medsteer_core.comfy_widgets import HEATMAP_PRESETS, heatmap_selection, resolve_edit
 from ..medsteer_core.gate_drawing import COLORMAPS, overlay, selection_mask
-from ..medsteer_core.gate_figure import GateFigure, figure3_selection, gate_figure
+from ..medsteer_core.gate_figure import GateFigure, figure3_selection, gate_figure, has_site_names
 from ..medsteer_core.gates import HeatmapSelection, finest_grid
 from .apply_steer import steering_of
 from .common import CATEGORY, UNET_SITES_HELP, model_sites
@@ -199,5 +197,4 @@ def draw(gates, sites, preset: str, steps: str, layers: str, image: int, colorma
 
 def by_index(text) -> bool:
     """Whether a layers text uses indices or the words ('mean', '8,12', '8-16'), not site names."""
-    raw = str(text).strip().lower()
-    return raw in ("mean", "all", "") or re.fullmatch(r"[0-9\s,;-]*", raw) is not None
+    return not has_site_names(text)

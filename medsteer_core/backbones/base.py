@@ -30,6 +30,7 @@ __all__ = [
     "find_sites",
     "register_backbone",
     "last_linear_width",
+    "paper_window",
     "registered_backbones",
     "resolve_layers",
     "tag_family",
@@ -118,10 +119,10 @@ class Backbone:
 
     def default_window(self, transformer: nn.Module, depth: int) -> tuple[int, int]:
         """The preset steering window ``(start, end)``, end exclusive, of a model with ``depth``
-        sites (default: the paper's blocks 8-16 where the model has them, else every site)."""
-        return PAPER_WINDOW if depth >= PAPER_WINDOW[1] else (0, int(depth))
+        sites (default: ``paper_window``: the paper's blocks 8-16 where the model has them, else every site)."""
+        return paper_window(depth)
 
-    def resolution_condition(self, transformer: nn.Module, height: int, width: int, batch: int):
+    def resolution_condition(self, transformer: nn.Module, height: int, width: int) -> dict:
         """Extra keyword arguments a diffusers sampling loop passes with each call for an image of
         ``height`` x ``width`` pixels (PixArt-alpha's ``added_cond_kwargs``), or ``{}``."""
         return {}
@@ -200,9 +201,10 @@ class Sites:
         self.check_window(start, end)
         return start, end
 
-    def resolution_condition(self, height: int, width: int, batch: int) -> dict:
-        """What a diffusers sampling loop passes with each call for ``height`` x ``width`` images."""
-        return dict(self.backbone.resolution_condition(self.transformer, int(height), int(width), int(batch)))
+    def resolution_condition(self, height: int, width: int) -> dict:
+        """What a diffusers sampling loop passes with each call for ``height`` x ``width`` images
+        (name -> the values of one row)."""
+        return dict(self.backbone.resolution_condition(self.transformer, int(height), int(width)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -253,6 +255,11 @@ class Sites:
                 f"{self.depth} layers: use 0 <= layer_start < layer_end <= {self.depth} "
                 "(layer_end is exclusive; the paper's window is 8-16 on the 28-layer PixArt-XL-2)"
             )
+
+
+def paper_window(depth: int) -> tuple[int, int]:
+    """The paper's window where a model of ``depth`` sites has it (blocks 8-16), else every site."""
+    return PAPER_WINDOW if depth >= PAPER_WINDOW[1] else (0, int(depth))
 
 
 def tag_family(transformer: nn.Module, family: str) -> nn.Module:

@@ -68,7 +68,7 @@ class PixArtDiffusers(Backbone):
         # A 3-channel PixArt works on pixels (MedSteer-mini); 4 channels are the SD autoencoder's.
         return 1 if self.latent_channels(transformer) == 3 else 8
 
-    def resolution_condition(self, transformer, height, width, batch):
+    def resolution_condition(self, transformer, height, width):
         # PixArt-alpha (sample_size 128) conditions every call on the image size and aspect ratio.
         if not getattr(transformer, "use_additional_conditions", False):
             return {}
