@@ -57,7 +57,7 @@ def test_pixart_node_and_cli_draw_the_same_figure(comfy_env, preset, steps, laye
     gates = _gates(comfy_env.core, sites, range(*window), steps=20)
     node, picture, maps = _both(comfy_env, sites, gates, window, preset, steps, layers)
     assert torch.equal(node.maps, maps)
-    assert torch.equal((node.grid * 255).round().to(torch.uint8), torch.from_numpy(np.asarray(picture)))
+    assert torch.equal((node.grid * 255).round().to(torch.uint8), torch.from_numpy(np.array(picture)))
     if preset == FIG3:
         assert node.step_labels[0].startswith("step 8 ") and node.layer_labels == ("layer 8",)
         assert node.maps.shape[:2] == (4, 1)
@@ -75,7 +75,7 @@ def test_unet_node_and_cli_draw_the_same_figure(comfy_env, preset, steps, layers
     gates = _gates(comfy_env.core, sites, range(*window), steps=6)
     node, picture, maps = _both(comfy_env, sites, gates, window, preset, steps, layers)
     assert torch.equal(node.maps, maps)
-    assert torch.equal((node.grid * 255).round().to(torch.uint8), torch.from_numpy(np.asarray(picture)))
+    assert torch.equal((node.grid * 255).round().to(torch.uint8), torch.from_numpy(np.array(picture)))
     names = sites.names
     if preset == FIG3:
         assert len(node.step_labels) == 4 and node.layer_labels == (f"layer {window[0]}: {names[window[0]]}",)
